@@ -1,0 +1,99 @@
+"""``kullm-prepare``: preprocess a data set once, print its numbers, and save it with the tokenizer that made it.
+
+    kullm-prepare data=kullm-v2 template=kullm model=polyglot-ko-12.8b
+    kullm-prepare model=tiny data.path=my_set.jsonl data.policy=strict
+
+Writes under the run's output folder: ``dataset/`` (``datasets`` ``save_to_disk``: ``train`` and ``validation``
+with ``id``, ``input_ids``, ``labels``, ``attention_mask``), ``tokenizer/``, ``template.yaml``,
+``data_stats.json`` and, when rows were rejected, ``rejects.jsonl`` (file:line, reason, raw row).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from kullm.config import CONF_DIR
+from kullm.modeling import load_tokenizer
+from kullm.preprocess import preprocess
+from kullm.records import DataError
+from kullm.stats import token_stats
+from kullm.templates import Prompter
+
+log = logging.getLogger(__name__)
+
+
+def prepare(cfg: DictConfig) -> dict[str, Any]:
+    """Run the data pipeline for ``cfg`` and write its outputs; return the stats."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model)
+    prompter = Prompter.from_config(cfg.template)
+    processed = preprocess(cfg.data, tokenizer, prompter)
+    stats = dict(processed.stats)
+    stats["cache"] = {"dir": str(processed.cache_dir), "hit": processed.cache_hit}
+    stats["tokens"] = {
+        name: token_stats(ds, int(cfg.micro_batch_size), int(cfg.pad_to_multiple_of), int(cfg.data.seed))
+        for name, ds in processed.dataset.items()
+    }
+    processed.dataset.save_to_disk(str(out / "dataset"))
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    prompter.save(out / "template.yaml")
+    if processed.rejects_path.exists():
+        shutil.copyfile(processed.rejects_path, out / "rejects.jsonl")
+        stats["rejects_file"] = str(out / "rejects.jsonl")
+    (out / "data_stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
+    print(format_stats(stats))
+    print(f"\nprocessed dataset: {out / 'dataset'}\nstats: {out / 'data_stats.json'}")
+    return stats
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The stats as a plain-text table for the terminal."""
+    read = stats["read"]
+    lines = [f"data: {stats['source']}  (cache {'hit' if stats['cache']['hit'] else 'miss'}: {stats['cache']['dir']})"]
+    rows: list[tuple[str, Any]] = [("rows read", read["rows"]), ("records", read["records"])]
+    rows += [(f"rejected: {k}", v) for k, v in sorted(read["rejected"].items())]
+    rows += [(f"repaired: {k}", v) for k, v in sorted(read["repaired"].items())]
+    for name, c in stats["encoded"].items():
+        rows += [
+            (f"{name}: kept", c["kept"]),
+            (f"{name}: truncated", c["truncated"]),
+            (f"{name}: dropped (prompt fills cutoff)", c["dropped_prompt_too_long"]),
+        ]
+    if stats.get("invariant_violations"):
+        rows.append(("MASKING INVARIANT VIOLATIONS", stats["invariant_violations"]))
+    width = max(len(k) for k, _ in rows)
+    lines += [f"  {k:<{width}}  {v:>10}" for k, v in rows]
+    for name, t in stats["tokens"].items():
+        if not t.get("examples"):
+            continue
+        lines.append(f"{name} tokens ({t['examples']} examples, {t['tokens']} tokens, {t['trained_fraction']:.1%} trained)")
+        lines.append(f"  {'':<14}{'median':>8}{'p90':>8}{'max':>8}")
+        for key in ("prompt_len", "response_len", "length"):
+            s = t[key]
+            lines.append(f"  {key:<14}{s['median']:>8.0f}{s['p90']:>8.0f}{s['max']:>8}")
+        pad = t["padding_fraction"]
+        lines.append(
+            f"  padding at micro-batch {t['micro_batch_size']}: random {pad['random']:.1%}, "
+            f"length-grouped {pad['length_grouped']:.1%}"
+        )
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        prepare(cfg)
+    except DataError as e:
+        raise SystemExit(f"kullm-prepare: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

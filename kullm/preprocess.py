@@ -1,0 +1,239 @@
+"""Records → held-out split → token ids and masks → a cached ``DatasetDict`` (``train`` and ``validation``).
+
+The cache key covers everything that changes the result: the data's bytes (or the hub dataset's fingerprint),
+field names and policy, the tokenizer, the template strings, ``cutoff_len``, ``train_on_inputs``, ``add_eos``,
+``val_set_size`` and ``seed``. A second run with the same inputs loads from disk in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kullm.modeling import cache_root, tokenizer_fingerprint
+from kullm.records import DataError, Fields, Record, read_records
+from kullm.sft import check_example, encode_batch
+from kullm.templates import Prompter
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+COLUMNS = ["id", "input_ids", "labels", "attention_mask", "length", "prompt_len", "response_len"]
+
+
+@dataclass
+class Processed:
+    """The processed splits, what happened on the way, and where the cache lives."""
+
+    dataset: Any  # datasets.DatasetDict with "train" and "validation"
+    stats: dict[str, Any]
+    cache_dir: Path
+    cache_hit: bool
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.cache_dir / "rejects.jsonl"
+
+
+def preprocess(data: Mapping[str, Any], tokenizer, prompter: Prompter, cache_dir: str | Path | None = None) -> Processed:
+    """Read, split, tokenize and cache the data described by a ``data=`` config node."""
+    import datasets
+
+    key = cache_key(data, tokenizer, prompter)
+    root = Path(cache_dir or data.get("cache_dir") or cache_root() / "processed").expanduser()
+    target = root / key
+    if (target / "stats.json").exists():
+        stats = json.loads((target / "stats.json").read_text(encoding="utf-8"))
+        ds = datasets.load_from_disk(str(target / "dataset"))
+        log.info("loaded processed data from cache %s", target)
+        return Processed(ds, stats, target, cache_hit=True)
+
+    tmp = root / f"{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    records, report = read_records(
+        data["path"],
+        fields=_fields(data),
+        policy=data.get("policy", "skip"),
+        rejects_path=tmp / "rejects.jsonl",
+        split=data.get("split", "train"),
+        revision=data.get("revision"),
+        source=data.get("source", "auto"),
+    )
+    if not records:
+        raise DataError(f"{data['path']}: no usable record ({report.n_rejected} rejected: {dict(report.rejected)})")
+    train_recs, val_recs = split_records(records, int(data.get("val_set_size", 0)), int(data.get("seed", 42)))
+
+    splits = {}
+    counts: dict[str, dict[str, int]] = {}
+    violations: list[str] = []
+    for name, recs in (("train", train_recs), ("validation", val_recs)):
+        ds, c, bad = _encode(recs, data, tokenizer, prompter, name)
+        splits[name], counts[name] = ds, c
+        violations += bad
+    if violations:
+        log.warning("%d examples break the masking invariant, e.g. %s", len(violations), violations[0])
+    dsd = datasets.DatasetDict(splits)
+
+    stats = {
+        "source": str(data["path"]),
+        "read": report.as_dict(),
+        "split": {"train": len(train_recs), "validation": len(val_recs)},
+        "encoded": counts,
+        "invariant_violations": len(violations),
+        "settings": _settings(data, prompter),
+    }
+    dsd.save_to_disk(str(tmp / "dataset"))
+    (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
+    try:
+        os.replace(tmp, target)
+    except OSError:  # a concurrent run finished first: use its result
+        shutil.rmtree(tmp, ignore_errors=True)
+    dsd = datasets.load_from_disk(str(target / "dataset"))  # memory-mapped, like a cache hit
+    return Processed(dsd, stats, target, cache_hit=False)
+
+
+def split_records(records: list[Record], val_set_size: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out ``val_set_size`` records chosen by ``seed``; the rest keep their order. Deterministic."""
+    import numpy as np
+
+    if val_set_size <= 0:
+        return records, []
+    if val_set_size >= len(records):
+        raise DataError(f"val_set_size={val_set_size} leaves no training rows: only {len(records)} records were read")
+    held = set(np.random.default_rng(seed).permutation(len(records))[:val_set_size].tolist())
+    train = [r for i, r in enumerate(records) if i not in held]
+    val = [r for i, r in enumerate(records) if i in held]
+    return train, val
+
+
+def cache_key(data: Mapping[str, Any], tokenizer, prompter: Prompter) -> str:
+    """A hash of every input that changes the processed dataset."""
+    parts = {
+        "version": CACHE_VERSION,
+        "source": source_fingerprint(data),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": _settings(data, prompter),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def source_fingerprint(data: Mapping[str, Any]) -> str:
+    """Hash of the data's bytes (local files) or the hub dataset's own fingerprint."""
+    path = Path(str(data["path"])).expanduser()
+    if data.get("source", "auto") != "hub" and path.exists():
+        files = sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".json")) if path.is_dir() else [path]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(str(data["path"]), split=data.get("split", "train"), revision=data.get("revision"))
+    except Exception as e:
+        raise DataError(
+            f"{data['path']}: not a local file or folder, and it could not be loaded as a hub dataset "
+            f"({type(e).__name__}: {e}). Offline? Run scripts/download_data.py first or set data.path to a file."
+        ) from None
+    return ds._fingerprint
+
+
+def _fields(data: Mapping[str, Any]) -> Fields:
+    f = data.get("fields") or {}
+    return Fields(**{k: v for k, v in dict(f).items() if v})
+
+
+def _settings(data: Mapping[str, Any], prompter: Prompter) -> dict[str, Any]:
+    return {
+        "fields": asdict(_fields(data)),
+        "policy": data.get("policy", "skip"),
+        "split": data.get("split", "train"),
+        "revision": data.get("revision"),
+        "template": asdict(prompter),
+        "cutoff_len": int(data["cutoff_len"]),
+        "train_on_inputs": bool(data.get("train_on_inputs", False)),
+        "add_eos": bool(data.get("add_eos", True)),
+        "val_set_size": int(data.get("val_set_size", 0)),
+        "seed": int(data.get("seed", 42)),
+    }
+
+
+def _encode(records: list[Record], data: Mapping[str, Any], tokenizer, prompter: Prompter, name: str):
+    """Tokenize one split with ``datasets.map`` (batched, optionally multi-process); drop prompt-only rows."""
+    import datasets
+
+    cutoff = int(data["cutoff_len"])
+    train_on_inputs = bool(data.get("train_on_inputs", False))
+    add_eos = bool(data.get("add_eos", True))
+    verify = bool(data.get("verify", True))
+    raw = datasets.Dataset.from_dict(
+        {
+            "id": [r.id for r in records],
+            "prompt": [prompter.render(r.instruction, r.input) for r in records],
+            "output": [r.output for r in records],
+        }
+    )
+
+    def fn(batch: dict[str, list]) -> dict[str, list]:
+        enc = encode_batch(
+            tokenizer,
+            batch["prompt"],
+            batch["output"],
+            cutoff_len=cutoff,
+            train_on_inputs=train_on_inputs,
+            add_eos=add_eos,
+        )
+        enc["attention_mask"] = [[1] * len(x) for x in enc["input_ids"]]
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        enc["violation"] = [
+            check_example(tokenizer, ids, labs, out, add_eos) if (verify and keep and not train_on_inputs) else ""
+            for ids, labs, out, keep in zip(enc["input_ids"], enc["labels"], batch["output"], enc["keep"], strict=True)
+        ]
+        return enc
+
+    num_proc = data.get("num_proc") or None
+    if num_proc is not None and len(raw) < 1000 * int(num_proc):
+        num_proc = None  # process start-up costs more than it saves on small splits
+    if len(raw) == 0:
+        empty = datasets.Dataset.from_dict({c: [] for c in COLUMNS})
+        return empty, {"records": 0, "kept": 0, "truncated": 0, "dropped_prompt_too_long": 0}, []
+    enc = raw.map(
+        fn,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc,
+        remove_columns=["prompt", "output"],
+        desc=f"tokenizing {name}",
+    )
+    truncated = sum(t and k for t, k in zip(enc["truncated"], enc["keep"], strict=True))
+    kept_mask = enc["keep"]
+    bad = [f"{i}: {v}" for i, v, k in zip(enc["id"], enc["violation"], kept_mask, strict=True) if v and k]
+    kept = enc.filter(lambda keep: keep, input_columns="keep", batched=False, desc=f"dropping prompt-only {name} rows")
+    counts = {
+        "records": len(enc),
+        "kept": len(kept),
+        "truncated": int(truncated),
+        "dropped_prompt_too_long": len(enc) - len(kept),
+    }
+    dropped_ids = [i for i, k in zip(enc["id"], kept_mask, strict=True) if not k]
+    if dropped_ids:
+        log.warning(
+            "%s: %d examples dropped: the prompt alone fills cutoff_len=%d (e.g. id %s)",
+            name,
+            len(dropped_ids),
+            cutoff,
+            dropped_ids[0],
+        )
+    kept = kept.remove_columns([c for c in kept.column_names if c not in COLUMNS])
+    return kept, counts, bad

@@ -1,0 +1,348 @@
+"""Read instruction data and validate every row.
+
+Two layouts are understood, each with configurable field names:
+
+* flat (KULLM v2): ``{"id"?, "instruction", "input"?, "output"}``
+* self-instruct (KULLM v1, the evaluation set): ``{"id", "instruction", "instances": [{"input", "output"}, ...]}``,
+  one record per instance.
+
+Sources are a ``.jsonl`` / ``.json`` file, a folder of them, or a hub dataset id (through ``datasets``).
+Under ``policy="skip"`` bad rows are counted by reason and written to a rejects file with ``file:line``;
+under ``policy="strict"`` the first bad row raises :class:`DataError` naming ``file:line: field: reason``.
+Harmless encoding quirks (a byte-order mark, CRLF line ends) are repaired and counted, never rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BOM = "\ufeff"
+SUFFIXES = (".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """A bad input row (strict policy) or an unreadable source, with ``file:line: field: reason``."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One instruction example, ready for a prompt template."""
+
+    id: str
+    instruction: str
+    input: str
+    output: str
+    source: str = ""  # "file:line" (or "file:line#k" for the k-th instance) where it was read
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Names of the fields in the source rows (e.g. ``instruction="question", output="answer"``)."""
+
+    id: str = "id"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    instances: str = "instances"
+
+
+@dataclass
+class Reject:
+    """A row that was not used, and why."""
+
+    source: str
+    reason: str
+    field: str
+    message: str
+    raw: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.field}: {self.reason} ({self.message})"
+
+
+@dataclass
+class ReadReport:
+    """What reading a source did: rows seen, records made, rows rejected by reason, repairs made."""
+
+    rows: int = 0
+    records: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "records": self.records,
+            "rejected": dict(self.rejected),
+            "repaired": dict(self.repaired),
+        }
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, field: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.field, self.message = reason, field, message
+
+
+@dataclass
+class _Row:
+    """A raw row from a source: parsed object (or the reason it could not be parsed)."""
+
+    source: str
+    raw: str
+    obj: Any = None
+    bad: _Bad | None = None
+
+
+def read_records(
+    path: str | Path,
+    fields: Fields | Mapping[str, str] | None = None,
+    policy: str = "skip",
+    rejects_path: str | Path | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    source: str = "auto",
+) -> tuple[list[Record], ReadReport]:
+    """Read and validate every row of ``path``; return the good records and a report.
+
+    :param path: a ``.jsonl``/``.json`` file, a folder of them, or a hub dataset id.
+    :param fields: field names of the source rows.
+    :param policy: ``"skip"`` (count and write rejects) or ``"strict"`` (raise on the first bad row).
+    :param rejects_path: where to write rejected rows as JSONL (only written when some are rejected).
+    :param split: the split to load for a hub dataset.
+    :param revision: the hub revision (commit, tag or branch) to pin.
+    :param source: ``"auto"`` (local path if it exists, else hub), ``"files"`` or ``"hub"``.
+    """
+    if policy not in ("skip", "strict"):
+        raise ValueError(f"policy must be 'skip' or 'strict', got {policy!r}")
+    fields = _fields(fields)
+    report = ReadReport()
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    for row in _rows(path, split, revision, source, report):
+        report.rows += 1
+        try:
+            if row.bad is not None:
+                raise row.bad
+            made = _to_records(row.obj, row.source, fields)
+            for rec in made:
+                if rec.id in seen:
+                    raise _Bad("duplicate_id", fields.id, f"id {rec.id!r} already used at {seen[rec.id]}")
+            for rec in made:
+                seen[rec.id] = rec.source
+        except _Bad as bad:
+            reject = Reject(row.source, bad.reason, bad.field, bad.message, row.raw)
+            if policy == "strict":
+                raise DataError(f"{reject.source}: {bad.field}: {bad.reason}: {bad.message}") from None
+            report.rejected[bad.reason] += 1
+            report.rejects.append(reject)
+            continue
+        records.extend(made)
+    report.records = len(records)
+    if report.rejects:
+        log.warning(
+            "%d of %d rows rejected (%s)%s",
+            report.n_rejected,
+            report.rows,
+            ", ".join(f"{k}={v}" for k, v in sorted(report.rejected.items())),
+            f"; see {rejects_path}" if rejects_path else "",
+        )
+        if rejects_path is not None:
+            write_rejects(report.rejects, rejects_path)
+    return records, report
+
+
+def write_rejects(rejects: list[Reject], path: str | Path) -> None:
+    """Write rejected rows as JSONL: source (file:line), reason, field, message and the raw row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+
+
+def _fields(fields: Fields | Mapping[str, str] | None) -> Fields:
+    if fields is None:
+        return Fields()
+    if isinstance(fields, Fields):
+        return fields
+    unknown = set(fields) - set(Fields.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown field-name keys {sorted(unknown)}; known: {sorted(Fields.__dataclass_fields__)}")
+    return Fields(**{k: v for k, v in fields.items() if v is not None})
+
+
+# --- sources -------------------------------------------------------------------------------------------------
+
+
+def _rows(path: str | Path, split: str, revision: str | None, source: str, report: ReadReport) -> Iterator[_Row]:
+    p = Path(str(path)).expanduser()
+    if source not in ("auto", "files", "hub"):
+        raise ValueError(f"source must be 'auto', 'files' or 'hub', got {source!r}")
+    if source == "hub" or (source == "auto" and not p.exists()):
+        if source == "auto" and (p.suffix in SUFFIXES or str(path).startswith((".", "/", "~"))):
+            raise DataError(f"{path}: no such file or folder")
+        yield from _hub_rows(str(path), split, revision)
+        return
+    files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file()) if p.is_dir() else [p]
+    if not files:
+        raise DataError(f"{p}: folder holds no .jsonl or .json file")
+    for f in files:
+        if f.suffix == ".json" and _looks_like_array(f):
+            yield from _json_array_rows(f, report)
+        else:
+            yield from _jsonl_rows(f, report)
+
+
+def _looks_like_array(f: Path) -> bool:
+    with f.open("rb") as fh:
+        head = fh.read(64).decode("utf-8", errors="ignore").lstrip(BOM + " \t\r\n")
+    return head.startswith("[")
+
+
+def _jsonl_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
+    with f.open("rb") as fh:
+        for lineno, raw_bytes in enumerate(fh, start=1):
+            src = f"{f}:{lineno}"
+            if raw_bytes.endswith(b"\r\n"):
+                report.repaired["crlf"] += 1
+            try:
+                line = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raw = raw_bytes.decode("utf-8", errors="replace").rstrip("\r\n")
+                yield _Row(src, raw, bad=_Bad("invalid_utf8", "<row>", f"byte {e.start}: {e.reason}"))
+                continue
+            if line.startswith(BOM):
+                report.repaired["bom"] += 1
+                line = line[1:]
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue  # blank lines separate nothing; they are not rows
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield _Row(src, line, bad=_Bad("malformed_json", "<row>", f"column {e.colno}: {e.msg}"))
+                continue
+            yield _Row(src, line, obj)
+
+
+def _json_array_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
+    data = f.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{f}:{line}: <file>: invalid_utf8: {e.reason}") from None
+    if text.startswith(BOM):
+        report.repaired["bom"] += 1
+        text = text[1:]
+    if "\r\n" in text:
+        report.repaired["crlf"] += text.count("\r\n")
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = len(text)
+
+    def skip(i: int) -> int:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    while True:
+        i = skip(i)
+        if i >= n:
+            raise DataError(f"{f}:{text.count(chr(10)) + 1}: <file>: malformed_json: the array is never closed")
+        if text[i] == "]":
+            return
+        line = text.count("\n", 0, i) + 1
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            # a broken element leaves nothing reliable to resynchronise on: stop here, naming the place
+            raise DataError(
+                f"{f}:{line}: <row>: malformed_json: {e.msg} at line {e.lineno} column {e.colno}"
+            ) from None
+        yield _Row(f"{f}:{line}", text[i:end], obj)
+        i = skip(end)
+        if i < n and text[i] == ",":
+            i += 1
+
+
+def _hub_rows(name: str, split: str, revision: str | None) -> Iterator[_Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split, revision=revision)
+    except Exception as e:  # the hub raises many types: network, missing repo, bad split
+        raise DataError(
+            f"{name}: could not load as a hub dataset (split={split!r}): {type(e).__name__}: {e}. "
+            "Offline? Fetch it first with scripts/download_data.py, or point data.path at a local file."
+        ) from None
+    for i, obj in enumerate(ds, start=1):
+        yield _Row(f"{name}[{split}]:{i}", json.dumps(obj, ensure_ascii=False, default=str), obj)
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+
+def _text(obj: Mapping[str, Any], key: str, *, required: bool) -> str:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise _Bad("missing_field", key, f"no {key!r} field")
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Bad("not_a_string", key, f"expected a string, got {type(value).__name__}")
+    return value.replace("\r\n", "\n").removeprefix(BOM)
+
+
+def _to_records(obj: Any, src: str, f: Fields) -> list[Record]:
+    if not isinstance(obj, dict):
+        raise _Bad("not_an_object", "<row>", f"expected a JSON object, got {type(obj).__name__}")
+    rid = obj.get(f.id)
+    if rid is not None and not isinstance(rid, (str, int)):
+        raise _Bad("not_a_string", f.id, f"expected a string or integer id, got {type(rid).__name__}")
+    instruction = _text(obj, f.instruction, required=True)
+    if not instruction.strip():
+        raise _Bad("empty_instruction", f.instruction, "instruction is empty")
+    base_id = str(rid) if rid is not None else src.rsplit("/", 1)[-1]
+
+    if obj.get(f.instances) is not None and f.output not in obj:
+        instances = obj[f.instances]
+        if not isinstance(instances, list) or not instances:
+            raise _Bad("bad_instances", f.instances, "expected a non-empty list of {input, output} objects")
+        out = []
+        for k, inst in enumerate(instances):
+            where = f"{f.instances}[{k}]"
+            if not isinstance(inst, dict):
+                raise _Bad("bad_instances", where, f"expected an object, got {type(inst).__name__}")
+            try:
+                rec = _one(inst, f, instruction)
+            except _Bad as bad:
+                raise _Bad(bad.reason, f"{where}.{bad.field}", bad.message) from None
+            rid_k = base_id if len(instances) == 1 else f"{base_id}_{k}"
+            src_k = src if len(instances) == 1 else f"{src}#{k}"
+            out.append(Record(rid_k, instruction, rec[0], rec[1], src_k))
+        return out
+    inp, output = _one(obj, f, instruction)
+    return [Record(base_id, instruction, inp, output, src)]
+
+
+def _one(obj: Mapping[str, Any], f: Fields, instruction: str) -> tuple[str, str]:
+    inp = _text(obj, f.input, required=False)
+    output = _text(obj, f.output, required=True)
+    if not output.strip():
+        raise _Bad("empty_output", f.output, "output is empty")
+    return inp, output

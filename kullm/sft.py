@@ -1,0 +1,118 @@
+"""Supervised fine-tuning examples: tokenize prompt and response apart, mask the prompt, pad into batches.
+
+The invariant (checked by :func:`check_example`): for an untruncated example the tokens whose label is not -100
+decode exactly to ``output + EOS``; for a truncated one, to a prefix of ``output``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+def encode_batch(
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    cutoff_len: int,
+    train_on_inputs: bool = False,
+    add_eos: bool = True,
+) -> dict[str, list]:
+    """Token ids and labels for a batch of (prompt, response) pairs.
+
+    Prompt and response are tokenized separately and concatenated, so the mask boundary is exact (BPE never
+    merges across it). EOS is appended, then everything is cut to ``cutoff_len`` (a truncated answer keeps no
+    EOS: it did not end). Rows whose prompt alone fills ``cutoff_len`` have nothing to learn: ``keep`` is False.
+    """
+    if cutoff_len < 2:
+        raise ValueError(f"cutoff_len must be at least 2, got {cutoff_len}")
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if add_eos else []
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_len", "response_len", "truncated", "keep")}
+    for p, r in zip(p_ids, r_ids, strict=True):
+        ids = p + r + eos
+        n_prompt = len(p)
+        labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        out["input_ids"].append(ids[:cutoff_len])
+        out["labels"].append(labels[:cutoff_len])
+        out["prompt_len"].append(n_prompt)
+        out["response_len"].append(len(r) + len(eos))
+        out["truncated"].append(len(ids) > cutoff_len)
+        out["keep"].append(n_prompt < cutoff_len)
+    return out
+
+
+def check_example(tokenizer, input_ids: Sequence[int], labels: Sequence[int], output: str, add_eos: bool = True) -> str:
+    """Check the masking invariant on one example; return ``""`` when it holds, else what is wrong."""
+    if len(input_ids) != len(labels):
+        return f"{len(input_ids)} input ids but {len(labels)} labels"
+    trained_at = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    if not trained_at:
+        return "no token is trained"
+    first = trained_at[0]
+    if trained_at != list(range(first, len(labels))):
+        return "trained positions are not one contiguous span ending the example"
+    if any(labels[i] != input_ids[i] for i in trained_at):
+        return "a label differs from its input id"
+    trained = list(input_ids[first:])
+    eos = tokenizer.eos_token_id
+    if add_eos and trained and trained[-1] == eos:
+        text = tokenizer.decode(trained[:-1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return "" if text == output else f"trained tokens decode to {text[:60]!r}…, not the output {output[:60]!r}…"
+    text = tokenizer.decode(trained, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    text = text.rstrip("\ufffd")  # a cut inside a multi-byte character
+    if output.startswith(text):
+        return ""
+    return f"truncated trained tokens decode to {text[:60]!r}…, not a prefix of the output {output[:60]!r}…"
+
+
+@dataclass
+class Collator:
+    """Right-pad a list of examples into a batch: ``input_ids`` with the pad id, ``labels`` with -100.
+
+    Lengths are rounded up to ``pad_to_multiple_of`` (tensor-core friendly). Works on examples with
+    ``input_ids`` and ``labels`` (and optional ``position_ids`` for packed rows); other keys are ignored.
+    """
+
+    pad_id: int
+    pad_to_multiple_of: int = 8
+    label_pad_id: int = IGNORE_INDEX
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        longest = max(len(f["input_ids"]) for f in features)
+        m = self.pad_to_multiple_of or 1
+        width = -(-longest // m) * m
+        n = len(features)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), self.label_pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        has_pos = "position_ids" in features[0]
+        position_ids = torch.zeros((n, width), dtype=torch.long) if has_pos else None
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[i, :k] = 1
+            if position_ids is not None:
+                position_ids[i, :k] = torch.as_tensor(f["position_ids"], dtype=torch.long)
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
+        return batch
+
+
+def padded_tokens(lengths: Sequence[int], pad_to_multiple_of: int = 8) -> int:
+    """How many token slots a batch of these lengths occupies once padded."""
+    if not lengths:
+        return 0
+    m = pad_to_multiple_of or 1
+    return -(-max(lengths) // m) * m * len(lengths)

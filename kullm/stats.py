@@ -1,0 +1,56 @@
+"""Numbers about a processed dataset: token lengths, the share of tokens trained, padding per sampler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kullm.sampling import make_sampler
+from kullm.sft import IGNORE_INDEX, padded_tokens
+
+
+def length_summary(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {"median": 0, "p90": 0, "max": 0, "mean": 0}
+    return {
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90)),
+        "max": int(values.max()),
+        "mean": round(float(values.mean()), 1),
+    }
+
+
+def token_stats(ds, micro_batch_size: int, pad_to_multiple_of: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Token-length summaries, trained-token fraction and padding fraction (random vs length-grouped batches)."""
+    if len(ds) == 0:
+        return {"examples": 0}
+    lengths = np.asarray(ds["length"])
+    prompt = np.asarray(ds["prompt_len"])
+    response = np.asarray(ds["response_len"])
+    trained = int(sum(sum(1 for x in lab if x != IGNORE_INDEX) for lab in ds["labels"]))
+    total = int(lengths.sum())
+    padding = {
+        kind: padding_fraction(lengths, kind, micro_batch_size, pad_to_multiple_of, seed)
+        for kind in ("random", "length_grouped")
+    }
+    return {
+        "examples": len(ds),
+        "tokens": total,
+        "trained_tokens": trained,
+        "trained_fraction": round(trained / total, 4) if total else 0.0,
+        "prompt_len": length_summary(prompt),
+        "response_len": length_summary(response),
+        "length": length_summary(lengths),
+        "padding_fraction": padding,
+        "micro_batch_size": micro_batch_size,
+    }
+
+
+def padding_fraction(lengths: np.ndarray, kind: str, micro_batch_size: int, multiple: int = 8, seed: int = 0) -> float:
+    """Share of padded slots in one epoch of micro-batches drawn by sampler ``kind``."""
+    order = list(make_sampler(kind, lengths.tolist(), micro_batch_size=micro_batch_size, seed=seed))
+    slots = 0
+    for i in range(0, len(order), micro_batch_size):
+        slots += padded_tokens([int(lengths[j]) for j in order[i : i + micro_batch_size]], multiple)
+    return round(1 - float(lengths[order].sum()) / slots, 4) if slots else 0.0

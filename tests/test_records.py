@@ -1,0 +1,153 @@
+import json
+
+import pytest
+
+from kullm.records import DataError, Fields, read_records
+
+
+def write_lines(path, lines: list[bytes | str]) -> str:
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else line.encode("utf-8"))
+            f.write(b"\n")
+    return str(path)
+
+
+def row(**kw) -> str:
+    return json.dumps(kw, ensure_ascii=False)
+
+
+def test_flat_layout_with_and_without_input(tmp_path):
+    p = write_lines(
+        tmp_path / "d.jsonl",
+        [row(id="a", instruction="번역하세요", input="hello", output="안녕"), row(instruction="질문", output="답")],
+    )
+    recs, rep = read_records(p)
+    assert [(r.id, r.input, r.output) for r in recs] == [("a", "hello", "안녕"), ("d.jsonl:2", "", "답")]
+    assert recs[0].source.endswith("d.jsonl:1")
+    assert rep.rows == 2 and rep.records == 2 and rep.n_rejected == 0
+
+
+def test_self_instruct_layout_one_record_per_instance(tmp_path):
+    p = write_lines(
+        tmp_path / "si.jsonl",
+        [
+            row(id="one", instruction="요약", instances=[{"input": "긴 글", "output": "짧은 글"}]),
+            row(id="two", instruction="분류", instances=[{"input": "x", "output": "A"}, {"input": "", "output": "B"}]),
+        ],
+    )
+    recs, _ = read_records(p)
+    assert [(r.id, r.input, r.output) for r in recs] == [("one", "긴 글", "짧은 글"), ("two_0", "x", "A"), ("two_1", "", "B")]
+    assert recs[2].source.endswith("si.jsonl:2#1")
+
+
+def test_configurable_field_names(tmp_path):
+    p = write_lines(tmp_path / "qa.jsonl", [row(qid=7, question="한국의 수도는?", answer="서울")])
+    recs, _ = read_records(p, fields={"id": "qid", "instruction": "question", "output": "answer"})
+    assert (recs[0].id, recs[0].instruction, recs[0].output) == ("7", "한국의 수도는?", "서울")
+    with pytest.raises(ValueError, match="unknown field-name keys"):
+        read_records(p, fields={"questoin": "q"})
+
+
+BAD_ROWS = [
+    ('{"instruction": "a", "output": ', "malformed_json", "<row>"),
+    ('["a", "b"]', "not_an_object", "<row>"),
+    (row(output="x"), "missing_field", "instruction"),
+    (row(instruction="a"), "missing_field", "output"),
+    (row(instruction=3, output="x"), "not_a_string", "instruction"),
+    (row(instruction="a", input=["x"], output="x"), "not_a_string", "input"),
+    (row(instruction="  ", output="x"), "empty_instruction", "instruction"),
+    (row(instruction="a", output=""), "empty_output", "output"),
+    (row(instruction="a", instances=[]), "bad_instances", "instances"),
+    (row(instruction="a", instances=[{"input": "x", "output": ""}]), "empty_output", "instances[0].output"),
+    (b'{"instruction": "\xed\x95", "output": "x"}', "invalid_utf8", "<row>"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason", "field"), BAD_ROWS)
+def test_bad_row_is_counted_and_written_with_file_and_line(tmp_path, line, reason, field):
+    good = row(id="g", instruction="좋은 행", output="네")
+    p = write_lines(tmp_path / "bad.jsonl", [good, line, row(id="h", instruction="또", output="네")])
+    rejects = tmp_path / "rejects.jsonl"
+    recs, rep = read_records(p, rejects_path=rejects)
+    assert [r.id for r in recs] == ["g", "h"]  # the rest still read
+    assert rep.rejected == {reason: 1}
+    written = [json.loads(x) for x in rejects.read_text(encoding="utf-8").splitlines()]
+    assert written[0]["source"] == f"{p}:2" and written[0]["reason"] == reason and written[0]["field"] == field
+    assert written[0]["raw"]  # the row itself is kept, so nothing is lost
+
+
+@pytest.mark.parametrize(("line", "reason", "field"), BAD_ROWS)
+def test_strict_policy_stops_at_first_bad_row_naming_it(tmp_path, line, reason, field):
+    p = write_lines(tmp_path / "bad.jsonl", [row(id="g", instruction="좋은 행", output="네"), line])
+    with pytest.raises(DataError) as e:
+        read_records(p, policy="strict")
+    assert str(e.value).startswith(f"{p}:2: {field}: {reason}")
+
+
+def test_duplicate_ids_keep_first_and_name_it(tmp_path):
+    p = write_lines(tmp_path / "d.jsonl", [row(id="x", instruction="a", output="b"), row(id="x", instruction="c", output="d")])
+    recs, rep = read_records(p)
+    assert [r.instruction for r in recs] == ["a"]
+    assert rep.rejected == {"duplicate_id": 1}
+    assert f"{p}:1" in rep.rejects[0].message
+    with pytest.raises(DataError, match=r"d.jsonl:2: id: duplicate_id"):
+        read_records(p, policy="strict")
+
+
+def test_bom_and_crlf_are_repaired_and_counted(tmp_path):
+    p = tmp_path / "win.jsonl"
+    p.write_bytes(
+        "\ufeff".encode()
+        + row(id="a", instruction="첫 줄", output="줄1\r\n줄2").encode()
+        + b"\r\n"
+        + row(id="b", instruction="둘", output="y").encode()
+        + b"\r\n"
+    )
+    recs, rep = read_records(p)
+    assert [r.id for r in recs] == ["a", "b"]
+    assert recs[0].output == "줄1\n줄2"
+    assert rep.repaired == {"bom": 1, "crlf": 2} and rep.n_rejected == 0
+
+
+def test_json_array_file_reports_element_lines(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text('[\n  {"id": "a", "instruction": "x", "output": "y"},\n  {"id": "b", "instruction": "", "output": "y"}\n]')
+    recs, rep = read_records(p)
+    assert [r.id for r in recs] == ["a"]
+    assert rep.rejects[0].source == f"{p}:3" and rep.rejects[0].reason == "empty_instruction"
+    p.write_text('[\n {"id": "a", "instruction": "x", "output": "y"},\n {"id": \n')
+    with pytest.raises(DataError, match=r"d.json:3: <row>: malformed_json"):
+        read_records(p)
+
+
+def test_folder_reads_every_json_file(tmp_path):
+    write_lines(tmp_path / "a.jsonl", [row(id="1", instruction="a", output="b")])
+    write_lines(tmp_path / "b.jsonl", [row(id="2", instruction="c", instances=[{"input": "", "output": "d"}])])
+    recs, _ = read_records(tmp_path)
+    assert [r.id for r in recs] == ["1", "2"]
+
+
+def test_missing_local_file_and_unreachable_hub_id_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="no such file"):
+        read_records(tmp_path / "nope.jsonl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DataError, match="could not load as a hub dataset"):
+        read_records("nlpai-lab/definitely-not-cached")
+
+
+def test_hub_code_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
+    """``source=hub`` goes through ``datasets.load_dataset``, which also accepts a local folder."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_lines(folder / "train.jsonl", [row(id="a", instruction="질문", input="", output="답"), row(id="b", instruction="", output="x")])
+    recs, rep = read_records(folder, source="hub", split="train")
+    assert [r.id for r in recs] == ["a"]
+    assert rep.rejects[0].source == f"{folder}[train]:2"
+
+
+def test_default_fields():
+    assert Fields().instances == "instances"
