@@ -147,3 +147,72 @@ def tokenizer_fingerprint(tok) -> str:
     body = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
     specials = json.dumps({"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token}, sort_keys=True)
     return hashlib.sha256((body + specials).encode()).hexdigest()[:16]
+
+
+def quantization_config(quant: Mapping[str, Any] | None):
+    """A ``BitsAndBytesConfig`` for a ``quant=`` node (``None`` for ``quant=none``), checked before weights load."""
+    if not quant or quant.get("mode", "none") == "none":
+        return None
+    import importlib.util
+
+    import torch
+
+    mode = quant["mode"]
+    if mode not in ("int8", "nf4", "fp4"):
+        raise ValueError(f"quant.mode must be none, int8, nf4 or fp4, got {mode!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(f"quant={mode} needs bitsandbytes: pip install 'kullm[quant]' (or quant=none)")
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(quant.get("llm_int8_threshold", 6.0)))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=mode,
+        bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+        bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype", "bfloat16")),
+    )
+
+
+def load_model(cfg: Mapping[str, Any], quant: Mapping[str, Any] | None = None, device_map: Any = None):
+    """The base causal LM of a ``model=`` node: from the hub or a local folder, or (``shape_only``) random weights.
+
+    ``shape_only`` builds the architecture from ``cfg.shape`` (or the checkpoint's config.json) without loading
+    weights, for benchmarks on hardware that lacks the checkpoint.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig
+
+    qc = quantization_config(quant)  # errors about quantization come before any weights load
+    dtype = getattr(torch, cfg.get("dtype") or "float32")
+    common = {"dtype": dtype, "attn_implementation": cfg.get("attn_implementation") or "sdpa"}
+    if cfg.get("shape_only"):
+        if cfg.get("shape"):
+            config = GPTNeoXConfig(**dict(cfg["shape"]))
+        else:
+            path = resolve_path(cfg["name_or_path"], cfg.get("tiny_shape"))
+            config = AutoConfig.from_pretrained(path, revision=cfg.get("revision"))
+        if qc is not None:
+            raise ValueError("shape_only builds random weights in memory: it cannot be combined with quant")
+        model = AutoModelForCausalLM.from_config(config, **common)
+    else:
+        path = resolve_path(cfg["name_or_path"], cfg.get("tiny_shape"))
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.get("revision"),
+            quantization_config=qc,
+            device_map=device_map,
+            trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+            **common,
+        )
+    if qc is not None and getattr(qc, "load_in_4bit", False):
+        _train_safe_4bit(model)
+    return model
+
+
+def _train_safe_4bit(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first eval forward into an
+    inference-only layout, after which training fails ("a view of a leaf Variable ..."). Turn that off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

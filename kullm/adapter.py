@@ -1,0 +1,137 @@
+"""Adapter folders: what training leaves and what generation, merging and evaluation read.
+
+An adapter folder holds
+
+* ``adapter_config.json`` + ``adapter_model.safetensors`` — PEFT's own format (``PeftModel.from_pretrained``),
+* the tokenizer (``save_pretrained``),
+* ``template.yaml`` — the prompt template used in training,
+* ``kullm_config.yaml`` — the resolved run config (secrets redacted); its ``model`` node names the base model.
+
+Folders are written to a temporary sibling and renamed into place, so a crash while writing never leaves a
+half-written adapter nor destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kullm.config import redact
+from kullm.templates import Prompter
+
+CONFIG_FILE = "kullm_config.yaml"
+TEMPLATE_FILE = "template.yaml"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter folder that is missing, incomplete or empty."""
+
+
+@dataclass
+class AdapterSpec:
+    """What an adapter folder says about itself."""
+
+    path: Path
+    model: dict[str, Any]  # the ``model=`` node of the run that trained it
+    prompter: Prompter
+    config: dict[str, Any]
+
+
+def save_adapter(
+    model,
+    folder: str | Path,
+    *,
+    tokenizer=None,
+    prompter: Prompter | None = None,
+    config: DictConfig | Mapping | None = None,
+    state_dict: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s adapter (PEFT format) with tokenizer, template and config; verify it; swap it in atomically.
+
+    ``state_dict`` lets a sharded strategy pass the already-gathered adapter weights.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
+    model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if prompter is not None:
+        prompter.save(tmp / TEMPLATE_FILE)
+    if config is not None:
+        OmegaConf.save(OmegaConf.create(redact(config)), tmp / CONFIG_FILE)
+    verify_adapter(tmp)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def verify_adapter(folder: str | Path) -> int:
+    """Check that ``folder`` holds a non-empty LoRA adapter; return its number of parameters."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for name in ("adapter_config.json", WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise AdapterError(f"{folder}: no {name}: not an adapter folder")
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+        keys = list(f.keys())
+        n = sum(_numel(f, k) for k in keys)
+    if not keys or n == 0:
+        raise AdapterError(f"{folder / WEIGHTS_FILE}: holds no adapter weights (an empty adapter)")
+    return n
+
+
+def _numel(f, key: str) -> int:
+    n = 1
+    for d in f.get_slice(key).get_shape():
+        n *= d
+    return n
+
+
+def read_adapter(folder: str | Path) -> AdapterSpec:
+    """Read an adapter folder's base-model node, template and config (no weights are loaded)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: no such adapter folder")
+    verify_adapter(folder)
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise AdapterError(f"{folder}: no {CONFIG_FILE}: was it written by kullm-train?")
+    config = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    if not isinstance(config, dict) or "model" not in config:
+        raise AdapterError(f"{cfg_path}: has no 'model' node naming the base model")
+    tpl = folder / TEMPLATE_FILE
+    prompter = Prompter.from_file(tpl) if tpl.is_file() else Prompter.from_config(config["template"])
+    return AdapterSpec(folder, dict(config["model"]), prompter, config)
+
+
+def load_adapter(folder: str | Path, *, dtype: str | None = None, quant: Mapping | None = None, device_map=None):
+    """Base model + adapter ready for inference: ``(peft_model, tokenizer, prompter)``."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from kullm.modeling import load_model
+
+    spec = read_adapter(folder)
+    model_cfg = dict(spec.model)
+    if dtype:
+        model_cfg["dtype"] = dtype
+    model_cfg["shape_only"] = False
+    base = load_model(model_cfg, quant=quant, device_map=device_map)
+    model = PeftModel.from_pretrained(base, str(spec.path))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
+    return model, tokenizer, spec.prompter

@@ -1,0 +1,147 @@
+"""Fetch the real KULLM data sets (needs internet access).
+
+Two targets, both written as UTF-8 JSONL (one object a line, ``ensure_ascii=False``):
+
+* ``kullm-v2``: the KULLM v2 training set, hub dataset ``nlpai-lab/kullm-v2`` (~152k rows of
+  ``id/instruction/input/output``: GPT4ALL, Dolly and Vicuna translated into Korean with DeepL),
+  written to ``<out>/kullm-v2/kullm-v2.jsonl``.
+* ``eval``: the 252-item user-oriented evaluation set (self-instruct layout) from the GitHub repo
+  ``nlpai-lab/KULLM``, written to ``<out>/eval/user_oriented_instructions_eval.jsonl``.
+  The environment variable ``KULLM_EVAL_URL`` overrides the URL it is fetched from.
+
+Usage::
+
+    python scripts/download_data.py                    # both, into data/
+    python scripts/download_data.py --only eval        # just the evaluation set
+    python scripts/download_data.py --out /big/disk --force
+
+Files that already exist are skipped unless ``--force``. Each file is written to a temporary file
+first and moved into place, so an interrupted run never leaves a half-written file behind.
+On a network or hub error the script prints one line saying what failed and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+PROG = "download_data"
+KULLM_V2_REPO = "nlpai-lab/kullm-v2"
+KULLM_V2_FILE = Path("kullm-v2") / "kullm-v2.jsonl"
+EVAL_URL = "https://raw.githubusercontent.com/nlpai-lab/KULLM/master/data/user_oriented_instructions_eval.jsonl"
+EVAL_URL_ENV = "KULLM_EVAL_URL"
+EVAL_FILE = Path("eval") / "user_oriented_instructions_eval.jsonl"
+TARGETS = ("kullm-v2", "eval")
+OFFLINE_HINT = "are you online? (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE must be unset to fetch from the hub)"
+
+
+class FetchError(Exception):
+    """A target could not be fetched or written; the message is one line for the user."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, shortened to ``limit`` characters."""
+    text = " ".join(str(e).split())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def write_jsonl_atomic(path: Path, lines: Iterable[str]) -> int:
+    """Write ``lines`` (JSON texts without newline) to ``path`` via a temp file and ``os.replace``; return the count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def fetch_kullm_v2(path: Path) -> int:
+    """Load ``nlpai-lab/kullm-v2`` (train split) from the hub and write it to ``path``; return rows written."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise FetchError(f"could not fetch {KULLM_V2_REPO} ({_one_line(e)}): pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(KULLM_V2_REPO, split="train")
+    except Exception as e:  # the hub raises many types: connection, offline mode, missing repo
+        raise FetchError(f"could not fetch {KULLM_V2_REPO} ({_one_line(e)}): {OFFLINE_HINT}") from None
+    return write_jsonl_atomic(path, (json.dumps(row, ensure_ascii=False, default=str) for row in ds))
+
+
+def fetch_eval(path: Path, timeout: float) -> int:
+    """Download the evaluation set (``$KULLM_EVAL_URL`` or :data:`EVAL_URL`), check it is JSONL, write it to ``path``."""
+    url = os.environ.get(EVAL_URL_ENV) or EVAL_URL
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read()
+    except Exception as e:  # URLError, HTTPError, timeouts, connection resets, bad URLs
+        raise FetchError(f"could not fetch {url} ({_one_line(e)}): are you online?") from None
+    try:
+        text = body.decode("utf-8-sig")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        raise FetchError(f"{url} is not UTF-8 JSONL ({_one_line(e)})") from None
+    if not rows:
+        raise FetchError(f"{url} returned no rows")
+    return write_jsonl_atomic(path, (json.dumps(row, ensure_ascii=False) for row in rows))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fetch KULLM v2 (hub) and the KULLM evaluation set (GitHub) as JSONL.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("data"), help="data folder to write into (default: data)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=TARGETS,
+        help="fetch only this target; repeatable (default: all of them)",
+    )
+    parser.add_argument("--force", action="store_true", help="fetch again even if the file exists")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait on the network (default: 60)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    jobs: dict[str, tuple[Path, Callable[[Path], int]]] = {
+        "kullm-v2": (args.out / KULLM_V2_FILE, fetch_kullm_v2),
+        "eval": (args.out / EVAL_FILE, lambda p: fetch_eval(p, args.timeout)),
+    }
+    failed = 0
+    for name in dict.fromkeys(args.only or TARGETS):  # keep order, drop repeats
+        path, fetch = jobs[name]
+        if path.exists() and not args.force:
+            print(f"{PROG}: {path} exists, skipped (use --force to fetch it again)")
+            continue
+        try:
+            n = fetch(path)
+        except FetchError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        except OSError as e:
+            print(f"{PROG}: could not write {path} ({_one_line(e)})", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{PROG}: wrote {n} rows to {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
