@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from kullm.config import CONF_DIR
 from kullm.modeling import load_tokenizer
-from kullm.preprocess import preprocess
+from kullm.preprocess import preprocess, save_processed
 from kullm.records import DataError
 from kullm.stats import token_stats
 from kullm.templates import Prompter
@@ -42,7 +42,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         name: token_stats(ds, int(cfg.micro_batch_size), int(cfg.pad_to_multiple_of), int(cfg.data.seed))
         for name, ds in processed.dataset.items()
     }
-    processed.dataset.save_to_disk(str(out / "dataset"))
+    save_processed(processed.dataset, out / "dataset")
     tokenizer.save_pretrained(str(out / "tokenizer"))
     prompter.save(out / "template.yaml")
     if processed.rejects_path.exists():
@@ -74,7 +74,9 @@ def format_stats(stats: dict[str, Any]) -> str:
     for name, t in stats["tokens"].items():
         if not t.get("examples"):
             continue
-        lines.append(f"{name} tokens ({t['examples']} examples, {t['tokens']} tokens, {t['trained_fraction']:.1%} trained)")
+        lines.append(
+            f"{name} tokens ({t['examples']} examples, {t['tokens']} tokens, {t['trained_fraction']:.1%} trained)"
+        )
         lines.append(f"  {'':<14}{'median':>8}{'p90':>8}{'max':>8}")
         for key in ("prompt_len", "response_len", "length"):
             s = t[key]

@@ -42,7 +42,9 @@ class Processed:
         return self.cache_dir / "rejects.jsonl"
 
 
-def preprocess(data: Mapping[str, Any], tokenizer, prompter: Prompter, cache_dir: str | Path | None = None) -> Processed:
+def preprocess(
+    data: Mapping[str, Any], tokenizer, prompter: Prompter, cache_dir: str | Path | None = None
+) -> Processed:
     """Read, split, tokenize and cache the data described by a ``data=`` config node."""
     import datasets
 
@@ -51,7 +53,7 @@ def preprocess(data: Mapping[str, Any], tokenizer, prompter: Prompter, cache_dir
     target = root / key
     if (target / "stats.json").exists():
         stats = json.loads((target / "stats.json").read_text(encoding="utf-8"))
-        ds = datasets.load_from_disk(str(target / "dataset"))
+        ds = load_processed(target / "dataset")
         log.info("loaded processed data from cache %s", target)
         return Processed(ds, stats, target, cache_hit=True)
 
@@ -90,14 +92,36 @@ def preprocess(data: Mapping[str, Any], tokenizer, prompter: Prompter, cache_dir
         "invariant_violations": len(violations),
         "settings": _settings(data, prompter),
     }
-    dsd.save_to_disk(str(tmp / "dataset"))
+    save_processed(dsd, tmp / "dataset")
     (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     try:
         os.replace(tmp, target)
     except OSError:  # a concurrent run finished first: use its result
         shutil.rmtree(tmp, ignore_errors=True)
-    dsd = datasets.load_from_disk(str(target / "dataset"))  # memory-mapped, like a cache hit
+    dsd = load_processed(target / "dataset")  # memory-mapped, like a cache hit
     return Processed(dsd, stats, target, cache_hit=False)
+
+
+def save_processed(dsd, path: str | Path) -> None:
+    """``save_to_disk`` that also handles empty splits (``datasets`` cannot reload a zero-row split)."""
+    import datasets
+
+    full = datasets.DatasetDict({k: v for k, v in dsd.items() if len(v)})
+    full.save_to_disk(str(path))
+    empty = [k for k, v in dsd.items() if not len(v)]
+    (Path(path) / "empty_splits.json").write_text(json.dumps(empty))
+
+
+def load_processed(path: str | Path):
+    """Load what :func:`save_processed` wrote (memory-mapped), empty splits included."""
+    import datasets
+
+    path = Path(path)
+    dsd = datasets.load_from_disk(str(path)) if (path / "dataset_dict.json").exists() else datasets.DatasetDict()
+    marker = path / "empty_splits.json"
+    for name in json.loads(marker.read_text()) if marker.exists() else []:
+        dsd[name] = datasets.Dataset.from_dict({c: [] for c in COLUMNS})
+    return dsd
 
 
 def split_records(records: list[Record], val_set_size: int, seed: int) -> tuple[list[Record], list[Record]]:
@@ -205,8 +229,8 @@ def _encode(records: list[Record], data: Mapping[str, Any], tokenizer, prompter:
     num_proc = data.get("num_proc") or None
     if num_proc is not None and len(raw) < 1000 * int(num_proc):
         num_proc = None  # process start-up costs more than it saves on small splits
+    empty = datasets.Dataset.from_dict({c: [] for c in COLUMNS})
     if len(raw) == 0:
-        empty = datasets.Dataset.from_dict({c: [] for c in COLUMNS})
         return empty, {"records": 0, "kept": 0, "truncated": 0, "dropped_prompt_too_long": 0}, []
     enc = raw.map(
         fn,
@@ -235,5 +259,5 @@ def _encode(records: list[Record], data: Mapping[str, Any], tokenizer, prompter:
             cutoff,
             dropped_ids[0],
         )
-    kept = kept.remove_columns([c for c in kept.column_names if c not in COLUMNS])
+    kept = kept.remove_columns([c for c in kept.column_names if c not in COLUMNS]) if len(kept) else empty
     return kept, counts, bad

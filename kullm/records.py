@@ -271,9 +271,7 @@ def _json_array_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             # a broken element leaves nothing reliable to resynchronise on: stop here, naming the place
-            raise DataError(
-                f"{f}:{line}: <row>: malformed_json: {e.msg} at line {e.lineno} column {e.colno}"
-            ) from None
+            raise DataError(f"{f}:{line}: <row>: malformed_json: {e.msg} at line {e.lineno} column {e.colno}") from None
         yield _Row(f"{f}:{line}", text[i:end], obj)
         i = skip(end)
         if i < n and text[i] == ",":

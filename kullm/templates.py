@@ -30,7 +30,9 @@ class Prompter:
             slots = set(_SLOT.findall(getattr(self, key)))
             want = {"instruction", "input"} if key == "prompt_input" else {"instruction"}
             if slots != want:
-                raise ValueError(f"template {self.name!r}: {key} must contain {sorted(want)} slots, has {sorted(slots)}")
+                raise ValueError(
+                    f"template {self.name!r}: {key} must contain {sorted(want)} slots, has {sorted(slots)}"
+                )
         if self.response_marker not in self.prompt_no_input or self.response_marker not in self.prompt_input:
             raise ValueError(f"template {self.name!r}: response_marker {self.response_marker!r} is not in the prompts")
 

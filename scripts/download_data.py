@@ -38,7 +38,7 @@ EVAL_URL = "https://raw.githubusercontent.com/nlpai-lab/KULLM/master/data/user_o
 EVAL_URL_ENV = "KULLM_EVAL_URL"
 EVAL_FILE = Path("eval") / "user_oriented_instructions_eval.jsonl"
 TARGETS = ("kullm-v2", "eval")
-OFFLINE_HINT = "are you online? (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE must be unset to fetch from the hub)"
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 class FetchError(Exception):
@@ -50,6 +50,14 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split())
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _hub_hint() -> str:
+    """What to check when the hub could not be reached."""
+    offline = [v for v in OFFLINE_ENV if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    if offline:
+        return f"are you online? {'/'.join(offline)} is set: unset it to fetch from the hub"
+    return "are you online? Check the network (or HF_ENDPOINT / proxy settings) and try again"
 
 
 def write_jsonl_atomic(path: Path, lines: Iterable[str]) -> int:
@@ -78,12 +86,12 @@ def fetch_kullm_v2(path: Path) -> int:
     try:
         ds = datasets.load_dataset(KULLM_V2_REPO, split="train")
     except Exception as e:  # the hub raises many types: connection, offline mode, missing repo
-        raise FetchError(f"could not fetch {KULLM_V2_REPO} ({_one_line(e)}): {OFFLINE_HINT}") from None
+        raise FetchError(f"could not fetch {KULLM_V2_REPO} ({_one_line(e)}): {_hub_hint()}") from None
     return write_jsonl_atomic(path, (json.dumps(row, ensure_ascii=False, default=str) for row in ds))
 
 
 def fetch_eval(path: Path, timeout: float) -> int:
-    """Download the evaluation set (``$KULLM_EVAL_URL`` or :data:`EVAL_URL`), check it is JSONL, write it to ``path``."""
+    """Download the eval set (``$KULLM_EVAL_URL`` or :data:`EVAL_URL`), check it is JSONL, write it to ``path``."""
     url = os.environ.get(EVAL_URL_ENV) or EVAL_URL
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:

@@ -37,7 +37,11 @@ def test_self_instruct_layout_one_record_per_instance(tmp_path):
         ],
     )
     recs, _ = read_records(p)
-    assert [(r.id, r.input, r.output) for r in recs] == [("one", "긴 글", "짧은 글"), ("two_0", "x", "A"), ("two_1", "", "B")]
+    assert [(r.id, r.input, r.output) for r in recs] == [
+        ("one", "긴 글", "짧은 글"),
+        ("two_0", "x", "A"),
+        ("two_1", "", "B"),
+    ]
     assert recs[2].source.endswith("si.jsonl:2#1")
 
 
@@ -86,7 +90,9 @@ def test_strict_policy_stops_at_first_bad_row_naming_it(tmp_path, line, reason, 
 
 
 def test_duplicate_ids_keep_first_and_name_it(tmp_path):
-    p = write_lines(tmp_path / "d.jsonl", [row(id="x", instruction="a", output="b"), row(id="x", instruction="c", output="d")])
+    p = write_lines(
+        tmp_path / "d.jsonl", [row(id="x", instruction="a", output="b"), row(id="x", instruction="c", output="d")]
+    )
     recs, rep = read_records(p)
     assert [r.instruction for r in recs] == ["a"]
     assert rep.rejected == {"duplicate_id": 1}
@@ -112,7 +118,9 @@ def test_bom_and_crlf_are_repaired_and_counted(tmp_path):
 
 def test_json_array_file_reports_element_lines(tmp_path):
     p = tmp_path / "d.json"
-    p.write_text('[\n  {"id": "a", "instruction": "x", "output": "y"},\n  {"id": "b", "instruction": "", "output": "y"}\n]')
+    p.write_text(
+        '[\n  {"id": "a", "instruction": "x", "output": "y"},\n  {"id": "b", "instruction": "", "output": "y"}\n]'
+    )
     recs, rep = read_records(p)
     assert [r.id for r in recs] == ["a"]
     assert rep.rejects[0].source == f"{p}:3" and rep.rejects[0].reason == "empty_instruction"
@@ -143,7 +151,10 @@ def test_hub_code_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     folder = tmp_path / "ds"
     folder.mkdir()
-    write_lines(folder / "train.jsonl", [row(id="a", instruction="질문", input="", output="답"), row(id="b", instruction="", output="x")])
+    write_lines(
+        folder / "train.jsonl",
+        [row(id="a", instruction="질문", input="", output="답"), row(id="b", instruction="", output="x")],
+    )
     recs, rep = read_records(folder, source="hub", split="train")
     assert [r.id for r in recs] == ["a"]
     assert rep.rejects[0].source == f"{folder}[train]:2"

@@ -1,0 +1,180 @@
+"""G-Eval scoring: the judge prompt, its criteria, a robust score parser and probability-weighted scores.
+
+The prompt (system message, user template, criteria) comes from the ``judge_prompt`` config group, so the seed's
+prompt and a corrected variant are one override apart; :func:`JudgePrompt.hash` names the exact prompt a judgment
+was made with. G-Eval scores a criterion as the expected value of the judge's distribution over the allowed scores,
+``sum_v v * p(v) / sum_v p(v)``, next to the plain score parsed from the reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# full-width ASCII (U+FF01..U+FF5E) and the ideographic space, mapped one character to one, so offsets survive
+_WIDE = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One scored aspect: its Korean name as the judge writes it, an ASCII label for charts, and its score range."""
+
+    name: str
+    min: float
+    max: float
+    label: str = ""
+
+    @property
+    def values(self) -> list[int]:
+        """The allowed integer scores (what a probability-weighted score averages over)."""
+        if self.min != int(self.min) or self.max != int(self.max):
+            raise ValueError(f"criterion {self.name!r}: weighted scores need integer bounds, got {self.min}-{self.max}")
+        return list(range(int(self.min), int(self.max) + 1))
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    """The system message, the user-message template (``{instruction}``, ``{input}``, ``{response}``) and criteria."""
+
+    name: str
+    system: str
+    user: str
+    criteria: tuple[Criterion, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> JudgePrompt:
+        """Build from a ``judge_prompt`` node; criteria are ``{name, min, max, label}`` mappings."""
+        crits = tuple(
+            Criterion(str(c["name"]), float(c["min"]), float(c["max"]), str(c.get("label") or c["name"]))
+            for c in cfg["criteria"]
+        )
+        if not crits:
+            raise ValueError("judge_prompt.criteria is empty")
+        for c in crits:
+            if c.min >= c.max:
+                raise ValueError(f"judge_prompt.criteria: {c.name!r} has min {c.min} >= max {c.max}")
+        return cls(str(cfg.get("name", "")), str(cfg["system"]), str(cfg["user"]), crits)
+
+    def messages(self, instruction: str, input: str, response: str) -> list[dict[str, str]]:
+        """The chat messages for one item (values are inserted verbatim, braces in them included)."""
+        user = self.user.format_map({"instruction": instruction, "input": input, "response": response})
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+
+    def hash(self) -> str:
+        """A short hash of everything that changes what the judge sees or how replies are scored."""
+        crits = [[c.name, c.min, c.max] for c in self.criteria]
+        body = json.dumps([self.system, self.user, crits], ensure_ascii=False)
+        return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Parsed:
+    """Scores parsed from a reply, with the character span of each score; ``error`` set when unusable."""
+
+    scores: dict[str, float] = field(default_factory=dict)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_NUM = r"(?P<score>[-+]?\d+(?:\.\d+)?)"
+_MARK = r"(?:\*\*|__|\*)?"  # bold / italic around the name or the number
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    words = [re.escape(w) for w in name.split()]
+    name_re = r"\s*".join(words)
+    return re.compile(
+        rf"{_MARK}[ \t]*{name_re}[ \t]*{_MARK}[ \t]*(?:\([^)\n]*\))?[ \t]*{_MARK}[ \t]*[:=|][ \t]*{_MARK}[ \t]*{_NUM}",
+        re.IGNORECASE,
+    )
+
+
+def normalize(text: str) -> str:
+    """Full-width digits, letters and punctuation to ASCII, one character for one (offsets are kept)."""
+    return text.translate(_WIDE)
+
+
+def parse_scores(reply: str, criteria: Sequence[Criterion]) -> Parsed:
+    """Find each criterion's score in a judge's reply.
+
+    Accepts ``- 이해 가능성 (0 - 1): 1``, ``이해 가능성: 0.5``, ``**이해 가능성**: 1``, ``| 이해 가능성 | 1 |``,
+    full-width digits and any text after the number. When a criterion is scored more than once the last one wins
+    (judges reason first and conclude last). A missing criterion or a score outside its range is an error, never 0.
+    """
+    text = normalize(reply)
+    out = Parsed()
+    problems = []
+    for c in criteria:
+        matches = list(_pattern(c.name).finditer(text))
+        if not matches:
+            problems.append(f"{c.name}: missing")
+            continue
+        m = matches[-1]
+        value = float(m.group("score"))
+        if not (c.min <= value <= c.max):
+            problems.append(f"{c.name}: {m.group('score')} outside {_fmt(c.min)}-{_fmt(c.max)}")
+            continue
+        out.scores[c.name] = value
+        out.spans[c.name] = m.span("score")
+    if problems:
+        out.error = "; ".join(problems)
+    return out
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def weighted_mean(probs: Mapping[int, float]) -> float:
+    """The expected score ``sum v p(v) / sum p(v)`` over the allowed values (renormalised)."""
+    total = sum(probs.values())
+    if total <= 0:
+        raise ValueError("no probability mass on the allowed scores")
+    return sum(v * p for v, p in probs.items()) / total
+
+
+def softmax_over(logprobs: Mapping[int, float]) -> dict[int, float]:
+    """Probabilities of the allowed values from their (log-)scores, renormalised among themselves."""
+    top = max(logprobs.values())
+    exp = {v: math.exp(lp - top) for v, lp in logprobs.items()}
+    total = sum(exp.values())
+    return {v: e / total for v, e in exp.items()}
+
+
+TokenLogprobs = Sequence[tuple[str, Sequence[tuple[str, float]]]]  # (token, [(alternative, logprob), ...])
+
+
+def weighted_from_logprobs(reply: str, tokens: TokenLogprobs, parsed: Parsed, criteria: Sequence[Criterion]) -> dict:
+    """G-Eval scores from an API judge's ``top_logprobs``: at the token holding each parsed score, the softmax
+    over the alternatives that spell an allowed value. A criterion whose score token cannot be located, or whose
+    alternatives hold no allowed value, gets ``None`` (its plain score still stands).
+    """
+    starts, pos = [], 0
+    for tok, _ in tokens:
+        starts.append(pos)
+        pos += len(tok)
+    joined = "".join(t for t, _ in tokens)
+    out: dict[str, float | None] = {}
+    for c in criteria:
+        out[c.name] = None
+        if c.name not in parsed.spans or joined != reply:
+            continue
+        at = parsed.spans[c.name][0]
+        k = max(i for i, s in enumerate(starts) if s <= at)
+        allowed = {}
+        for alt, lp in tokens[k][1]:
+            s = normalize(alt).strip().strip("*:").strip()
+            if s.lstrip("+-").isdigit() and int(s) in c.values:
+                allowed.setdefault(int(s), lp)  # the first (most likely) spelling of a value counts
+        if allowed:
+            out[c.name] = weighted_mean(softmax_over(allowed))
+    return out

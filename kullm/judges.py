@@ -1,0 +1,264 @@
+"""Judges: something that answers the judge prompt's chat messages with a reply (and, where it can, scores).
+
+* :class:`OpenAIJudge` talks to any OpenAI-compatible ``/chat/completions`` endpoint over HTTP (``httpx``), with
+  a concurrency limit, a per-request timeout, and retries with exponential backoff and jitter on 429, 5xx,
+  timeouts, connection errors and broken bodies, honouring ``Retry-After``. The API key is read from the env
+  var named in the config and is never logged or saved.
+* :class:`HFJudge` runs a local causal LM. It writes the prompt's result block itself (teacher forcing
+  ``- 이해 가능성 (0 - 1):``) and reads the next-token distribution restricted to the allowed values' tokens,
+  so its G-Eval weighted scores are exact: ``sum_v v softmax(logits[t_v])``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from kullm.geval import Criterion, JudgePrompt, TokenLogprobs, softmax_over, weighted_mean
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+
+
+class JudgeError(RuntimeError):
+    """A request that failed for good (retries exhausted, or an error retrying cannot fix)."""
+
+    def __init__(self, message: str, attempts: int = 1, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.fatal = fatal  # True: every further request would fail the same way (bad key, bad model name)
+
+
+@dataclass
+class Reply:
+    """A judge's reply: its text, per-token logprobs (API judges) or weighted scores (local judges), requests made."""
+
+    text: str
+    attempts: int = 1
+    tokens: TokenLogprobs | None = None
+    weighted: dict[str, float] | None = None
+
+
+class Judge(Protocol):
+    name: str
+    model: str
+
+    async def reply(self, messages: list[dict[str, str]]) -> Reply: ...
+
+    async def aclose(self) -> None: ...
+
+
+def build_judge(cfg: Mapping[str, Any], prompt: JudgePrompt) -> Judge:
+    """The judge of a ``judge=`` config node."""
+    kind = cfg.get("name")
+    if kind == "openai":
+        return OpenAIJudge(cfg)
+    if kind == "hf":
+        return HFJudge(cfg, prompt.criteria)
+    raise ValueError(f"judge.name must be 'openai' or 'hf', got {kind!r}")
+
+
+# --- OpenAI-compatible HTTP judge ------------------------------------------------------------------------------
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, wait: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.wait = reason, wait
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible chat-completions judge (temperature 0; optional ``top_logprobs``)."""
+
+    name = "openai"
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.model = str(cfg["model"])
+        self.url = str(cfg["base_url"]).rstrip("/") + "/chat/completions"
+        self.timeout = float(cfg.get("timeout", 60.0))
+        self.max_retries = int(cfg.get("max_retries", 6))
+        self.backoff_base = float(cfg.get("backoff_base", 1.0))
+        self.backoff_max = float(cfg.get("backoff_max", 60.0))
+        self.retry_after_max = float(cfg.get("retry_after_max", 120.0))
+        self.body: dict[str, Any] = {
+            "model": self.model,
+            "temperature": float(cfg.get("temperature", 0.0)),
+            "max_tokens": int(cfg.get("max_tokens", 512)),
+            **dict(cfg.get("extra_body") or {}),
+        }
+        if cfg.get("logprobs"):
+            self.body |= {"logprobs": True, "top_logprobs": int(cfg.get("top_logprobs", 20))}
+        headers = {"Content-Type": "application/json"}
+        env = cfg.get("api_key_env") or "OPENAI_API_KEY"
+        key = os.environ.get(env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        else:
+            log.warning("$%s is not set: sending requests without an API key (fine for a local server)", env)
+        self._env = env
+        self._sem = asyncio.Semaphore(int(cfg.get("concurrency", 8)))
+        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout))
+
+    async def reply(self, messages: list[dict[str, str]]) -> Reply:
+        """POST the messages, retrying transient failures; raise :class:`JudgeError` when out of retries."""
+        last = ""
+        for attempt in range(1, self.max_retries + 2):
+            try:
+                async with self._sem:
+                    text, tokens = await self._post(messages)
+                return Reply(text, attempts=attempt, tokens=tokens)
+            except _Retry as r:
+                last = r.reason
+                if attempt > self.max_retries:
+                    break
+                wait = self._backoff(attempt) if r.wait is None else min(r.wait, self.retry_after_max)
+                log.debug("attempt %d failed (%s); retrying in %.2fs", attempt, r.reason, wait)
+                await asyncio.sleep(wait)
+            except JudgeError as e:
+                e.attempts = attempt
+                raise
+        raise JudgeError(f"gave up after {self.max_retries + 1} attempts; last error: {last}", self.max_retries + 1)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+    async def _post(self, messages: list[dict[str, str]]) -> tuple[str, TokenLogprobs | None]:
+        try:
+            r = await self._client.post(self.url, json={**self.body, "messages": messages})
+        except httpx.TimeoutException as e:
+            raise _Retry(f"timeout after {self.timeout}s ({type(e).__name__})") from None
+        except httpx.TransportError as e:  # connection refused/reset, incomplete (truncated) bodies
+            raise _Retry(f"{type(e).__name__}: {e}") from None
+        if r.status_code in RETRY_STATUS or r.status_code >= 500:
+            raise _Retry(f"HTTP {r.status_code}", retry_after(r.headers.get("retry-after")))
+        if r.status_code in (401, 403):
+            raise JudgeError(f"HTTP {r.status_code} from {self.url}: check ${self._env}", fatal=True)
+        if r.status_code >= 400:
+            raise JudgeError(f"HTTP {r.status_code} from {self.url}: {r.text[:300]}", fatal=r.status_code == 404)
+        try:
+            choice = r.json()["choices"][0]
+            text = choice["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError(f"content is {type(text).__name__}")
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Retry(f"invalid response body ({type(e).__name__}: {e}): {r.text[:80]!r}") from None
+        return text, _tokens(choice.get("logprobs"))
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` if absent/bad."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _tokens(logprobs: Any) -> TokenLogprobs | None:
+    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
+        return None
+    out = []
+    for t in logprobs["content"]:
+        alts = [(a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or []]
+        out.append((t["token"], alts or [(t["token"], float(t["logprob"]))]))
+    return out
+
+
+# --- local transformers judge ---------------------------------------------------------------------------------
+
+
+class HFJudge:
+    """A local causal LM judge; replies in the prompt's result format with greedy (argmax) allowed values."""
+
+    name = "hf"
+
+    def __init__(self, cfg: Mapping[str, Any], criteria: Sequence[Criterion]) -> None:
+        from kullm.modeling import load_model, load_tokenizer
+
+        model_cfg = dict(cfg["model"])
+        self.model = str(model_cfg["name_or_path"])
+        self.criteria = list(criteria)
+        self.tokenizer = load_tokenizer(model_cfg)
+        self.lm = load_model(model_cfg).to(cfg.get("device") or "cpu").eval()
+        self._lock = asyncio.Lock()
+
+    async def reply(self, messages: list[dict[str, str]]) -> Reply:
+        async with self._lock:  # one forward at a time: the model is not re-entrant across threads
+            return await asyncio.to_thread(self.score, messages)
+
+    async def aclose(self) -> None:
+        return None
+
+    def context(self, messages: list[dict[str, str]]) -> str:
+        """The text the reply continues: the chat template if the tokenizer has one, else system + user."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in messages) + "\n"
+
+    def score(self, messages: list[dict[str, str]]) -> Reply:
+        """Write ``- <name> (<min> - <max>): <v>`` per criterion, v the argmax of the allowed values."""
+        ctx = self.context(messages)
+        reply, weighted = "", {}
+        for c in self.criteria:
+            head = f"- {c.name} ({_num(c.min)} - {_num(c.max)}):"
+            sep, ids = self.value_tokens(ctx + reply + head, c.values)
+            probs = softmax_over(self.next_logits(ctx + reply + head + sep, ids))
+            weighted[c.name] = weighted_mean(probs)
+            best = max(probs, key=probs.get)
+            reply += f"{head}{sep if sep else ' '}{best}\n"
+        return Reply(reply, attempts=1, weighted=weighted)
+
+    def encode(self, text: str) -> list[int]:
+        add = not getattr(self.tokenizer, "chat_template", None)
+        return self.tokenizer(text, add_special_tokens=add)["input_ids"]
+
+    def value_tokens(self, prefix: str, values: Sequence[int]) -> tuple[str, dict[int, int]]:
+        """How the allowed values continue ``prefix`` as one token each: the separator left in the prefix
+        (``" "`` or ``""``) and each value's token id. Checked by tokenising, so BPE merges cannot shift it."""
+        for sep, spell in ((" ", "{}"), ("", " {}")):
+            base = self.encode(prefix + sep)
+            ids = {}
+            for v in values:
+                full = self.encode(prefix + sep + spell.format(v))
+                if len(full) != len(base) + 1 or full[: len(base)] != base:
+                    break
+                ids[v] = full[-1]
+            if len(ids) == len(values) and len(set(ids.values())) == len(values):
+                return sep, ids
+        raise JudgeError(f"{self.model}: the scores {list(values)} are not single tokens after {prefix[-20:]!r}")
+
+    def next_logits(self, text: str, ids: Mapping[int, int]) -> dict[int, float]:
+        """The next-token logits after ``text``, for each allowed value's token."""
+        import torch
+
+        input_ids = torch.tensor([self.encode(text)], device=self.lm.device)
+        limit = getattr(self.lm.config, "max_position_embeddings", None)
+        if limit and input_ids.shape[1] > limit:
+            raise JudgeError(f"prompt is {input_ids.shape[1]} tokens, over the judge's {limit}")
+        with torch.no_grad():
+            logits = self.lm(input_ids=input_ids).logits[0, -1].float()
+        return {v: float(logits[t]) for v, t in ids.items()}
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+

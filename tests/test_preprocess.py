@@ -1,0 +1,115 @@
+import json
+import time
+
+import pytest
+
+from kullm.config import compose
+from kullm.modeling import load_tokenizer
+from kullm.preprocess import preprocess, split_records
+from kullm.records import DataError, Record
+from kullm.sft import check_example
+from kullm.templates import Prompter
+
+
+def write_rows(path, n: int, long_output_every: int = 0) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            out = f"답변 {i}입니다." + (
+                " 길게 이어지는 설명." * 80 if long_output_every and i % long_output_every == 0 else ""
+            )
+            f.write(
+                json.dumps(
+                    {"id": f"r{i}", "instruction": f"질문 {i}번", "input": "" if i % 2 else "맥락", "output": out},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+        f.write('{"id": "broken", "instruction": \n')
+    return str(path)
+
+
+def setup(tmp_path, *overrides):
+    cfg = compose("prepare", [f"output_dir={tmp_path}/out", f"data.cache_dir={tmp_path}/cache", *overrides])
+    return cfg, load_tokenizer(cfg.model), Prompter.from_config(cfg.template)
+
+
+def test_processed_columns_counts_and_invariant(tmp_path):
+    path = write_rows(tmp_path / "d.jsonl", 40, long_output_every=10)
+    cfg, tok, p = setup(tmp_path, f"data.path={path}", "data.val_set_size=5", "data.cutoff_len=96")
+    res = preprocess(cfg.data, tok, p)
+    assert not res.cache_hit
+    assert set(res.dataset) == {"train", "validation"}
+    assert {"id", "input_ids", "labels", "attention_mask"} <= set(res.dataset["train"].column_names)
+    assert len(res.dataset["train"]) + len(res.dataset["validation"]) == 40 and len(res.dataset["validation"]) == 5
+    assert res.stats["read"]["rejected"] == {"malformed_json": 1}
+    assert sum(c["truncated"] for c in res.stats["encoded"].values()) == 4
+    rejects = [json.loads(x) for x in res.rejects_path.read_text(encoding="utf-8").splitlines()]
+    assert rejects[0]["source"] == f"{path}:41"
+    outputs = {f"r{i}": None for i in range(40)}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            outputs[row["id"]] = row["output"]
+    for split in res.dataset.values():
+        for ex in split:
+            assert check_example(tok, ex["input_ids"], ex["labels"], outputs[ex["id"]]) == ""
+            assert ex["attention_mask"] == [1] * len(ex["input_ids"])
+
+
+def test_cache_hit_and_invalidation(tmp_path):
+    path = write_rows(tmp_path / "d.jsonl", 30)
+    cfg, tok, p = setup(tmp_path, f"data.path={path}", "data.val_set_size=3")
+    first = preprocess(cfg.data, tok, p)
+    t0 = time.perf_counter()
+    second = preprocess(cfg.data, tok, p)
+    assert second.cache_hit and second.cache_dir == first.cache_dir
+    assert time.perf_counter() - t0 < 5
+    assert second.dataset["train"]["input_ids"] == first.dataset["train"]["input_ids"]
+    changes = [
+        ["data.cutoff_len=64"],
+        ["data.train_on_inputs=true"],
+        ["data.add_eos=false"],
+        ["data.val_set_size=4"],
+        ["data.seed=7"],
+        ["template=alpaca"],
+    ]
+    dirs = {first.cache_dir}
+    for change in changes:
+        c, t, pr = setup(tmp_path, f"data.path={path}", "data.val_set_size=3", *change)
+        res = preprocess(c.data, t, pr)
+        assert not res.cache_hit, change
+        dirs.add(res.cache_dir)
+    assert len(dirs) == len(changes) + 1
+    with open(path, "a", encoding="utf-8") as f:  # the data itself changes
+        f.write(json.dumps({"id": "new", "instruction": "새 질문", "output": "새 답"}, ensure_ascii=False) + "\n")
+    assert not preprocess(cfg.data, tok, p).cache_hit
+    tok.add_tokens(["새토큰"])  # the tokenizer changes
+    assert not preprocess(cfg.data, tok, p).cache_hit
+
+
+def test_split_is_deterministic_and_seeded():
+    recs = [Record(str(i), "q", "", "a") for i in range(100)]
+    a = split_records(recs, 10, seed=42)
+    assert [r.id for r in a[1]] == [r.id for r in split_records(recs, 10, seed=42)[1]]
+    assert [r.id for r in a[1]] != [r.id for r in split_records(recs, 10, seed=1)[1]]
+    assert len(a[0]) == 90 and {r.id for r in a[0]}.isdisjoint(r.id for r in a[1])
+    with pytest.raises(DataError, match="val_set_size=100 leaves no training rows"):
+        split_records(recs, 100, seed=0)
+
+
+def test_strict_policy_fails_with_file_and_line(tmp_path):
+    path = write_rows(tmp_path / "d.jsonl", 5)
+    cfg, tok, p = setup(tmp_path, f"data.path={path}", "data.val_set_size=0", "data.policy=strict")
+    with pytest.raises(DataError, match=r"d.jsonl:6: <row>: malformed_json"):
+        preprocess(cfg.data, tok, p)
+
+
+def test_all_prompts_too_long_are_dropped_and_counted(tmp_path):
+    path = write_rows(tmp_path / "d.jsonl", 6)
+    cfg, tok, p = setup(tmp_path, f"data.path={path}", "data.val_set_size=0", "data.cutoff_len=8")
+    res = preprocess(cfg.data, tok, p)
+    assert res.stats["encoded"]["train"]["dropped_prompt_too_long"] == 6
+    assert len(res.dataset["train"]) == 0

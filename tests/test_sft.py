@@ -1,0 +1,142 @@
+import functools
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from strategies import user_text
+
+from kullm.config import compose
+from kullm.modeling import load_tokenizer
+from kullm.records import read_records
+from kullm.sft import IGNORE_INDEX, Collator, check_example, encode_batch
+from kullm.templates import Prompter
+
+TEMPLATES = ["kullm", "alpaca", "alpaca_legacy", "alpaca_short"]
+SHARED_EVAL = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "kullm" / "user_oriented_instructions_eval.jsonl"
+)
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+@functools.cache
+def tokenizer():
+    return load_tokenizer(compose("prepare", ["output_dir=/tmp/unused"]).model)
+
+
+@functools.cache
+def prompter(name: str) -> Prompter:
+    return Prompter.from_config(compose("prepare", [f"template={name}", "output_dir=/tmp/unused"]).template)
+
+
+def ids(text: str) -> list[int]:
+    return tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("inp", ["", "영어로: 좋은 아침"])
+def test_exact_ids_and_labels(name, inp):
+    tok, p = tokenizer(), prompter(name)
+    prompt = p.render("다음 문장을 번역하세요.", inp)
+    out = encode_batch(tok, [prompt], ["Good morning!"], cutoff_len=512)
+    prompt_ids, response_ids = ids(prompt), ids("Good morning!")
+    assert out["input_ids"][0] == prompt_ids + response_ids + [tok.eos_token_id]
+    assert out["labels"][0] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tok.eos_token_id]
+    assert tok.eos_token_id == 2 and tok.pad_token_id == 2  # Polyglot-ko's layout: pad and EOS share an id
+    assert out["keep"] == [True] and out["truncated"] == [False]
+
+
+def test_boundary_is_exact_where_bpe_would_merge_across_it():
+    """Tokenizing prompt+response together can merge tokens across the boundary; separate tokenization cannot."""
+    tok = tokenizer()
+    prompt, response = "질", "문입니다"  # "질문" is one token when tokenized together
+    joint = ids(prompt + response)
+    split = ids(prompt) + ids(response)
+    enc = encode_batch(tok, [prompt], [response], cutoff_len=64, add_eos=False)
+    assert enc["input_ids"][0] == split
+    trained = [t for t, lab in zip(enc["input_ids"][0], enc["labels"][0], strict=True) if lab != IGNORE_INDEX]
+    assert tok.decode(trained) == response
+    assert joint != split and tok.decode(joint) == tok.decode(split)  # same text, different boundary
+
+
+def test_train_on_inputs_and_no_eos():
+    tok = tokenizer()
+    enc = encode_batch(tok, ["질문"], ["답"], cutoff_len=64, train_on_inputs=True, add_eos=False)
+    assert enc["labels"][0] == enc["input_ids"][0] == ids("질문") + ids("답")
+
+
+def test_truncation_keeps_no_eos_and_prompt_only_rows_are_dropped():
+    tok = tokenizer()
+    prompt, response = "짧은 질문", "아주 긴 답변입니다. " * 20
+    n_prompt = len(ids(prompt))
+    enc = encode_batch(tok, [prompt, prompt * 30], [response, "답"], cutoff_len=n_prompt + 5)
+    assert len(enc["input_ids"][0]) == n_prompt + 5 and enc["truncated"][0]
+    assert tok.eos_token_id not in enc["input_ids"][0]
+    assert check_example(tok, enc["input_ids"][0], enc["labels"][0], response) == ""
+    assert enc["keep"] == [True, False]
+
+
+def test_check_example_catches_a_wrong_mask():
+    tok = tokenizer()
+    enc = encode_batch(tok, ["질문입니다"], ["답입니다"], cutoff_len=64)
+    labels = list(enc["labels"][0])
+    first = labels.index(next(x for x in labels if x != IGNORE_INDEX))
+    labels[first - 1] = enc["input_ids"][0][first - 1]  # one prompt token leaks into the loss
+    assert "decode" in check_example(tok, enc["input_ids"][0], labels, "답입니다")
+    labels = [IGNORE_INDEX] * len(labels)
+    assert check_example(tok, enc["input_ids"][0], labels, "답입니다") == "no token is trained"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instruction=user_text, inp=user_text, output=user_text.filter(lambda s: s.strip()))
+def test_invariant_holds_for_random_text(instruction, inp, output):
+    tok = tokenizer()
+    for name in TEMPLATES:
+        prompt = prompter(name).render(instruction or "x", inp)
+        for cutoff in (8, 40, 1024):
+            enc = encode_batch(tok, [prompt], [output], cutoff_len=cutoff)
+            if enc["keep"][0]:
+                assert check_example(tok, enc["input_ids"][0], enc["labels"][0], output) == ""
+
+
+def _assert_invariant_over(path: Path) -> int:
+    tok = tokenizer()
+    records, report = read_records(path)
+    assert report.n_rejected == 0
+    for name in TEMPLATES:
+        p = prompter(name)
+        for cutoff in (64, 512):
+            enc = encode_batch(
+                tok, [p.render(r.instruction, r.input) for r in records], [r.output for r in records], cutoff_len=cutoff
+            )
+            for i, r in enumerate(records):
+                if enc["keep"][i]:
+                    assert check_example(tok, enc["input_ids"][i], enc["labels"][i], r.output) == "", r.id
+    return len(records)
+
+
+@pytest.mark.skipif(
+    not SHARED_EVAL.exists(), reason=f"needs the shared evaluation set at {SHARED_EVAL} (not in a user's clone)"
+)
+def test_invariant_over_the_whole_shared_evaluation_set():
+    assert _assert_invariant_over(SHARED_EVAL) == 252
+
+
+def test_invariant_over_the_bundled_sample():
+    assert _assert_invariant_over(SAMPLE) >= 60
+
+
+def test_collator_pads_right_to_multiple_of_8():
+    batch = Collator(pad_id=2)(
+        [
+            {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+            {"input_ids": list(range(10, 20)), "labels": list(range(10, 20))},
+        ]
+    )
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["input_ids"][0].tolist() == [5, 6, 7] + [2] * 13
+    assert batch["labels"][0].tolist() == [-100, 6, 7] + [-100] * 13
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1] + [0] * 13
+    assert batch["attention_mask"][1].sum() == 10 and batch["labels"][1, 10:].eq(-100).all()
+    assert Collator(pad_id=0, pad_to_multiple_of=1)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])[
+        "input_ids"
+    ].shape == (1, 3)
