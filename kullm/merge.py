@@ -36,8 +36,6 @@ class MergeError(RuntimeError):
 
 def merge(cfg: DictConfig) -> Path:
     """Merge ``cfg.adapter`` into its base, write ``cfg.out`` and return it; raise :class:`MergeError` on a mismatch."""
-    import torch
-
     out = Path(cfg.out).expanduser()
     check_out(out, bool(cfg.overwrite))
     spec = read_adapter(cfg.adapter)
@@ -69,7 +67,6 @@ def merge(cfg: DictConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise MergeError(f"merged logits differ from base+adapter by {diff:.3g} > tolerance {tolerance:g}: not written")
     swap_in(tmp, out)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     print(f"merged checkpoint: {out}")
     return out
 

@@ -48,7 +48,7 @@ def test_exact_ids_and_labels(name, inp):
 def test_boundary_is_exact_where_bpe_would_merge_across_it():
     """Tokenizing prompt+response together can merge tokens across the boundary; separate tokenization cannot."""
     tok = tokenizer()
-    prompt, response = "질", "문입니다"  # "질문" is one token when tokenized together
+    prompt, response = "안녕", "하세요"  # "안녕하세요" is one token when tokenized together
     joint = ids(prompt + response)
     split = ids(prompt) + ids(response)
     enc = encode_batch(tok, [prompt], [response], cutoff_len=64, add_eos=False)
