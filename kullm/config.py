@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -12,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent  # the checkout (holds data/sample
 
 if not OmegaConf.has_resolver("kullm_root"):
     OmegaConf.register_new_resolver("kullm_root", lambda: str(ROOT))
+if not OmegaConf.has_resolver("kullm_basename"):
+    OmegaConf.register_new_resolver("kullm_basename", lambda path: Path(str(path)).name)
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -55,3 +58,172 @@ def _is_secret(key: str, value) -> bool:
     if k in ("max_tokens", "max_new_tokens", "tokens"):
         return False
     return any(w in k for w in SECRET_WORDS)
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot work, named with its key."""
+
+
+# The knobs users type most, with their types (a tuple of strings: the allowed values).
+SCHEMA: dict[str, Any] = {
+    "seed": int,
+    "batch_size": int,
+    "micro_batch_size": int,
+    "num_workers": int,
+    "pad_to_multiple_of": int,
+    "gradient_checkpointing": bool,
+    "sampler": ("random", "length_grouped", "sequential"),
+    "data.cutoff_len": int,
+    "data.val_set_size": int,
+    "data.train_on_inputs": bool,
+    "data.add_eos": bool,
+    "data.policy": ("skip", "strict"),
+    "data.source": ("auto", "files", "hub"),
+    "data.seed": int,
+    "data.packing": bool,
+    "data.verify": bool,
+    "optim.lr": float,
+    "optim.weight_decay": float,
+    "optim.warmup_ratio": float,
+    "optim.min_lr_ratio": float,
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "lora.r": int,
+    "lora.lora_alpha": float,
+    "lora.lora_dropout": float,
+    "quant.mode": ("none", "int8", "nf4", "fp4"),
+    "logger.name": ("wandb", "csv", "none"),
+    "loss.head_only": bool,
+}
+# Nodes instantiated with a ``_target_``: their keys must be arguments of the target.
+TARGET_NODES = ("trainer", "lora", "optim.optimizer", "strategy.impl")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check types of the known knobs and the keys of ``_target_`` nodes; raise :class:`ConfigError` naming the key."""
+    for key, want in SCHEMA.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if isinstance(want, tuple):
+            if value not in want:
+                raise ConfigError(f"{key}={value!r}: must be one of {', '.join(want)}{_nearest(str(value), want)}")
+        elif not _is_type(value, want):
+            raise ConfigError(f"{key}={value!r}: expected {want.__name__}, got {type(value).__name__}")
+    for path in TARGET_NODES:
+        node = OmegaConf.select(cfg, path, default=None)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            _check_target_keys(path, node)
+
+
+def _is_type(value, want: type) -> bool:
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
+def _check_target_keys(path: str, node: DictConfig) -> None:
+    import inspect
+
+    from hydra.utils import get_class
+
+    target = get_class(node["_target_"])
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in node:
+        if str(key).startswith("_") or key in params:
+            continue
+        raise ConfigError(f"{path}.{key}: not an argument of {node['_target_']}{_nearest(str(key), list(params))}")
+
+
+def _nearest(word: str, candidates) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def check_overrides(config_name: str, args: Sequence[str]) -> None:
+    """Fail on a command-line override of a key that does not exist, naming the nearest valid key.
+
+    Hydra refuses such keys too, but without a suggestion; group selections (``model=tiny``) are left to Hydra,
+    which lists the available options itself.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [a for a in _strip_flags(args) if "=" in a]
+    if not plain:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(plain)
+    except Exception:
+        return  # a syntax error: Hydra reports it with its own message
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    selections, keys = [], []
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_delete() or o.is_force_add() or key.startswith("hydra") or o.package:
+            continue
+        if key in groups:
+            if not o.is_sweep_override():
+                selections.append(f"{key}={o.value()}")
+        else:
+            keys.append(key)
+    if not keys:
+        return
+    try:
+        cfg = compose(config_name, [*selections, "output_dir=/dev/null"])
+    except Exception:
+        return  # a bad group option: Hydra reports it with the list of options
+    for key in keys:
+        if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is _ABSENT:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+            if isinstance(node, DictConfig):
+                hint = _nearest(leaf, list(node.keys()))
+                hint = hint.replace("'", f"'{parent}." if parent else "'", 1) if hint else ""
+            else:
+                hint = _nearest(key, _paths(cfg))
+            raise ConfigError(f"unknown config key '{key}'{hint}; add it with '+{key}=…' if it is meant to be new")
+
+
+_ABSENT = object()
+
+
+def _strip_flags(args: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in (
+            "--cfg",
+            "-c",
+            "--package",
+            "-p",
+            "--config-path",
+            "-cp",
+            "--config-name",
+            "-cn",
+            "--config-dir",
+            "-cd",
+            "--experimental-rerun",
+            "--info",
+            "-i",
+        ):
+            skip = a not in ("--info", "-i")
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
+
+
+def _paths(cfg: DictConfig, prefix: str = "") -> list[str]:
+    paths = []
+    for k in cfg.keys():
+        node = cfg._get_node(k)
+        path = f"{prefix}{k}"
+        paths.append(path)
+        if isinstance(node, DictConfig):
+            paths += _paths(node, f"{path}.")
+    return paths

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,6 +36,7 @@ Item = Record | Mapping[str, Any] | tuple[str, str] | str
 BatchCallback = Callable[[list[int], list[str]], None]
 # settings that may change between a run and its resumption without changing the answers
 RESUMABLE_KEYS = ("batch_size",)
+TEXT_KEYS = ("prompt", "input")  # free text given on the command line
 
 
 class Generator:
@@ -48,11 +50,12 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.prompter = prompter
-        self.settings = {k: v for k, v in dict(settings).items()}
+        self.settings = dict(settings)
         self.label = label
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.config = generation_config(model, self.settings, self.eos_ids, self.pad_id)
+        self._warned_beams = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Generator:
@@ -131,7 +134,9 @@ class Generator:
         config = copy.deepcopy(self.config)
         config.max_new_tokens = budget
         if (config.num_beams or 1) > 1:
-            log.info("streaming decodes with one beam (num_beams=%d is not streamable)", config.num_beams)
+            if not self._warned_beams:
+                log.info("streaming decodes with one beam (num_beams=%d is not streamable)", config.num_beams)
+                self._warned_beams = True
             config.num_beams = 1
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
@@ -249,14 +254,15 @@ def load_for_generation(cfg: DictConfig):
     device_map = cfg.device_map or ({"": device} if quantized else None)
     if cfg.adapter:
         model, tokenizer, prompter = load_adapter(cfg.adapter, dtype=cfg.dtype, quant=quant, device_map=device_map)
-        label = str(cfg.adapter)
+        label = str(Path(cfg.adapter).expanduser().resolve())
     else:
         node = model_node(cfg)
         model = load_model(node, quant=quant, device_map=device_map)
         model.eval()
         tokenizer = load_tokenizer(node)
         prompter = folder_prompter(node["name_or_path"]) or Prompter.from_config(cfg.template)
-        label = str(node["name_or_path"])
+        name = Path(str(node["name_or_path"])).expanduser()
+        label = str(name.resolve()) if name.exists() else str(node["name_or_path"])
     if device_map is None:
         model.to(device)
     log.info("generating with %s on %s (%s)", label, model.device, model.dtype)
@@ -312,7 +318,8 @@ def read_done(path: Path) -> dict[str, dict[str, Any]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             bad.append(n)
     if bad or (path.stat().st_size and not path.read_bytes().endswith(b"\n")):
-        log.warning("%s: dropped unreadable line(s) %s (an interrupted write); they are generated again", path, bad)
+        if bad:
+            log.warning("%s: dropped unreadable line(s) %s (an interrupted write); they are generated again", path, bad)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
         os.replace(tmp, path)
@@ -358,17 +365,16 @@ def run_file(
     done = read_done(output_file)
     check_settings(output_file, done, settings)
     todo = [r for r in records if r.id not in done]
-    log.info("%s: %d records, %d already in %s, %d to go", input_file, len(records), len(records) - len(todo),
-             output_file, len(todo))  # fmt: skip
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="rec", disable=not progress)
+    n_done = len(records) - len(todo)
+    log.info("%s: %d records, %d already in %s, %d to go", input_file, len(records), n_done, output_file, len(todo))
+    bar = tqdm(total=len(records), initial=n_done, unit="rec", disable=not progress)
     with output_file.open("a", encoding="utf-8") as out:
 
         def write(indices: list[int], answers: list[str]) -> None:
             for i, answer in zip(indices, answers, strict=True):
                 rec = todo[i]
-                row = {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "response": answer,
-                       "generation": settings}  # fmt: skip
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                row = {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "response": answer}
+                out.write(json.dumps({**row, "generation": settings}, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
             bar.update(len(indices))
@@ -433,12 +439,41 @@ def run(cfg: DictConfig) -> Path | str | None:
     return None
 
 
+def quote_text_args(args: Sequence[str]) -> list[str]:
+    """Quote the free-text overrides (``prompt=``, ``input=``) for Hydra, whose grammar rejects unquoted Korean.
+
+    ``prompt=고려대학교에 대해서 알려줘`` becomes ``prompt='고려대학교에 대해서 알려줘'`` with quotes, backslashes and
+    ``${`` escaped, so the text arrives verbatim; values the user already quoted are left alone.
+    """
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key in TEXT_KEYS and not is_quoted(value):
+            value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+            value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+def is_quoted(value: str) -> bool:
+    """Whether ``value`` is one quoted Hydra string (``'…'`` or ``"…"`` with no unescaped inner quote)."""
+    q = value[:1]
+    return len(value) >= 2 and q in "'\"" and value[-1] == q and re.search(rf"(?<!\\){q}", value[1:-1]) is None
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (DataError, AdapterError, ValueError, OSError) as e:
         raise SystemExit(f"kullm-generate: {e}") from None
+
+
+def main() -> None:
+    """``kullm-generate``: the Hydra app, with ``prompt=``/``input=`` text quoted for Hydra first."""
+    sys.argv[1:] = quote_text_args(sys.argv[1:])
+    _main()
 
 
 if __name__ == "__main__":

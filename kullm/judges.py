@@ -261,4 +261,3 @@ class HFJudge:
 
 def _num(x: float) -> str:
     return str(int(x)) if x == int(x) else str(x)
-

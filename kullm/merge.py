@@ -40,10 +40,14 @@ def merge(cfg: DictConfig) -> Path:
     check_out(out, bool(cfg.overwrite))
     spec = read_adapter(cfg.adapter)
     dtype = cfg.dtype or spec.model.get("dtype") or "float32"
+    if dtype not in cfg.tolerances:
+        raise ValueError(f"dtype must be one of {sorted(cfg.tolerances)}, got {dtype!r}")
     tolerance = float(cfg.tolerance if cfg.tolerance is not None else cfg.tolerances[dtype])
     model, tokenizer, prompter = load_adapter(cfg.adapter, dtype=dtype, device_map=cfg.device_map)
     prompts = [prompter.render(p) for p in cfg.check_prompts]
-    input_ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], _pad_id(tokenizer))
+    input_ids, mask = left_pad(
+        [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], _pad_id(tokenizer)
+    )
     reference = logits(model, input_ids, mask)
 
     merged = model.merge_and_unload()
@@ -59,13 +63,20 @@ def merge(cfg: DictConfig) -> Path:
         reloaded = load_plain(tmp, dtype, cfg.device_map)
         diff = float((logits(reloaded, input_ids, mask) - reference).abs().max())
         del reloaded
+        scale = max(1.0, float(reference.abs().max()))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"largest logit difference, merged vs base+adapter ({len(prompts)} prompts, {dtype}): {diff:.3g}")
-    if not diff <= tolerance:  # also catches NaN
+    print(
+        f"largest logit difference, merged vs base+adapter ({len(prompts)} prompts, {dtype}): {diff:.3g} "
+        f"(relative to the largest logit {scale:.3g}: {diff / scale:.3g}, tolerance {tolerance:g})"
+    )
+    if not diff / scale <= tolerance:  # also catches NaN
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(f"merged logits differ from base+adapter by {diff:.3g} > tolerance {tolerance:g}: not written")
+        raise MergeError(
+            f"merged logits differ from base+adapter by {diff:.3g} (relative {diff / scale:.3g}) "
+            f"> tolerance {tolerance:g}: nothing written to {out}"
+        )
     swap_in(tmp, out)
     print(f"merged checkpoint: {out}")
     return out

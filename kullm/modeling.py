@@ -34,6 +34,7 @@ TINY_SHAPE: dict[str, Any] = {
     "vocab_size": 2048,  # tokenizer vocab rounded up, as Polyglot-ko pads 30003 tokens to 30080 embedding rows
     "tokenizer_vocab": 2000,
     "seed": 0,
+    "warmup_steps": 200,  # full-weight steps on the bundled corpus after random init (0: purely random)
 }
 
 
@@ -52,6 +53,7 @@ def resolve_path(name_or_path: str, shape: Mapping[str, Any] | None = None) -> s
 def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = None) -> Path:
     """Build (once) and return a folder holding the tiny GPT-NeoX model and its tokenizer.
 
+    Random init in Polyglot-ko's layout, then a brief warm-up on the bundled corpus (see :func:`_warm_up`).
     The folder name is a hash of the shape and the tokenizer corpus, so a change of either builds anew; the build
     is written to a temporary folder and renamed, so concurrent builders (DDP ranks, xdist) never see half a model.
     """
@@ -81,6 +83,7 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
         tie_word_embeddings=False,
     )
     model = GPTNeoXForCausalLM(cfg)
+    _warm_up(model, tok, corpus.splitlines(), steps=int(shape["warmup_steps"]), seed=int(shape["seed"]))
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -92,6 +95,31 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("built the tiny model in %s", out)
     return out
+
+
+def _warm_up(model, tok, lines: list[str], steps: int, seed: int, block: int = 128, batch: int = 8) -> None:
+    """A few hundred full-weight steps of language modelling on the bundled corpus.
+
+    A purely random base has logits too flat for a low-rank adapter to move (LoRA on it: loss 7.65 → 7.51 in 40
+    steps); after this warm-up the tiny model is a (very small) language model, so fine-tuning visibly learns.
+    """
+    import torch
+
+    if steps <= 0:
+        return
+    ids = [t for row in tok(lines, add_special_tokens=False)["input_ids"] for t in [*row, tok.eos_token_id]]
+    data = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        rows = data[torch.randint(len(data), (batch,), generator=g)]
+        loss = model(input_ids=rows, labels=rows, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    log.info("tiny model warmed up on the bundled corpus: final loss %.2f", loss.item())
 
 
 def train_tiny_tokenizer(lines: list[str], vocab_size: int = 2000):
@@ -216,3 +244,48 @@ def _train_safe_4bit(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def build_peft_model(
+    model_cfg: Mapping[str, Any],
+    lora_cfg: Any,
+    quant: Mapping[str, Any] | None = None,
+    *,
+    gradient_checkpointing: bool = False,
+):
+    """Base model (optionally 8/4-bit) + LoRA; only adapter parameters train. Returns the ``PeftModel``."""
+    from hydra.utils import instantiate
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_model(model_cfg, quant=quant)
+    model.config.use_cache = False  # training: a KV cache is wasted memory, and it breaks packed position_ids
+    if quantization_config(quant) is not None:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = lora_cfg if isinstance(lora_cfg, LoraConfig) else instantiate(lora_cfg)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # PEFT's "Target modules ... not found in the base model"
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, _linear_types())})
+        raise ValueError(
+            f"lora.target_modules={list(config.target_modules)}: {e}. Linear layers here: {names}"
+        ) from None
+
+
+def _linear_types() -> tuple[type, ...]:
+    import torch
+
+    types: list[type] = [torch.nn.Linear]
+    try:
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear8bitLt, bnb.nn.Linear4bit]
+    except ImportError:
+        pass
+    return tuple(types)

@@ -123,6 +123,11 @@ def _f(x: float | None, nd: int = 2) -> str:
     return "–" if x is None or x != x else f"{x:.{nd}f}"
 
 
+def _mean_ci(r: RunStats, c: Criterion) -> str:
+    lo, hi = r.ci.get(c.name, (None, None))
+    return f"{_f(r.means.get(c.name))} [{_f(lo)}, {_f(hi)}]"
+
+
 def markdown(runs: Sequence[RunStats], criteria: Sequence[Criterion], reference: str | None = None) -> str:
     """The report as Markdown: notes first (loud), then raw means with intervals, then the 0–100 table."""
     lines = ["# G-Eval report", ""]
@@ -136,8 +141,7 @@ def markdown(runs: Sequence[RunStats], criteria: Sequence[Criterion], reference:
     lines.append("| run | judged | failed | not judged | " + " | ".join(heads) + " |")
     lines.append("|---" * (4 + len(criteria)) + "|")
     for r in runs:
-        cells = [f"{_f(r.means.get(c.name))} [{_f(r.ci.get(c.name, (None,))[0])}, {_f(r.ci.get(c.name, (0, None))[1])}]"
-                 for c in criteria]  # fmt: skip
+        cells = [_mean_ci(r, c) for c in criteria]
         lines.append(f"| {r.name} | {r.n_ok} | {r.n_failed} | {r.n_pending} | " + " | ".join(cells) + " |")
     lines += ["", "## Scaled to 0–100 (score / max × 100, as in KULLM's graph)", ""]
     rel = f"relative to {reference} (%)" if reference else "relative (%)"
@@ -163,15 +167,37 @@ def csv_rows(runs: Sequence[RunStats], criteria: Sequence[Criterion]) -> list[di
         for c in criteria:
             lo, hi = r.ci.get(c.name, (None, None))
             rows.append(
-                {"run": r.name, "criterion": c.name, "label": c.label, "min": c.min, "max": c.max, "n": r.n_ok,
-                 "mean": r.means.get(c.name), "ci_low": lo, "ci_high": hi, "scaled": r.scaled(c),
-                 "weighted_mean": r.weighted.get(c.name), "relative": None}
-            )  # fmt: skip
+                {
+                    "run": r.name,
+                    "criterion": c.name,
+                    "label": c.label,
+                    "min": c.min,
+                    "max": c.max,
+                    "n": r.n_ok,
+                    "mean": r.means.get(c.name),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "scaled": r.scaled(c),
+                    "weighted_mean": r.weighted.get(c.name),
+                    "relative": None,
+                }
+            )
         rows.append(
-            {"run": r.name, "criterion": "overall", "label": "Overall", "min": 0, "max": 100, "n": r.n_ok,
-             "mean": r.overall, "ci_low": r.overall_ci[0], "ci_high": r.overall_ci[1], "scaled": r.overall,
-             "weighted_mean": None, "relative": r.relative}
-        )  # fmt: skip
+            {
+                "run": r.name,
+                "criterion": "overall",
+                "label": "Overall",
+                "min": 0,
+                "max": 100,
+                "n": r.n_ok,
+                "mean": r.overall,
+                "ci_low": r.overall_ci[0],
+                "ci_high": r.overall_ci[1],
+                "scaled": r.overall,
+                "weighted_mean": None,
+                "relative": r.relative,
+            }
+        )
     return rows
 
 
@@ -222,8 +248,13 @@ def log_wandb(runs: Sequence[RunStats], criteria: Sequence[Criterion], png: Path
     """Log the CSV rows as a W&B table and the chart as an image (W&B's offline/disabled modes apply)."""
     import wandb
 
-    run = wandb.init(project=cfg.get("project") or "kullm", mode=cfg.get("mode") or None, config=cfg.get("config"),
-                     job_type="eval", dir=str(png.parent))  # fmt: skip
+    run = wandb.init(
+        project=cfg.get("project") or "kullm",
+        mode=cfg.get("mode") or None,
+        config=cfg.get("config"),
+        job_type="eval",
+        dir=str(png.parent),
+    )
     rows = csv_rows(runs, criteria)
     table = wandb.Table(columns=CSV_COLUMNS, data=[[row[k] for k in CSV_COLUMNS] for row in rows])
     run.log({"eval/report": table, "eval/chart": wandb.Image(str(png))})

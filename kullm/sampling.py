@@ -110,3 +110,108 @@ def make_sampler(
         size = micro_batch_size * num_replicas * mega_batches
         return LengthGroupedSampler(lengths, group_size=size, **common)
     raise ValueError(f"unknown sampler {kind!r}: use 'random', 'length_grouped' or 'sequential'")
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Micro-batches filled up to a token budget: ``rows × padded max length <= token_budget`` in every batch.
+
+    Per epoch (deterministic in ``seed + epoch``): shuffle, cut into mega-batches of ``group_size`` indices, sort
+    each by length (longest first) and fill batches greedily, so similar lengths share a batch; then shuffle the
+    batches in groups of ``num_replicas`` consecutive ones, so the ranks of one step get batches of similar size.
+    Every rank gets the same number of batches (the last group is completed by repeating the epoch's first
+    batches, as DistributedSampler repeats indices). ``state_dict`` records how many batches this rank served.
+    Use as ``DataLoader(ds, batch_sampler=...)``; the loss must be normalised per trained token, since batches
+    hold different numbers of rows.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        token_budget: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_size: int = 1024,
+        pad_to_multiple_of: int = 8,
+        max_rows: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.lengths = [int(n) for n in lengths]
+        self.multiple = max(1, pad_to_multiple_of or 1)
+        longest = self._padded(max(self.lengths, default=0))
+        if longest > token_budget:
+            raise ValueError(
+                f"token_budget={token_budget} is smaller than the longest example padded to a multiple of "
+                f"{self.multiple} ({longest} tokens): raise the budget or lower cutoff_len"
+            )
+        if group_size < 1:
+            raise ValueError(f"group_size must be positive, got {group_size}")
+        self.token_budget, self.seed, self.shuffle = token_budget, seed, shuffle
+        self.group_size, self.max_rows = group_size, max_rows
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self._start = 0
+        self._served = 0
+        self._cache: tuple[int, int, list[list[int]]] | None = None
+
+    def _padded(self, n: int) -> int:
+        return -(-n // self.multiple) * self.multiple
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = epoch
+
+    def global_batches(self) -> list[list[int]]:
+        """All batches of this epoch, before sharding over ranks."""
+        if self._cache is not None and self._cache[:2] == (self.seed, self.epoch):
+            return self._cache[2]
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        batches: list[list[int]] = []
+        for s in range(0, n, self.group_size):
+            group = order[s : s + self.group_size]
+            if self.shuffle:
+                group.sort(key=lambda i: -self.lengths[i])
+            cur: list[int] = []
+            width = 0
+            for i in group:
+                w = max(width, self._padded(self.lengths[i]))
+                full = self.max_rows is not None and len(cur) >= self.max_rows
+                if cur and (w * (len(cur) + 1) > self.token_budget or full):
+                    batches.append(cur)
+                    cur, w = [], self._padded(self.lengths[i])
+                cur.append(i)
+                width = w
+            if cur:
+                batches.append(cur)
+        r = self.num_replicas
+        if batches and len(batches) % r:
+            batches += batches[: r - len(batches) % r]
+        if self.shuffle:
+            steps = [batches[k : k + r] for k in range(0, len(batches), r)]
+            perm = torch.randperm(len(steps), generator=g).tolist()
+            batches = [b for k in perm for b in steps[k]]
+        self._cache = (self.seed, self.epoch, batches)
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.global_batches()) // self.num_replicas
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.global_batches()[self.rank :: self.num_replicas]
+        start, self._start = self._start, 0
+        self._served = start
+        for batch in mine[start:]:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self._served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._start, self.seed = state["epoch"], state["served"], state["seed"]

@@ -1,0 +1,101 @@
+"""Checkpoints a user keeps: an adapter folder beside every Lightning checkpoint, written atomically.
+
+* :class:`AdapterCheckpoint` — Lightning's ``ModelCheckpoint`` (best k by ``val/loss`` + last) that also writes
+  ``<checkpoint name>/`` as a PEFT adapter folder (see :mod:`kullm.adapter`) and removes it with its checkpoint.
+* :class:`AtomicCheckpointIO` — writes ``.ckpt`` files to a temporary name and renames them, so a crash while
+  writing never destroys the previous checkpoint.
+* :func:`adapter_state` — the adapter weights, gathered from every rank under sharded strategies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from kullm.adapter import save_adapter
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``<path>.tmp`` then ``os.replace``: the old file stays whole until the new one is."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def adapter_state(trainer: L.Trainer, peft_model) -> dict[str, Any] | None:
+    """The trainable (adapter) weights by name on global rank 0 (``None`` elsewhere), gathered when sharded.
+
+    The result is a partial model state dict, which ``PeftModel.save_pretrained(state_dict=...)`` accepts.
+    """
+
+    def trainable() -> dict[str, Any]:
+        return {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    strategy = type(trainer.strategy).__name__
+    if strategy.startswith("DeepSpeed") and getattr(trainer.strategy, "zero_stage_3", False):
+        import deepspeed
+
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return trainable() if trainer.is_global_zero else None
+    if strategy.startswith("FSDP"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = trainer.strategy.model
+        ctx = FSDP.summon_full_params(wrapped, writeback=False, offload_to_cpu=True, rank0_only=True)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        if not trainer.is_global_zero:
+            return None
+        return trainable()
+
+
+class AdapterCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that writes a PEFT adapter folder next to each ``.ckpt`` (``best-…/``, ``last/``)."""
+
+    def __init__(self, *, tokenizer=None, prompter=None, config=None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.tokenizer, self.prompter, self.config = tokenizer, prompter, config
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        export_adapter(
+            trainer, adapter_dir(filepath), tokenizer=self.tokenizer, prompter=self.prompter, config=self.config
+        )
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            shutil.rmtree(adapter_dir(filepath), ignore_errors=True)
+
+
+def adapter_dir(ckpt_path: str | Path) -> Path:
+    """``…/epoch=1-step=20.ckpt`` → ``…/epoch=1-step=20/`` (``last.ckpt`` → ``last/``)."""
+    p = Path(ckpt_path)
+    return p.with_name(p.name.removesuffix(".ckpt"))
+
+
+def export_adapter(trainer: L.Trainer, folder: str | Path, **meta) -> Path | None:
+    """Gather the adapter from every rank and write it (rank 0) as a verified PEFT folder; collective call."""
+    peft_model = trainer.lightning_module.model
+    state = adapter_state(trainer, peft_model)
+    path = None
+    if trainer.is_global_zero:
+        path = save_adapter(peft_model, folder, state_dict=state, **meta)
+    trainer.strategy.barrier("export_adapter")
+    return path

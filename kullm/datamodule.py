@@ -1,0 +1,103 @@
+"""The ``LightningDataModule``: processed splits → sampled, padded micro-batches, resumable mid-epoch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from kullm.preprocess import Processed, preprocess
+from kullm.sampling import EpochSampler, make_sampler
+from kullm.sft import Collator
+from kullm.templates import Prompter
+
+log = logging.getLogger(__name__)
+
+
+class KullmDataModule(L.LightningDataModule):
+    """Train/validation dataloaders over the cached, processed data.
+
+    Sharding over ranks is done by kullm's own samplers (set ``use_distributed_sampler=False`` on the Trainer);
+    :meth:`resume_at` skips the batches an interrupted epoch had already trained.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        tokenizer,
+        prompter: Prompter,
+        *,
+        micro_batch_size: int,
+        sampler: str = "length_grouped",
+        num_workers: int = 0,
+        seed: int = 42,
+        pad_to_multiple_of: int = 8,
+    ) -> None:
+        super().__init__()
+        self.data, self.tokenizer, self.prompter = data, tokenizer, prompter
+        self.micro_batch_size, self.sampler_kind = micro_batch_size, sampler
+        self.num_workers, self.seed = num_workers, seed
+        self.collator = Collator(pad_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        self.processed: Processed | None = None
+        self.train_sampler: EpochSampler | None = None
+
+    def prepare_data(self) -> None:
+        preprocess(self.data, self.tokenizer, self.prompter)  # rank 0 builds the cache; the others wait
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processed is None:
+            self.processed = preprocess(self.data, self.tokenizer, self.prompter)
+            if len(self.processed.dataset["train"]) == 0:
+                raise ValueError(f"{self.data['path']}: no training example is left after preprocessing")
+
+    @property
+    def train_set(self):
+        return self.processed.dataset["train"]
+
+    @property
+    def val_set(self):
+        return self.processed.dataset["validation"]
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        self.train_sampler = make_sampler(
+            self.sampler_kind,
+            self.train_set["length"],
+            micro_batch_size=self.micro_batch_size,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+        )
+        return self._loader(self.train_set, self.train_sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        sampler = EpochSampler(len(self.val_set), shuffle=False, num_replicas=world, rank=rank)
+        return self._loader(self.val_set, sampler)
+
+    def _loader(self, ds, sampler: EpochSampler) -> DataLoader:
+        ds = ds.select_columns(["input_ids", "labels"])
+        return DataLoader(
+            ds,
+            batch_size=self.micro_batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # never draw from the global RNG
+        )
+
+    def resume_at(self, batches: int) -> None:
+        """Start the current epoch after ``batches`` micro-batches this rank already trained."""
+        if self.train_sampler is not None and batches:
+            state = self.train_sampler.state_dict()
+            self.train_sampler.load_state_dict({**state, "served": batches * self.micro_batch_size})
+            log.info("resuming mid-epoch: skipping %d micro-batches already trained", batches)

@@ -1,0 +1,181 @@
+"""The ``LightningModule``: a PEFT-wrapped causal LM, AdamW over the adapter, a warmup + decay schedule.
+
+The loss is the sum of token cross-entropies; gradients are divided by the number of trained tokens in the whole
+optimizer step (all micro-batches, all ranks) just before the step, so the result does not depend on how the
+tokens fell into micro-batches. Lightning checkpoints hold only the trainable weights (plus optimizer, scheduler,
+loop and RNG state): the frozen base comes from the base model on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from kullm.loss import lm_loss
+
+
+class KullmLitModule(L.LightningModule):
+    """Train a PEFT model; log loss, lr, grad norm, tokens and tokens/s per step, val loss/perplexity per validation."""
+
+    def __init__(self, model, *, optim: Mapping[str, Any], loss: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.optim_cfg = dict(optim)
+        self.loss_cfg = {"head_only": True, "chunk_size": 4096, **dict(loss or {})}
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.trained_tokens = 0
+        self._window = torch.zeros(3, dtype=torch.float64)  # loss sum, trained tokens, non-pad tokens
+        self._val = torch.zeros(2, dtype=torch.float64)
+        self._clock = time.perf_counter()
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # --- forward and loss -------------------------------------------------------------------------------------
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def _loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return lm_loss(
+            self.model, batch, head_only=bool(self.loss_cfg["head_only"]), chunk_size=int(self.loss_cfg["chunk_size"])
+        )
+
+    @property
+    def _engine_scales_grads(self) -> bool:
+        """DeepSpeed owns gradient accumulation and clipping: fall back to a per-micro-batch token mean."""
+        return type(self.trainer.strategy).__name__.startswith("DeepSpeed")
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n = self._loss(batch)
+        self._window += torch.tensor([float(loss_sum.detach()), n, float(batch["attention_mask"].sum())])
+        if self._engine_scales_grads:
+            return loss_sum / max(n, 1)
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        window = self._window.to(self.device)
+        if self.trainer.world_size > 1:
+            window = self.trainer.strategy.reduce(window, reduce_op="sum")
+        loss_sum, trained, tokens = window.tolist()
+        if not self._engine_scales_grads:
+            # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over ranks
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(trained, 1.0)
+            for p in self.trainable_parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        now = time.perf_counter()
+        elapsed, self._clock = now - self._clock, now
+        self.trained_tokens += int(trained)
+        self.log_dict(
+            {
+                "train/loss": loss_sum / max(trained, 1.0),
+                "train/grad_norm": self._grad_norm(),
+                "train/tokens_per_s": tokens / max(elapsed, 1e-9),
+                "train/trained_tokens_per_s": trained / max(elapsed, 1e-9),
+                "train/trained_tokens": float(self.trained_tokens),
+                "lr": optimizer.param_groups[0]["lr"],
+            },
+            prog_bar=False,
+            rank_zero_only=True,
+        )
+        self.log("loss", loss_sum / max(trained, 1.0), prog_bar=True, logger=False, rank_zero_only=True)
+        self._window.zero_()
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n = self._loss(batch)
+        self._val += torch.tensor([float(loss_sum), n])
+
+    def on_validation_epoch_end(self) -> None:
+        total = self._val.to(self.device)
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        loss_sum, n = total.tolist()
+        self._val.zero_()
+        if n == 0:
+            return
+        val_loss = loss_sum / n
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", math.exp(min(val_loss, 50.0)), sync_dist=False)
+
+    # --- optimisation -----------------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("no trainable parameter: check lora.target_modules against the model's layer names")
+        optimizer = instantiate(self.optim_cfg["optimizer"])(params)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = self.optim_cfg.get("warmup_steps")
+        if warmup is None:
+            warmup = math.ceil(float(self.optim_cfg.get("warmup_ratio", 0.0)) * total)
+        fn = partial(
+            lr_factor,
+            warmup=int(warmup),
+            total=total,
+            schedule=self.optim_cfg.get("schedule", "cosine"),
+            floor=float(self.optim_cfg.get("min_lr_ratio", 0.0)),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints and exact resume -------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["kullm"] = {
+            "trained_tokens": self.trained_tokens,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("kullm", {})
+        self.trained_tokens = int(state.get("trained_tokens", 0))
+        self._rng_to_restore = state.get("rng")
+
+    def on_train_epoch_start(self) -> None:
+        loop = self.trainer.fit_loop.epoch_loop
+        if loop.restarting and self.trainer.datamodule is not None:
+            self.trainer.datamodule.resume_at(loop.batch_progress.current.completed)
+        if self._rng_to_restore is not None:  # the last thing before the first resumed step
+            rng, self._rng_to_restore = self._rng_to_restore, None
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        self._clock = time.perf_counter()
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, floor: float = 0.0) -> float:
+    """The learning-rate multiplier at optimizer ``step``: linear warmup, then cosine / linear decay or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    raise ValueError(f"optim.schedule must be cosine, linear or constant, got {schedule!r}")

@@ -1,0 +1,318 @@
+"""kullm-generate on the tiny model: batching, streaming, extraction, resumable file runs, bad rows, chat."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kullm.config import compose
+from kullm.generate import Generator, check_settings, quote_text_args, read_done, run, run_file
+from kullm.records import DataError, read_records
+
+EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kullm"
+EVAL_SET = EVAL_DIR / "user_oriented_instructions_eval.jsonl"
+ITEMS = [
+    "고려대학교에 대해서 알려줘",
+    ("다음 글을 한 문장으로 요약하세요.", "한국어는 아름다운 언어이다. 많은 사람들이 한국어를 배운다. " * 3),
+    "안녕",
+    {"instruction": "파이썬으로 리스트를 정렬하는 함수를 작성하세요.", "input": ""},
+    "서울의 날씨는 어때?",
+]
+
+
+def make_adapter(folder: Path) -> Path:
+    """A LoRA adapter on the tiny model with non-zero B, so that it changes the logits."""
+    import peft
+    import torch
+    from omegaconf import OmegaConf
+
+    from kullm.adapter import save_adapter
+    from kullm.modeling import load_model, load_tokenizer
+    from kullm.templates import Prompter
+
+    cfg = compose("prepare", [f"output_dir={folder.parent}"])
+    torch.manual_seed(0)
+    model = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query_key_value"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, lora)
+    prompter = Prompter.from_config(cfg.template)
+    return save_adapter(peft_model, folder, tokenizer=load_tokenizer(cfg.model), prompter=prompter, config=cfg)
+
+
+def gen_cfg(adapter: Path, *overrides: str):
+    return compose(
+        "generate",
+        [
+            f"adapter={adapter}",
+            "generation=greedy",
+            "generation.max_new_tokens=16",
+            "output_dir=/nonexistent",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    return make_adapter(tmp_path_factory.mktemp("gen") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def generator(adapter) -> Generator:
+    return Generator.from_config(gen_cfg(adapter))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_batched_greedy_equals_one_at_a_time_token_for_token(generator, attn):
+    generator.model.base_model.model.set_attn_implementation(attn)
+    try:
+        assert generator.model.config._attn_implementation == attn
+        ids = [generator.encode(generator.render(x)) for x in ITEMS]
+        assert len({len(x) for x in ids}) == len(ids)  # every row of the batch is padded differently
+        alone = [generator.complete([x])[0] for x in ids]
+        batched = generator.complete(ids)  # input order, one batch: the longest row pads all the others
+        assert batched == alone
+        assert all(len(x) == 16 for x in alone)  # no early EOS: every token position was compared
+        assert len({tuple(x) for x in alone}) > 1
+        assert generator.generate(ITEMS, batch_size=2) == [generator.generate([x])[0] for x in ITEMS]
+    finally:
+        generator.model.base_model.model.set_attn_implementation("sdpa")
+
+
+def test_adapter_changes_answers(generator):
+    with generator.model.disable_adapter():
+        plain = generator.generate(ITEMS[:3])
+    assert generator.generate(ITEMS[:3]) != plain
+
+
+def test_budget_follows_max_length_per_prompt(generator, adapter):
+    ids = [generator.encode(generator.render(x)) for x in ITEMS]
+    limit = sorted(len(x) for x in ids)[-2] + 8  # the longest prompt has no room left
+    g = Generator(generator.model, generator.tokenizer, generator.prompter, {"max_length": limit, "num_beams": 1})
+    out = g.complete(ids)
+    assert sorted(len(x) + len(p) for x, p in zip(out, ids, strict=True))[:-1] == [limit] * 4
+    assert out[1] == [] and len(ids[1]) > limit
+    assert out == [g.complete([x])[0] for x in ids]
+
+
+def test_eos_and_pad_come_from_the_tokenizer(generator):
+    assert generator.config.eos_token_id == generator.tokenizer.eos_token_id
+    assert generator.config.pad_token_id == generator.tokenizer.pad_token_id
+    assert generator.config.num_beams == 1 and generator.config.do_sample is False
+
+
+def test_default_settings_are_the_seeds():
+    cfg = compose("generate", ["output_dir=/nonexistent"])
+    g = cfg.generation
+    assert (g.temperature, g.num_beams, g.max_length, g.max_new_tokens) == (0.2, 5, 512, None)
+
+
+def test_stream_yields_the_same_text_as_generate(generator):
+    for item in ITEMS[:3]:
+        pieces = list(generator.stream(item))
+        assert len(pieces) > 1
+        assert "".join(pieces).strip() == generator.generate([item])[0]
+
+
+def test_stream_falls_back_to_one_beam(generator):
+    g = Generator(generator.model, generator.tokenizer, generator.prompter, {"max_new_tokens": 8, "num_beams": 3})
+    assert g.config.num_beams == 3
+    assert "".join(g.stream(ITEMS[0])).strip()
+
+
+def test_extraction_keeps_a_marker_inside_the_response(generator, monkeypatch):
+    import torch
+
+    answer = "첫째 ### 응답: 둘째"
+    tok = generator.tokenizer
+    tail = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id, tok.eos_token_id]
+
+    def fake_generate(input_ids, attention_mask, generation_config, **_):
+        return torch.cat([input_ids, torch.tensor([tail] * len(input_ids))], dim=1)
+
+    monkeypatch.setattr(generator.model, "generate", fake_generate)
+    item = ("### 응답: 이라는 표시가 명령어에도 있습니다", "입력에도 ### 응답: 이 있습니다")
+    assert generator.generate([item, "짧은 명령"]) == [answer, answer]
+
+
+def test_file_run_killed_then_resumed_has_every_id_once(generator, tmp_path):
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": f"r{i}", "instruction": f"{i}번째 질문입니다", "output": "-"} for i in range(9)]
+    )
+    out = tmp_path / "responses.jsonl"
+    full = run_file(generator, src, tmp_path / "reference.jsonl", batch_size=2, progress=False)
+    reference = {r["id"]: r["response"] for r in lines(full)}
+
+    class Killed(Exception):
+        pass
+
+    original = generator.generate
+
+    def dies_after_two_batches(items, batch_size=None, on_batch=None):
+        calls = []
+
+        def cb(idx, answers):
+            on_batch(idx, answers)
+            calls.append(idx)
+            if len(calls) == 2:
+                raise Killed
+
+        return original(items, batch_size, cb)
+
+    generator.generate = dies_after_two_batches
+    try:
+        with pytest.raises(Killed):
+            run_file(generator, src, out, batch_size=2, progress=False)
+    finally:
+        del generator.generate
+    assert len(lines(out)) == 4
+    with out.open("a") as f:  # a write torn by the kill
+        f.write('{"id": "r8", "instruction": "8번째')
+    run_file(generator, src, out, batch_size=3, progress=False)
+    rows = lines(out)
+    assert sorted(r["id"] for r in rows) == sorted(reference)
+    assert {r["id"]: r["response"] for r in rows} == reference
+    assert set(rows[0]) == {"id", "instruction", "input", "response", "generation"}
+    assert rows[0]["generation"]["max_new_tokens"] == 16
+
+
+def test_read_done_drops_a_torn_last_line(tmp_path):
+    out = write_jsonl(tmp_path / "o.jsonl", [{"id": "a", "response": "x"}])
+    with out.open("a") as f:
+        f.write('{"id": "b", "resp')
+    assert set(read_done(out)) == {"a"}
+    assert out.read_text() == '{"id": "a", "response": "x"}\n'
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    done = {"a": {"id": "a", "generation": {"num_beams": 5, "batch_size": 8}}}
+    check_settings(tmp_path, done, {"num_beams": 5, "batch_size": 2})  # batch size may change
+    with pytest.raises(ValueError, match="num_beams"):
+        check_settings(tmp_path, done, {"num_beams": 1, "batch_size": 8})
+
+
+def test_bad_rows_are_reported_with_file_and_line_and_the_rest_run(generator, tmp_path, caplog):
+    src = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"id": "ok1", "instruction": "첫 질문", "output": "-"},
+            '{"id": "broken", "instruction": ',
+            {"id": "noinst", "output": "-"},
+            {"id": "ok2", "instruction": "둘째 질문", "instances": [{"input": "맥락", "output": "-"}]},
+        ],
+    )
+    out = run_file(generator, src, tmp_path / "o.jsonl", progress=False)
+    assert sorted(r["id"] for r in lines(out)) == ["ok1", "ok2"]
+    assert {r["id"]: r["input"] for r in lines(out)}["ok2"] == "맥락"
+    assert f"{src}:2" in caplog.text and f"{src}:3" in caplog.text
+    assert (tmp_path / "o.rejects.jsonl").is_file()
+    with pytest.raises(DataError, match=rf"{src}:2"):
+        run_file(generator, src, tmp_path / "strict.jsonl", policy="strict", progress=False)
+    with pytest.raises(DataError, match="no such file"):
+        run_file(generator, tmp_path / "missing.jsonl", tmp_path / "x.jsonl", progress=False)
+
+
+def test_prompt_mode_prints_the_answer(adapter, generator, capsys):
+    answer = run(gen_cfg(adapter, *quote_text_args(["prompt=고려대학교에 대해서 알려줘"])))
+    assert answer == generator.generate(["고려대학교에 대해서 알려줘"])[0]
+    assert answer in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "고려대학교에 대해서 알려줘",
+        'it\'s "quoted"',
+        "a=b,c [1] {k: v}",
+        "${x} 보간 \\${y}",
+        "끝\\",
+        "'a' 와 'b'",
+        "null",
+    ],
+)
+def test_free_text_arguments_arrive_verbatim(text):
+    (prompt,) = quote_text_args([f"prompt={text}"])
+    assert compose("generate", ["output_dir=/nonexistent", prompt]).prompt == text
+    assert quote_text_args(["prompt='이미 따옴표'", "generation.top_k=5"]) == [
+        "prompt='이미 따옴표'",
+        "generation.top_k=5",
+    ]
+
+
+def test_adapter_and_base_together_is_an_error(adapter):
+    with pytest.raises(ValueError, match="not both"):
+        Generator.from_config(gen_cfg(adapter, f"base={adapter}"))
+
+
+def test_missing_cuda_is_a_clear_error(adapter):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        Generator.from_config(gen_cfg(adapter, "device=cuda"))
+
+
+def test_eval_set_gives_252_responses(generator, tmp_path):
+    if not EVAL_SET.is_file():
+        pytest.skip(f"the evaluation set is not at {EVAL_DIR}")
+    records, _ = read_records(EVAL_SET)
+    g = Generator(generator.model, generator.tokenizer, generator.prompter, {"max_new_tokens": 4, "num_beams": 1})
+    out = run_file(g, EVAL_SET, tmp_path / "eval.jsonl", batch_size=32, progress=False)
+    rows = lines(out)
+    assert len(rows) == len(records) == 252
+    assert sorted(r["id"] for r in rows) == sorted(r.id for r in records)
+    assert all(r["response"] for r in rows)
+
+
+def test_chat_streams_and_exits(adapter, generator, tmp_path):
+    cmd = [sys.executable, "-m", "kullm.generate", f"adapter={adapter}", "generation=greedy",
+           "generation.max_new_tokens=16", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(cmd, input="고려대학교에 대해서 알려줘\n/exit\n어긋난 줄\n", capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count(">>> ") == 2  # one answer, then /exit quits before the third line
+    assert generator.generate(["고려대학교에 대해서 알려줘"])[0] in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_prompt_in_korean(adapter, generator, tmp_path):
+    cmd = [sys.executable, "-m", "kullm.generate", f"adapter={adapter}", "prompt=고려대학교에 대해서 알려줘",
+           "generation=greedy", "generation.max_new_tokens=16", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith(generator.generate(["고려대학교에 대해서 알려줘"])[0])
+
+
+@pytest.mark.slow
+def test_cli_file_run_survives_sigkill(adapter, tmp_path):
+    rows = [{"id": f"r{i}", "instruction": f"{i}번째 질문에 길게 답하세요", "output": "-"} for i in range(40)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "kullm.generate", f"adapter={adapter}", f"input_file={src}", f"output_file={out}",
+           "generation=greedy", "generation.max_new_tokens=48", "generation.batch_size=1",
+           f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = out.read_text().count("\n")
+    assert 3 <= killed_at < len(rows)
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    ids = [r["id"] for r in lines(out)]
+    assert sorted(ids) == sorted(r["id"] for r in rows)

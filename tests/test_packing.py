@@ -1,0 +1,198 @@
+"""Packing: exact rows, fill rate, and the proof that a packed batch trains exactly like its examples one by one."""
+
+import random
+
+import pytest
+import torch
+
+from kullm.loss import full_loss, head_only_loss
+from kullm.packing import (
+    PACKED_COLUMNS,
+    block_causal_mask,
+    pack_bins,
+    pack_dataset,
+    pack_examples,
+    packed_model_inputs,
+    segment_ids,
+)
+from kullm.sft import IGNORE_INDEX, Collator
+
+NEG = torch.finfo(torch.float32).min
+
+
+def test_hand_case_exact_rows():
+    # lengths 3, 4, 2, 5, 1 into rows of 6: best fit decreasing → [5, 1], [4, 2], [3]
+    ids = [[10, 11, 12], [20, 21, 22, 23], [30, 31], [40, 41, 42, 43, 44], [50]]
+    labels = [[-100, 11, 12], [20, 21, 22, 23], [-100, 31], [-100, -100, 42, 43, 44], [50]]
+    packed, stats = pack_examples(ids, labels, cutoff_len=6, seed=0)
+    assert packed["input_ids"] == [[40, 41, 42, 43, 44, 50], [20, 21, 22, 23, 30, 31], [10, 11, 12]]
+    assert packed["labels"] == [
+        [-100, -100, 42, 43, 44, -100],  # 50 opens the second example: nobody learns to predict it
+        [20, 21, 22, 23, -100, 31],
+        [-100, 11, 12],
+    ]
+    assert packed["position_ids"] == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2]]
+    assert packed["seq_lens"] == [[5, 1], [4, 2], [3]]
+    assert packed["length"] == [6, 6, 3]
+    assert (stats.examples, stats.rows, stats.tokens) == (5, 3, 15)
+    assert stats.fill_rate == pytest.approx(15 / 18)
+
+
+def test_fill_rate_coverage_and_determinism():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 400) for _ in range(3000)]
+    bins = pack_bins(lengths, 512, seed=1)
+    assert sorted(i for b in bins for i in b) == list(range(3000))  # every example exactly once
+    assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
+    fill = sum(lengths) / (len(bins) * 512)
+    assert fill > 0.98, fill
+    assert pack_bins(lengths, 512, seed=1) == bins
+    with pytest.raises(ValueError, match="cutoff_len=512"):
+        pack_bins([513], 512)
+
+
+def test_pack_dataset_columns():
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"id": ["a", "b", "c"], "input_ids": [[1, 2], [3, 4, 5], [6]], "labels": [[1, 2], [3, 4, 5], [6]]}
+    )
+    packed, stats = pack_dataset(ds, cutoff_len=4)
+    assert packed.column_names == PACKED_COLUMNS
+    assert packed["length"] == [4, 2] and stats.fill_rate == pytest.approx(6 / 8)
+    assert sorted(t for row in packed["input_ids"] for t in row) == [1, 2, 3, 4, 5, 6]
+
+
+def test_block_causal_mask_exact():
+    m = block_causal_mask([[2, 1]], torch.float32, length=4)
+    allowed = [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 0, 1, 0],  # second example: sees only itself
+        [0, 0, 0, 1],  # padding query: only itself (no empty softmax row)
+    ]
+    expected = torch.where(torch.tensor(allowed, dtype=torch.bool), 0.0, NEG)
+    assert m.shape == (1, 1, 4, 4)
+    assert torch.equal(m[0, 0], expected)
+    # the same mask from collated position_ids + padding mask
+    pos = torch.tensor([[0, 1, 0, 0]])
+    att = torch.tensor([[1, 1, 1, 0]])
+    assert torch.equal(block_causal_mask(pos, torch.float32, attention_mask=att), m)
+    assert segment_ids(pos, attention_mask=att).tolist() == [[0, 0, 1, -1]]
+
+
+# --- equivalence on the tiny model with LoRA -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    from kullm.modeling import load_model
+
+    torch.manual_seed(0)
+    base = load_model({"name_or_path": "kullm:tiny", "dtype": "float32", "attn_implementation": "sdpa"})
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["query_key_value", "dense"],
+        init_lora_weights=False,  # B != 0, so A and B both get gradients
+    )
+    return get_peft_model(base, lora)
+
+
+def _examples(train_on_inputs: bool, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, n_prompt in [(11, 4), (6, 2), (17, 9), (4, 1), (9, 3), (13, 5)]:
+        ids = torch.randint(3, 2000, (n,), generator=g).tolist()
+        labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        out.append((ids, labels))
+    return out
+
+
+def _packed_batch(examples, cutoff_len: int = 24) -> dict[str, torch.Tensor]:
+    packed, _ = pack_examples([e[0] for e in examples], [e[1] for e in examples], cutoff_len)
+    rows = [{k: packed[k][i] for k in ("input_ids", "labels", "position_ids")} for i in range(len(packed["length"]))]
+    return Collator(pad_id=2, pad_to_multiple_of=8)(rows)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _one_by_one(model, examples, loss_fn):
+    model.zero_grad(set_to_none=True)
+    total, count = 0.0, 0
+    for ids, labels in examples:
+        loss, n = loss_fn(model, {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])})
+        loss.backward()
+        total, count = total + loss.item(), count + n
+    return total, count, _grads(model)
+
+
+def _packed(model, inputs, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss, n = loss_fn(model, inputs)
+    loss.backward()
+    return loss.item(), n, _grads(model)
+
+
+def _assert_grads_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        err, scale = (a[k] - b[k]).abs().max().item(), b[k].abs().max().item()
+        assert err <= 1e-4 * scale, f"{k}: max abs diff {err:.3g} vs max abs grad {scale:.3g}"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("train_on_inputs", [True, False])
+def test_packed_loss_and_grads_equal_one_by_one(lora_model, attn, train_on_inputs):
+    lora_model.get_base_model().set_attn_implementation(attn)
+    examples = _examples(train_on_inputs)
+    batch = _packed_batch(examples)
+    assert batch["input_ids"].shape[0] < len(examples)  # really packed
+    ref_loss, ref_n, ref_grads = _one_by_one(lora_model, examples, full_loss)
+    explicit = {**packed_model_inputs(batch, lora_model), "labels": batch["labels"]}
+    assert explicit["use_cache"] is False and explicit["attention_mask"].shape[1] == 1
+    # the raw collated batch (position_ids + 2-D padding mask) gets its block mask inside the loss functions
+    for loss_fn, inputs in [(full_loss, explicit), (head_only_loss, explicit), (head_only_loss, batch)]:
+        loss, n, grads = _packed(lora_model, inputs, loss_fn)
+        assert n == ref_n
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        _assert_grads_close(grads, ref_grads)
+
+
+def test_equivalence_test_can_fail(lora_model):
+    """A plain padding mask (examples see each other) changes the loss: the test above would catch a leak."""
+    lora_model.get_base_model().set_attn_implementation("sdpa")
+    examples = _examples(train_on_inputs=True)
+    batch = _packed_batch(examples)
+    ref_loss, _, ref_grads = _one_by_one(lora_model, examples, full_loss)
+    lora_model.zero_grad(set_to_none=True)
+    leaky = lora_model(**{k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")})
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    loss = leaky.loss * n
+    loss.backward()
+    assert abs(loss.item() - ref_loss) > 10 * 1e-5 * abs(ref_loss)  # 10x the tolerance of the real test
+    with pytest.raises(AssertionError, match="max abs diff"):
+        _assert_grads_close(_grads(lora_model), ref_grads)
+    # and without the -100 at boundaries, one more token per extra example would be trained
+    packed, _ = pack_examples([e[0] for e in examples], [e[1] for e in examples], 24)
+    assert sum(sum(lab != IGNORE_INDEX for lab in row[1:]) for row in packed["labels"]) == sum(
+        len(e[1]) - 1 for e in examples
+    )
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_no_cross_contamination(lora_model, attn):
+    lora_model.get_base_model().set_attn_implementation(attn)
+    a, b = list(range(100, 110)), list(range(200, 206))
+    row = {"input_ids": a + b, "labels": a + b, "position_ids": list(range(10)) + list(range(6))}
+    changed = {**row, "input_ids": [999] + a[1:] + b}
+    batch = Collator(pad_id=2)([row, changed])
+    with torch.no_grad():
+        logits = lora_model(**packed_model_inputs(batch, lora_model)).logits
+    torch.testing.assert_close(logits[0, 10:16], logits[1, 10:16], rtol=0, atol=1e-5)  # B unchanged
+    assert (logits[0, :10] - logits[1, :10]).abs().max() > 1e-3  # A did change
