@@ -34,7 +34,7 @@ TINY_SHAPE: dict[str, Any] = {
     "vocab_size": 2048,  # tokenizer vocab rounded up, as Polyglot-ko pads 30003 tokens to 30080 embedding rows
     "tokenizer_vocab": 2000,
     "seed": 0,
-    "warmup_steps": 200,  # full-weight steps on the bundled corpus after random init (0: purely random)
+    "warmup_steps": 60,  # full-weight steps on the bundled corpus after random init (0: purely random)
 }
 
 
@@ -64,10 +64,28 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     tok = train_tiny_tokenizer(corpus.splitlines(), vocab_size=shape["tokenizer_vocab"])
-    torch.manual_seed(shape["seed"])
+    with torch.random.fork_rng(devices=[]):  # building must not touch the caller's RNG: runs never depend on the cache
+        torch.manual_seed(shape["seed"])
+        model = _tiny_model(shape, tok, corpus)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built the tiny model in %s", out)
+    return out
+
+
+def _tiny_model(shape: Mapping[str, Any], tok, corpus: str):
+    """Random init in Polyglot-ko's layout (scaled down), then the corpus warm-up."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     cfg = GPTNeoXConfig(
         vocab_size=shape["vocab_size"],
         hidden_size=shape["hidden_size"],
@@ -84,17 +102,7 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
     )
     model = GPTNeoXForCausalLM(cfg)
     _warm_up(model, tok, corpus.splitlines(), steps=int(shape["warmup_steps"]), seed=int(shape["seed"]))
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the tiny model in %s", out)
-    return out
+    return model
 
 
 def _warm_up(model, tok, lines: list[str], steps: int, seed: int, block: int = 128, batch: int = 8) -> None:
@@ -110,7 +118,7 @@ def _warm_up(model, tok, lines: list[str], steps: int, seed: int, block: int = 1
     ids = [t for row in tok(lines, add_special_tokens=False)["input_ids"] for t in [*row, tok.eos_token_id]]
     data = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
     for _ in range(steps):
         rows = data[torch.randint(len(data), (batch,), generator=g)]

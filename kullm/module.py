@@ -143,7 +143,7 @@ class KullmLitModule(L.LightningModule):
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_state(),
                 "python": random.getstate(),
             },
         }
@@ -153,18 +153,39 @@ class KullmLitModule(L.LightningModule):
         self.trained_tokens = int(state.get("trained_tokens", 0))
         self._rng_to_restore = state.get("rng")
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_start(self) -> None:
+        # Lightning resumes mid-epoch without calling on_train_epoch_start: restore order and RNG here
         loop = self.trainer.fit_loop.epoch_loop
         if loop.restarting and self.trainer.datamodule is not None:
-            self.trainer.datamodule.resume_at(loop.batch_progress.current.completed)
+            self.trainer.datamodule.resume_at(loop.batch_progress.current.ready)
         if self._rng_to_restore is not None:  # the last thing before the first resumed step
             rng, self._rng_to_restore = self._rng_to_restore, None
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
+            _set_numpy_state(rng["numpy"])
             random.setstate(rng["python"])
         self._clock = time.perf_counter()
+
+    def on_train_epoch_start(self) -> None:
+        self._clock = time.perf_counter()
+
+
+def _numpy_state() -> dict[str, Any]:
+    """NumPy's RNG state in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": pos,
+        "has_gauss": has_gauss,
+        "gauss": gauss,
+    }
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, floor: float = 0.0) -> float:

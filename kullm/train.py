@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
-    """Fine-tune as ``cfg`` says; return the final metrics and the adapter folder."""
+    """Fine-tune as ``cfg`` says; return the final metrics, the adapter folder, the trainer and the module."""
     from kullm.checkpointing import AtomicCheckpointIO, export_adapter
     from kullm.datamodule import KullmDataModule
     from kullm.modeling import build_peft_model, load_tokenizer
@@ -210,14 +211,23 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         f"kullm-train: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.4f}%)\n"
         f"kullm-train: output dir {out}"
     )
+    # kullm's module skips the batches an interrupted epoch trained (KullmDataModule.resume_at), so Lightning's
+    # "dataloader is not resumable" warning does not apply
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     adapter = export_adapter(trainer, out / "adapter", tokenizer=tokenizer, prompter=prompter, config=cfg)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
         rank_zero_info(f"kullm-train: adapter saved to {adapter}")
-        _print_wandb_hint(loggers)
-    return {"metrics": metrics, "adapter": str(out / "adapter"), "output_dir": str(out)}
+        _finish_wandb(loggers)
+    return {
+        "metrics": metrics,
+        "adapter": str(out / "adapter"),
+        "output_dir": str(out),
+        "trainer": trainer,
+        "module": module,
+    }
 
 
 def _count(model) -> tuple[int, int]:
@@ -225,14 +235,18 @@ def _count(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _print_wandb_hint(loggers: list) -> None:
+def _finish_wandb(loggers: list) -> None:
+    """Close the W&B run (so each job of a sweep is its own run) and say how to upload an offline one."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             run = logger.experiment
-            if getattr(run, "settings", None) is not None and run.settings.mode == "offline":
-                rank_zero_info(f"kullm-train: W&B ran offline; upload with: wandb sync {Path(run.dir).parent}")
+            offline = getattr(run, "settings", None) is not None and run.settings.mode == "offline"
+            run_dir = Path(run.dir).parent if offline else None
+            run.finish()
+            if run_dir is not None:
+                rank_zero_info(f"kullm-train: W&B ran offline; upload with: wandb sync {run_dir}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

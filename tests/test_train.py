@@ -1,0 +1,205 @@
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from kullm.config import ConfigError, check_overrides, compose, validate
+from kullm.train import accumulation, check_combination, train
+
+FAST = ["experiment=smoke", "logger=csv", "callbacks.samples.num=1", "callbacks.samples.max_new_tokens=4"]
+
+
+def cfg_for(tmp_path, *overrides):
+    return compose("train", [*FAST, f"output_dir={tmp_path}", f"data.cache_dir={tmp_path.parent}/cache", *overrides])
+
+
+def metric_series(out: Path, key: str) -> list[float]:
+    with open(out / "csv" / "metrics.csv") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    return train(cfg_for(out, "trainer.max_epochs=3"))
+
+
+def test_smoke_loss_falls_and_files_exist(smoke):
+    out = Path(smoke["output_dir"])
+    losses, val = metric_series(out, "train/loss"), metric_series(out, "val/loss")
+    assert len(losses) >= 10 and len(val) == 3
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    assert val[-1] < val[0], val
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and "last" in ckpts
+    best = [n for n in ckpts if n.startswith("step=") and n.endswith(".ckpt")]
+    assert len(best) == 2  # save_top_k
+    for name in best:
+        assert (out / "checkpoints" / name.removesuffix(".ckpt") / "adapter_model.safetensors").exists()
+    assert smoke["metrics"]["train/tokens_per_s"] > 0 and smoke["metrics"]["val/ppl"] > 1
+    assert (out / "samples.jsonl").read_text(encoding="utf-8").count("\n") == 3
+
+
+def test_adapter_reloads_with_plain_peft_and_matches_in_memory_logits(smoke):
+    module = smoke["module"]
+    base_path = module.model.peft_config["default"].base_model_name_or_path
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), smoke["adapter"]).eval()
+    ids = torch.tensor([[5, 17, 300, 41, 9, 2]])
+    module.model.eval()
+    with torch.no_grad():
+        expected = module.model(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base_path)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_lightning_checkpoint_holds_only_trainable_weights(smoke):
+    ckpt = torch.load(Path(smoke["output_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k for k in keys)
+    assert sum(v.numel() for v in ckpt["state_dict"].values()) == sum(
+        p.numel() for p in smoke["module"].parameters() if p.requires_grad
+    )
+    assert "optimizer_states" in ckpt and "lr_schedulers" in ckpt and "kullm" in ckpt
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_exact_resume_n_plus_n_equals_2n(tmp_path):
+    common = [
+        "trainer.max_steps=8",
+        "trainer.max_epochs=-1",
+        f"lora.lora_dropout={os.environ.get('DROP', 0.1)}",  # dropout draws from the RNG: its state must be restored too
+        "callbacks.checkpoint.every_n_train_steps=1",
+        "callbacks.checkpoint.monitor=null",
+        "callbacks.samples.num=0",
+        "trainer.limit_val_batches=0",
+        "sampler=random",
+    ]
+    straight = train(cfg_for(tmp_path / "straight", *common))
+    train(cfg_for(tmp_path / "first", *common), extra_callbacks=[StopAt(4)])
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    resumed = train(cfg_for(tmp_path / "resumed", *common, f"ckpt_path={last}"))
+    assert resumed["metrics"]["global_step"] == straight["metrics"]["global_step"] == 8
+    a = load_file(Path(straight["adapter"]) / "adapter_model.safetensors")
+    b = load_file(Path(resumed["adapter"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+    stopped = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
+    assert any((stopped[k] - a[k]).abs().max() > 1e-4 for k in a)  # halfway is really different
+
+
+def test_int8_lora_trains_on_cpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    res = train(cfg_for(tmp_path, "quant=int8", "trainer.max_steps=2", "callbacks.samples.num=0"))
+    assert res["metrics"]["global_step"] == 2
+    assert (Path(res["adapter"]) / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["batch_size=10", "micro_batch_size=4"], "batch_size=10 is not divisible by micro_batch_size=4 × world size=1"),
+        (["strategy=deepspeed_zero2"], "strategy=deepspeed_zero2 runs only on CUDA GPUs"),
+        (["strategy=fsdp"], "strategy=fsdp runs only on CUDA GPUs"),
+        (["trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA GPU"),
+        (["data.cutoff_len=abc"], "data.cutoff_len='abc': expected int, got str"),
+        (["optim.schedule=cosin"], "optim.schedule='cosin': must be one of cosine, linear, constant (did you mean 'cosine'?)"),
+        (["+trainer.max_step=5"], "trainer.max_step: not an argument of lightning.pytorch.Trainer (did you mean 'max_steps'?)"),
+        (["+lora.rank=4"], "lora.rank: not an argument of peft.LoraConfig"),
+    ],
+)
+def test_impossible_configs_fail_with_named_errors(tmp_path, overrides, message):
+    cfg = cfg_for(tmp_path, *overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+        check_combination(cfg)
+        accumulation(cfg.batch_size, cfg.micro_batch_size, 1)
+    assert message in str(e.value)
+
+
+def test_sharded_strategy_refuses_a_quantized_base(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = cfg_for(tmp_path, "strategy=deepspeed_zero3", "quant=nf4", "trainer=gpu")
+    with pytest.raises(ConfigError, match="shards the base weights, which bitsandbytes nf4 weights cannot be"):
+        check_combination(cfg)
+
+
+def test_misspelled_override_names_the_nearest_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        check_overrides("train", ["experiment=smoke", "optim.lrr=1e-4"])
+    with pytest.raises(ConfigError, match=r"'data.cutof_len' \(did you mean 'data.cutoff_len'\?\)"):
+        check_overrides("train", ["data.cutof_len=5"])
+    check_overrides("train", ["-m", "optim.lr=1e-4,3e-4", "model=tiny", "+new.key=1", "--cfg", "job"])
+
+
+def test_cli_reports_a_typo_in_one_line(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "kullm.train", "experiment=smoke", "lora.rr=4"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode != 0
+    assert "kullm-train: unknown config key 'lora.rr' (did you mean 'lora.r'?)" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_wandb_offline_run_has_metrics_and_config_and_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    secret = "hf_SECRETtoken123"
+    res = train(
+        cfg_for(tmp_path, "logger=wandb", "trainer.max_steps=2", f"+hub.hf_token={secret}", "callbacks.samples.num=1")
+    )
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = [p for p in runs[0].rglob("*") if p.is_file()]
+    blob = b"".join(p.read_bytes() for p in files)
+    assert b"train/loss" in blob and b"micro_batch_size" in blob
+    assert secret.encode() not in blob
+    assert secret not in (Path(res["adapter"]) / "kullm_config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_train_and_save_one_adapter(tmp_path):
+    cmd = [
+        sys.executable, "-m", "kullm.train", *FAST, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=3",
+        "batch_size=8", "micro_batch_size=2", "callbacks.samples.num=0", f"hydra.run.dir={tmp_path}/run",
+        f"data.cache_dir={tmp_path}/cache",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "micro-batch 2 × 2 device(s) × 2 accumulation step(s)" in res.stdout + res.stderr
+    adapters = list((tmp_path / "run").glob("**/adapter_model.safetensors"))
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors") in adapters
+    assert metric_series(tmp_path / "run", "train/loss")
+
+
+@pytest.mark.slow
+def test_multirun_makes_one_run_per_value(tmp_path):
+    cmd = [
+        sys.executable, "-m", "kullm.train", "-m", *FAST, "optim.lr=1e-3,2e-3", "trainer.max_steps=1",
+        "callbacks.samples.num=0", f"hydra.sweep.dir={tmp_path}/sweep", f"data.cache_dir={tmp_path}/cache",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "adapter" / "adapter_model.safetensors").exists()
+    lrs = [(tmp_path / "sweep" / j / ".hydra" / "overrides.yaml").read_text() for j in ("0", "1")]
+    assert "optim.lr=0.001" in lrs[0] and "optim.lr=0.002" in lrs[1]
