@@ -81,6 +81,7 @@ SCHEMA: dict[str, Any] = {
     "data.source": ("auto", "files", "hub"),
     "data.seed": int,
     "data.packing": bool,
+    "data.batching": ("rows", "tokens"),
     "data.verify": bool,
     "optim.lr": float,
     "optim.weight_decay": float,

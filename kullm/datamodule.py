@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kullm.preprocess import Processed, preprocess
-from kullm.sampling import EpochSampler, make_sampler
+from kullm.sampling import EpochSampler, TokenBudgetBatchSampler, make_sampler
 from kullm.sft import Collator
 from kullm.templates import Prompter
 
@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 class KullmDataModule(L.LightningDataModule):
     """Train/validation dataloaders over the cached, processed data.
 
+    ``data.packing`` packs training examples into rows of ``cutoff_len`` tokens (``position_ids`` restart per
+    example; the loss builds the block-diagonal mask), and then batch sizes count packed rows. ``data.batching:
+    tokens`` fills micro-batches up to ``data.token_budget`` padded tokens instead of ``micro_batch_size`` rows.
     Sharding over ranks is done by kullm's own samplers (set ``use_distributed_sampler=False`` on the Trainer);
     :meth:`resume_at` skips the batches an interrupted epoch had already trained.
     """
@@ -43,7 +46,9 @@ class KullmDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.collator = Collator(pad_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         self.processed: Processed | None = None
-        self.train_sampler: EpochSampler | None = None
+        self.packed = None
+        self.pack_stats = None
+        self.train_sampler: EpochSampler | TokenBudgetBatchSampler | None = None
 
     def prepare_data(self) -> None:
         preprocess(self.data, self.tokenizer, self.prompter)  # rank 0 builds the cache; the others wait
@@ -53,10 +58,18 @@ class KullmDataModule(L.LightningDataModule):
             self.processed = preprocess(self.data, self.tokenizer, self.prompter)
             if len(self.processed.dataset["train"]) == 0:
                 raise ValueError(f"{self.data['path']}: no training example is left after preprocessing")
+            if self.data.get("packing"):
+                from kullm.packing import pack_dataset
+
+                self.packed, stats = pack_dataset(
+                    self.processed.dataset["train"], int(self.data["cutoff_len"]), self.seed
+                )
+                self.pack_stats = stats
 
     @property
     def train_set(self):
-        return self.processed.dataset["train"]
+        """The training rows: packed rows when ``data.packing``, else one example per row."""
+        return self.packed if self.packed is not None else self.processed.dataset["train"]
 
     @property
     def val_set(self):
@@ -68,6 +81,12 @@ class KullmDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
+        if self.data.get("batching", "rows") == "tokens":
+            budget = self.data.get("token_budget") or self.micro_batch_size * int(self.data["cutoff_len"])
+            self.train_sampler = TokenBudgetBatchSampler(
+                self.train_set["length"], int(budget), seed=self.seed, num_replicas=world, rank=rank
+            )
+            return self._loader(self.train_set, batch_sampler=self.train_sampler)
         self.train_sampler = make_sampler(
             self.sampler_kind,
             self.train_set["length"],
@@ -83,12 +102,16 @@ class KullmDataModule(L.LightningDataModule):
         sampler = EpochSampler(len(self.val_set), shuffle=False, num_replicas=world, rank=rank)
         return self._loader(self.val_set, sampler)
 
-    def _loader(self, ds, sampler: EpochSampler) -> DataLoader:
-        ds = ds.select_columns(["input_ids", "labels"])
+    def _loader(self, ds, sampler: EpochSampler | None = None, batch_sampler=None) -> DataLoader:
+        ds = ds.select_columns([c for c in ("input_ids", "labels", "position_ids") if c in ds.column_names])
+        batching = (
+            {"batch_sampler": batch_sampler}
+            if batch_sampler is not None
+            else {"batch_size": self.micro_batch_size, "sampler": sampler}
+        )
         return DataLoader(
             ds,
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
+            **batching,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -98,6 +121,7 @@ class KullmDataModule(L.LightningDataModule):
     def resume_at(self, batches: int) -> None:
         """Start the current epoch after ``batches`` micro-batches this rank already trained."""
         if self.train_sampler is not None and batches:
+            per_batch = 1 if isinstance(self.train_sampler, TokenBudgetBatchSampler) else self.micro_batch_size
             state = self.train_sampler.state_dict()
-            self.train_sampler.load_state_dict({**state, "served": batches * self.micro_batch_size})
+            self.train_sampler.load_state_dict({**state, "served": batches * per_batch})
             log.info("resuming mid-epoch: skipping %d micro-batches already trained", batches)

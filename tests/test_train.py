@@ -118,13 +118,22 @@ def test_int8_lora_trains_on_cpu(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["batch_size=10", "micro_batch_size=4"], "batch_size=10 is not divisible by micro_batch_size=4 × world size=1"),
+        (
+            ["batch_size=10", "micro_batch_size=4"],
+            "batch_size=10 is not divisible by micro_batch_size=4 × world size=1",
+        ),
         (["strategy=deepspeed_zero2"], "strategy=deepspeed_zero2 runs only on CUDA GPUs"),
         (["strategy=fsdp"], "strategy=fsdp runs only on CUDA GPUs"),
         (["trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA GPU"),
         (["data.cutoff_len=abc"], "data.cutoff_len='abc': expected int, got str"),
-        (["optim.schedule=cosin"], "optim.schedule='cosin': must be one of cosine, linear, constant (did you mean 'cosine'?)"),
-        (["+trainer.max_step=5"], "trainer.max_step: not an argument of lightning.pytorch.Trainer (did you mean 'max_steps'?)"),
+        (
+            ["optim.schedule=cosin"],
+            "optim.schedule='cosin': must be one of cosine, linear, constant (did you mean 'cosine'?)",
+        ),
+        (
+            ["+trainer.max_step=5"],
+            "trainer.max_step: not an argument of lightning.pytorch.Trainer (did you mean 'max_steps'?)",
+        ),
         (["+lora.rank=4"], "lora.rank: not an argument of peft.LoraConfig"),
     ],
 )
@@ -154,7 +163,10 @@ def test_misspelled_override_names_the_nearest_key():
 
 def test_cli_reports_a_typo_in_one_line(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "kullm.train", "experiment=smoke", "lora.rr=4"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "kullm.train", "experiment=smoke", "lora.rr=4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode != 0
     assert "kullm-train: unknown config key 'lora.rr' (did you mean 'lora.r'?)" in res.stderr
@@ -203,3 +215,13 @@ def test_multirun_makes_one_run_per_value(tmp_path):
         assert (tmp_path / "sweep" / job / "adapter" / "adapter_model.safetensors").exists()
     lrs = [(tmp_path / "sweep" / j / ".hydra" / "overrides.yaml").read_text() for j in ("0", "1")]
     assert "optim.lr=0.001" in lrs[0] and "optim.lr=0.002" in lrs[1]
+
+
+def test_smoke_trains_with_packing_and_with_token_budget_batches(tmp_path):
+    packed = train(cfg_for(tmp_path / "packed", "data.packing=true", "trainer.max_epochs=3", "batch_size=4",
+                           "micro_batch_size=2"))  # fmt: skip
+    losses = metric_series(tmp_path / "packed", "train/loss")
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+    assert packed["trainer"].datamodule.pack_stats.fill_rate > 0.8
+    budget = train(cfg_for(tmp_path / "tokens", "data.batching=tokens", "data.token_budget=512", "trainer.max_steps=3"))
+    assert budget["metrics"]["global_step"] == 3
