@@ -142,18 +142,10 @@ def _compose_generate(overrides: list[str]) -> DictConfig:
 def load_run(name: str, path: Path, out_dir: Path, limit: int | None = None) -> Run:
     """Read a responses JSONL (``id``, ``instruction``, ``input``, ``response``); bad rows are reported with
     file:line in ``<run>.rejects.jsonl`` and the rest still run. An empty response is judged, not dropped."""
-    records, report = read_records(path, fields={"output": "response"}, source="files")
+    records, report = read_records(path, fields={"output": "response"}, source="files", allow_empty_output=True)
     run = Run(name, path, out_dir / f"{name}.judgments.jsonl", records)
-    seen, rejects = {r.id for r in records}, []
-    for rej in report.rejects:
-        if rej.reason == "empty_output":  # a model that answers nothing must be scored for it, not skipped
-            obj = json.loads(rej.raw)
-            rid = str(obj.get("id", rej.source.rsplit("/", 1)[-1]))
-            if rid not in seen:
-                seen.add(rid)
-                run.records.append(Record(rid, obj["instruction"], obj.get("input") or "", "", rej.source))
-                continue
-        rejects.append(rej)
+    rejects = report.rejects
+    for rej in rejects:
         run.notes.append(f"{rej.source}: {rej.field}: {rej.reason} ({rej.message}); row not judged")
     if rejects:
         write_rejects(rejects, out_dir / f"{name}.rejects.jsonl")

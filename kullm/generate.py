@@ -358,7 +358,9 @@ def run_file(
     output_file = Path(output_file)
     output_file.parent.mkdir(parents=True, exist_ok=True)
     rejects = output_file.with_name(output_file.stem + ".rejects.jsonl")
-    records, report = read_records(input_file, fields=fields, policy=policy, rejects_path=rejects)
+    records, report = read_records(
+        input_file, fields=fields, policy=policy, rejects_path=rejects, require_output=False, allow_empty_output=True
+    )
     for reject in report.rejects:
         log.warning("skipped %s", reject)
     settings = {**generator.settings, "model": generator.label}

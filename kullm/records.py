@@ -115,6 +115,8 @@ def read_records(
     split: str = "train",
     revision: str | None = None,
     source: str = "auto",
+    require_output: bool = True,
+    allow_empty_output: bool = False,
 ) -> tuple[list[Record], ReadReport]:
     """Read and validate every row of ``path``; return the good records and a report.
 
@@ -125,10 +127,13 @@ def read_records(
     :param split: the split to load for a hub dataset.
     :param revision: the hub revision (commit, tag or branch) to pin.
     :param source: ``"auto"`` (local path if it exists, else hub), ``"files"`` or ``"hub"``.
+    :param require_output: rows must have the output field (False for prompts to answer: generation input).
+    :param allow_empty_output: an empty output is kept, not rejected (a model's empty answer is still an answer).
     """
     if policy not in ("skip", "strict"):
         raise ValueError(f"policy must be 'skip' or 'strict', got {policy!r}")
     fields = _fields(fields)
+    output_rule = (require_output, allow_empty_output)
     report = ReadReport()
     records: list[Record] = []
     seen: dict[str, str] = {}
@@ -137,7 +142,7 @@ def read_records(
         try:
             if row.bad is not None:
                 raise row.bad
-            made = _to_records(row.obj, row.source, fields)
+            made = _to_records(row.obj, row.source, fields, output_rule)
             for rec in made:
                 if rec.id in seen:
                     raise _Bad("duplicate_id", fields.id, f"id {rec.id!r} already used at {seen[rec.id]}")
@@ -306,7 +311,7 @@ def _text(obj: Mapping[str, Any], key: str, *, required: bool) -> str:
     return value.replace("\r\n", "\n").removeprefix(BOM)
 
 
-def _to_records(obj: Any, src: str, f: Fields) -> list[Record]:
+def _to_records(obj: Any, src: str, f: Fields, output_rule: tuple[bool, bool] = (True, False)) -> list[Record]:
     if not isinstance(obj, dict):
         raise _Bad("not_an_object", "<row>", f"expected a JSON object, got {type(obj).__name__}")
     rid = obj.get(f.id)
@@ -317,7 +322,7 @@ def _to_records(obj: Any, src: str, f: Fields) -> list[Record]:
         raise _Bad("empty_instruction", f.instruction, "instruction is empty")
     base_id = str(rid) if rid is not None else src.rsplit("/", 1)[-1]
 
-    if obj.get(f.instances) is not None and f.output not in obj:
+    if obj.get(f.instances) is not None and obj.get(f.output) is None:
         instances = obj[f.instances]
         if not isinstance(instances, list) or not instances:
             raise _Bad("bad_instances", f.instances, "expected a non-empty list of {input, output} objects")
@@ -327,20 +332,21 @@ def _to_records(obj: Any, src: str, f: Fields) -> list[Record]:
             if not isinstance(inst, dict):
                 raise _Bad("bad_instances", where, f"expected an object, got {type(inst).__name__}")
             try:
-                rec = _one(inst, f, instruction)
+                rec = _one(inst, f, output_rule)
             except _Bad as bad:
                 raise _Bad(bad.reason, f"{where}.{bad.field}", bad.message) from None
             rid_k = base_id if len(instances) == 1 else f"{base_id}_{k}"
             src_k = src if len(instances) == 1 else f"{src}#{k}"
             out.append(Record(rid_k, instruction, rec[0], rec[1], src_k))
         return out
-    inp, output = _one(obj, f, instruction)
+    inp, output = _one(obj, f, output_rule)
     return [Record(base_id, instruction, inp, output, src)]
 
 
-def _one(obj: Mapping[str, Any], f: Fields, instruction: str) -> tuple[str, str]:
+def _one(obj: Mapping[str, Any], f: Fields, output_rule: tuple[bool, bool]) -> tuple[str, str]:
+    require, allow_empty = output_rule
     inp = _text(obj, f.input, required=False)
-    output = _text(obj, f.output, required=True)
-    if not output.strip():
+    output = _text(obj, f.output, required=require)
+    if require and not allow_empty and not output.strip():
         raise _Bad("empty_output", f.output, "output is empty")
     return inp, output

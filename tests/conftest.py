@@ -1,27 +1,28 @@
-"""Test-wide settings: no hub, no network, no W&B upload; caches in a per-session temp folder."""
+"""Test-wide settings: no hub, no network, no W&B upload; caches in a per-session temp folder.
+
+Set at import time, before any test module imports ``datasets`` or ``transformers`` (both read their offline
+flags when first imported).
+"""
 
 import os
+import shutil
+import tempfile
 
-import pytest
+_ROOT = tempfile.mkdtemp(prefix="kullm-tests-")
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": os.path.join(_ROOT, "hf"),
+        "KULLM_CACHE": os.path.join(_ROOT, "kullm"),
+        "WANDB_MODE": "disabled",
+        "WANDB_DIR": os.path.join(_ROOT, "wandb"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+os.environ.pop("WANDB_API_KEY", None)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _offline_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("env")
-    saved = dict(os.environ)
-    os.environ.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_HOME": str(root / "hf"),
-            "KULLM_CACHE": str(root / "kullm"),
-            "WANDB_MODE": "disabled",
-            "WANDB_DIR": str(root / "wandb"),
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    )
-    os.environ.pop("WANDB_API_KEY", None)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_ROOT, ignore_errors=True)

@@ -25,7 +25,8 @@ ITEMS = [
 
 
 def make_adapter(folder: Path) -> Path:
-    """A LoRA adapter on the tiny model with non-zero B, so that it changes the logits."""
+    """A LoRA adapter with non-zero B (so that it changes the logits) on a purely random tiny model, whose greedy
+    answers are long and varied (the default tiny model, warmed up on text, soon says '.' and stops)."""
     import peft
     import torch
     from omegaconf import OmegaConf
@@ -34,7 +35,7 @@ def make_adapter(folder: Path) -> Path:
     from kullm.modeling import load_model, load_tokenizer
     from kullm.templates import Prompter
 
-    cfg = compose("prepare", [f"output_dir={folder.parent}"])
+    cfg = compose("prepare", [f"output_dir={folder.parent}", "model.tiny_shape={warmup_steps: 0}"])
     torch.manual_seed(0)
     model = load_model(OmegaConf.to_container(cfg.model, resolve=True))
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query_key_value"], init_lora_weights=False)

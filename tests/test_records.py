@@ -162,3 +162,11 @@ def test_hub_code_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
 
 def test_default_fields():
     assert Fields().instances == "instances"
+
+
+def test_prompts_without_output_for_generation_and_empty_answers_for_judging(tmp_path):
+    p = write_lines(tmp_path / "q.jsonl", [row(id="a", instruction="질문"), row(id="b", instruction="또", output="")])
+    recs, rep = read_records(p, require_output=False, allow_empty_output=True)
+    assert [(r.id, r.output) for r in recs] == [("a", ""), ("b", "")] and rep.n_rejected == 0
+    recs, rep = read_records(p, allow_empty_output=True)
+    assert [r.id for r in recs] == ["b"] and rep.rejected == {"missing_field": 1}
