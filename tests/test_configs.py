@@ -1,0 +1,107 @@
+"""Every preset composes, and its trainer, strategy and logger instantiate (GPU-only parts are checked, not run)."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kullm.config import CONF_DIR, compose, validate
+from kullm.train import accumulation, build_loggers, build_strategy, world_size
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
+
+
+def test_the_presets_are_there():
+    assert {"smoke", "kullm-v2-polyglot-12.8b", "kullm-v1-polyglot-12.8b"} <= set(EXPERIMENTS)
+    assert {"auto", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp"} <= set(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(tmp_path, name):
+    cfg = compose("train", [f"experiment={name}", f"output_dir={tmp_path}", "logger.mode=disabled"])
+    validate(cfg)
+    accumulation(cfg.batch_size, cfg.micro_batch_size, world_size(cfg.trainer))
+    build_strategy(cfg)
+    # a GPU preset's Trainer cannot be built without a GPU: build it on CPU with everything else as configured
+    trainer = instantiate(cfg.trainer, accelerator="cpu", devices=1, strategy="auto", logger=False)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+    loggers = build_loggers(cfg, tmp_path)
+    assert len(loggers) == (0 if cfg.logger.name == "none" else 1)
+    for logger in loggers:
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+            logger.experiment.finish()
+
+
+def test_seed_recipe_preset_is_the_seed_recipe(tmp_path):
+    cfg = compose("train", ["experiment=kullm-v2-polyglot-12.8b", f"output_dir={tmp_path}"])
+    assert cfg.model.name_or_path == "EleutherAI/polyglot-ko-12.8b"
+    lora = OmegaConf.to_container(cfg.lora, resolve=True)
+    assert (lora["r"], lora["lora_alpha"], lora["lora_dropout"], lora["target_modules"]) == (
+        8,
+        16,
+        0.05,
+        ["query_key_value"],
+    )
+    assert (cfg.batch_size, cfg.micro_batch_size, cfg.data.cutoff_len, cfg.data.val_set_size) == (128, 4, 512, 2000)
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
+        3e-4,
+        "cosine",
+        0.1,
+        0.0,
+    )
+    assert (cfg.trainer.max_epochs, cfg.trainer.devices, cfg.trainer.precision) == (8, 4, "16-mixed")
+    assert cfg.sampler == "length_grouped" and cfg.data.train_on_inputs is True
+    assert accumulation(cfg.batch_size, cfg.micro_batch_size, world_size(cfg.trainer)) == 8
+    v1 = compose("train", ["experiment=kullm-v1-polyglot-12.8b", f"output_dir={tmp_path}"])
+    assert v1.trainer.max_epochs == 5 and v1.data.name == "kullm-v1" and v1.lora.r == 8
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_instantiates_with_its_settings(tmp_path, name):
+    if name.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    cfg = compose("train", [f"strategy={name}", f"output_dir={tmp_path}"])
+    strategy = build_strategy(cfg)
+    if name == "auto":
+        assert strategy == "auto"
+    elif name.startswith("deepspeed"):
+        zero = strategy.config["zero_optimization"]
+        assert zero["stage"] == (2 if name == "deepspeed_zero2" else 3)
+        offload = name.endswith("offload")
+        assert ("offload_optimizer" in zero) == offload and ("offload_param" in zero) == offload
+        assert cfg.strategy.gpu_only and cfg.strategy.shards_params == (zero["stage"] == 3)
+    elif name == "fsdp":
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+
+        policy = strategy.kwargs["auto_wrap_policy"]
+        assert isinstance(policy, ModuleWrapPolicy) and GPTNeoXLayer in policy._module_classes
+        assert strategy.kwargs["use_orig_params"] is True and cfg.strategy.gpu_only
+    else:
+        assert type(strategy).__name__ == "DDPStrategy"
+
+
+def test_sweep_preset_composes_into_a_grid(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", ["hparams_search=lora_sweep"], return_hydra_config=True)
+    assert dict(cfg.hydra.sweeper.params) == {"lora.r": "8,16,32", "optim.lr": "1e-4,3e-4"}
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert OmegaConf.to_container(cfg.logger, resolve=False)["group"] == "${kullm_basename:${hydra:sweep.dir}}"
+
+
+def test_cfg_job_prints_the_composed_config():
+    res = subprocess.run(
+        [sys.executable, "-m", "kullm.train", "experiment=smoke", "optim.lr=0.01", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    printed = OmegaConf.create(res.stdout)
+    assert printed.optim.lr == 0.01 and printed.model.name == "tiny" and printed.lora.r == 16
