@@ -225,3 +225,48 @@ def test_smoke_trains_with_packing_and_with_token_budget_batches(tmp_path):
     assert packed["trainer"].datamodule.pack_stats.fill_rate > 0.8
     budget = train(cfg_for(tmp_path / "tokens", "data.batching=tokens", "data.token_budget=512", "trainer.max_steps=3"))
     assert budget["metrics"]["global_step"] == 3
+
+
+def test_loss_is_normalised_per_trained_token_across_accumulation(tmp_path):
+    """One optimizer step over the same 8 examples: 1 micro-batch of 8 or 4 micro-batches of 2 give one adapter."""
+    common = ["trainer.max_steps=1", "batch_size=8", "lora.lora_dropout=0.0", "sampler=random",
+              "trainer.limit_val_batches=0", "callbacks.checkpoint.monitor=null", "callbacks.samples.num=0",
+              "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=1.0",
+              # plain SGD: the update is lr × gradient, so any change of weighting shows (Adam would hide scale)
+              "optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas", "~optim.optimizer.eps"]  # fmt: skip
+    whole = train(cfg_for(tmp_path / "whole", *common, "micro_batch_size=8"))
+    split = train(cfg_for(tmp_path / "split", *common, "micro_batch_size=2"))
+    a = load_file(Path(whole["adapter"]) / "adapter_model.safetensors")
+    b = load_file(Path(split["adapter"]) / "adapter_model.safetensors")
+    assert max(float(a[k].abs().max()) for k in a) > 0  # the step moved the adapter
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_trains(tmp_path):
+    res = train(cfg_for(tmp_path, "gradient_checkpointing=true", "trainer.max_steps=2", "callbacks.samples.num=0"))
+    assert res["metrics"]["global_step"] == 2 and res["metrics"]["train/loss"] > 0
+
+
+def test_nf4_lora_trains_on_cpu_after_an_eval_forward(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    res = train(cfg_for(tmp_path, "quant=nf4", "trainer.max_steps=2", "trainer.num_sanity_val_steps=1",
+                        "callbacks.samples.num=0"))  # fmt: skip
+    assert res["metrics"]["global_step"] == 2
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from kullm.checkpointing import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
