@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -18,16 +19,31 @@ from kullm import evaluate as ev
 from kullm.config import ROOT, compose
 from kullm.records import read_records
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-EVAL_SET = SHARED / "data" / "kullm" / "user_oriented_instructions_eval.jsonl"
-needs_eval_set = pytest.mark.skipif(not EVAL_SET.exists(), reason=f"shared eval set not found at {EVAL_SET}")
+SHARED_EVAL_SET = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "kullm" / "user_oriented_instructions_eval.jsonl"
+)
+
+
+def _eval_set() -> Path:
+    """The real 252-item set where ../shared has it; in a user's clone, a synthetic one in the same layout."""
+    if SHARED_EVAL_SET.exists():
+        return SHARED_EVAL_SET
+    path = Path(tempfile.mkdtemp(prefix="kullm-eval-set-")) / "synthetic_eval.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(252):
+            inp = f"입력 {i}" if i % 3 == 0 else ""
+            row = {"id": f"user_oriented_task_{i}", "instruction": f"지시문 {i}번을 수행하세요.",
+                   "instances": [{"input": inp, "output": f"Reference answer {i}."}]}  # fmt: skip
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+EVAL_SET = _eval_set()
 MAXES = {name: hi for name, _, hi in CRITERIA}
 
 
 @pytest.fixture(scope="module")
 def eval_records():
-    if not EVAL_SET.exists():
-        pytest.skip(f"shared eval set not found at {EVAL_SET}")
     records, _ = read_records(EVAL_SET)
     assert len(records) == 252
     return records
