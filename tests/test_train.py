@@ -227,7 +227,7 @@ def test_smoke_trains_with_packing_and_with_token_budget_batches(tmp_path):
     assert budget["metrics"]["global_step"] == 3
 
 
-def test_loss_is_normalised_per_trained_token_across_accumulation(tmp_path):
+def test_loss_is_normalised_per_trained_token_across_accumulation(tmp_path, monkeypatch):
     """One optimizer step over the same 8 examples: 1 micro-batch of 8 or 4 micro-batches of 2 give one adapter."""
     common = ["trainer.max_steps=1", "batch_size=8", "lora.lora_dropout=0.0", "sampler=random",
               "trainer.limit_val_batches=0", "callbacks.checkpoint.monitor=null", "callbacks.samples.num=0",
@@ -241,6 +241,13 @@ def test_loss_is_normalised_per_trained_token_across_accumulation(tmp_path):
     assert max(float(a[k].abs().max()) for k in a) > 0  # the step moved the adapter
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-4)
+    # control: a plain mean per micro-batch (what DeepSpeed gets) weights tokens by their micro-batch, and differs
+    from kullm.module import KullmLitModule
+
+    monkeypatch.setattr(KullmLitModule, "_engine_scales_grads", property(lambda self: True))
+    per_batch = train(cfg_for(tmp_path / "per_batch", *common, "micro_batch_size=2"))
+    c = load_file(Path(per_batch["adapter"]) / "adapter_model.safetensors")
+    assert max(float((c[k] - a[k]).abs().max()) for k in a) > 1e-4
 
 
 def test_gradient_checkpointing_trains(tmp_path):
