@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from kullm.geval import JudgePrompt, parse_scores, weighted_from_logprobs
 from kullm.judges import Judge, JudgeError, build_judge
 from kullm.records import DataError, Record, read_records, write_rejects
 from kullm.report import RunStats, log_wandb, set_relative, summarize, write_report
+from kullm.resumable import AppendLog, read_done
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     stats = []
     for run in runs:
         ids = {r.id for r in run.records}
-        js = [j for j in read_judgments(run.judgments).values() if j["id"] in ids]
+        js = [j for j in read_done(run.judgments, "judgment").values() if j["id"] in ids]
         st = summarize(
             run.name,
             js,
@@ -192,7 +192,7 @@ def check_references(run: Run, refs: Mapping[str, str], threshold: float) -> Non
 
 async def judge_runs(cfg: DictConfig, prompt: JudgePrompt, runs: Sequence[Run]) -> None:
     """Judge every run with one judge (built inside the event loop that uses it)."""
-    todo = [(run, read_judgments(run.judgments)) for run in runs]
+    todo = [(run, read_done(run.judgments, "judgment")) for run in runs]
     if all(all(r.id in done for r in run.records) for run, done in todo):
         return  # everything judged already: no judge (no model load, no HTTP client) needed
     judge = build_judge(cfg.judge, prompt)
@@ -216,7 +216,7 @@ async def judge_run(
     bar = tqdm(total=len(run.records), initial=len(run.records) - len(todo), desc=run.name, disable=not progress)
     tasks = [asyncio.ensure_future(judge_one(judge, prompt, r, max_parse_retries)) for r in todo]
     try:
-        with JudgmentWriter(run.judgments) as out:
+        with AppendLog(run.judgments) as out:
             for fut in asyncio.as_completed(tasks):
                 rid, result = await fut
                 if isinstance(result, JudgeError):
@@ -280,64 +280,6 @@ def _check_compatible(path: Path, done: Mapping[str, dict], judge: Judge, prompt
                 f"{path}: id {j['id']!r} was judged by {have[0]}/{have[1]} with prompt {have[2]}, this run uses "
                 f"{want[0]}/{want[1]} with prompt {want[2]}; pass another output_dir= to keep both"
             )
-
-
-# --- the judgments file ---------------------------------------------------------------------------------------
-
-
-def read_judgments(path: Path) -> dict[str, dict]:
-    """Judgments by id, in file order; the first of duplicate ids wins; broken lines are skipped (logged)."""
-    out: dict[str, dict] = {}
-    if not path.exists():
-        return out
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rid = obj["id"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                log.warning("%s:%d: unreadable judgment skipped (an interrupted write?)", path, lineno)
-                continue
-            if rid in out:
-                log.warning("%s:%d: duplicate judgment of %r ignored (the first is kept)", path, lineno, rid)
-                continue
-            out[rid] = obj
-    return out
-
-
-class JudgmentWriter:
-    """Appends one JSON line per judgment, flushed and fsynced, after cutting a half-written last line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> JudgmentWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _cut_partial_line(self.path)
-        self.f = self.path.open("a", encoding="utf-8")
-        return self
-
-    def write(self, obj: Mapping[str, Any]) -> None:
-        self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def __exit__(self, *exc: object) -> None:
-        self.f.close()
-
-
-def _cut_partial_line(path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    keep = data.rfind(b"\n") + 1
-    log.warning("%s: cutting a half-written last line (%d bytes) left by an interrupted run", path, len(data) - keep)
-    with path.open("r+b") as f:
-        f.truncate(keep)
 
 
 # --- summary --------------------------------------------------------------------------------------------------

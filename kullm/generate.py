@@ -12,9 +12,7 @@ finishes, and a re-run with the same ``output_file`` skips the ids already there
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import re
 import sys
 import threading
@@ -28,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from kullm.adapter import AdapterError
 from kullm.config import CONF_DIR
 from kullm.records import DataError, Record, read_records
+from kullm.resumable import AppendLog, read_done
 from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
@@ -303,29 +302,6 @@ def folder_prompter(name_or_path: str) -> Prompter | None:
     return Prompter.from_file(path) if path.is_file() else None
 
 
-def read_done(path: Path) -> dict[str, dict[str, Any]]:
-    """Lines already in an output file, by id; a torn line (from a kill mid-write) is dropped and the file rewritten."""
-    if not path.is_file():
-        return {}
-    done: dict[str, dict[str, Any]] = {}
-    good: list[str] = []
-    bad: list[int] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            row = json.loads(line)
-            done[str(row["id"])] = row
-            good.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            bad.append(n)
-    if bad or (path.stat().st_size and not path.read_bytes().endswith(b"\n")):
-        if bad:
-            log.warning("%s: dropped unreadable line(s) %s (an interrupted write); they are generated again", path, bad)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
-        os.replace(tmp, path)
-    return done
-
-
 def check_settings(path: Path, done: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Any]) -> None:
     """Refuse to resume a file that was written with other generation settings (one file, one set of settings)."""
 
@@ -364,21 +340,19 @@ def run_file(
     for reject in report.rejects:
         log.warning("skipped %s", reject)
     settings = {**generator.settings, "model": generator.label}
-    done = read_done(output_file)
+    done = read_done(output_file, "response")
     check_settings(output_file, done, settings)
     todo = [r for r in records if r.id not in done]
     n_done = len(records) - len(todo)
     log.info("%s: %d records, %d already in %s, %d to go", input_file, len(records), n_done, output_file, len(todo))
     bar = tqdm(total=len(records), initial=n_done, unit="rec", disable=not progress)
-    with output_file.open("a", encoding="utf-8") as out:
+    with AppendLog(output_file) as out:
 
         def write(indices: list[int], answers: list[str]) -> None:
             for i, answer in zip(indices, answers, strict=True):
                 rec = todo[i]
                 row = {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "response": answer}
-                out.write(json.dumps({**row, "generation": settings}, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+                out.write({**row, "generation": settings})
             bar.update(len(indices))
 
         generator.generate(todo, batch_size=batch_size, on_batch=write)

@@ -147,7 +147,7 @@ def test_side_by_side_runs_and_relative_score(tmp_path, eval_records):
 def test_injected_crash_then_rerun_judges_every_id_once(tmp_path, eval_records, monkeypatch):
     resp = write_responses(tmp_path / "resp.jsonl", eval_records)
     out = tmp_path / "out"
-    real_write, written = ev.JudgmentWriter.write, []
+    real_write, written = ev.AppendLog.write, []
 
     def crashing_write(self, obj):
         if len(written) == 40:
@@ -156,11 +156,11 @@ def test_injected_crash_then_rerun_judges_every_id_once(tmp_path, eval_records, 
         real_write(self, obj)
 
     with ChatServer() as s:
-        monkeypatch.setattr(ev.JudgmentWriter, "write", crashing_write)
+        monkeypatch.setattr(ev.AppendLog, "write", crashing_write)
         with pytest.raises(RuntimeError, match="injected crash"):
             ev.evaluate(eval_cfg(s, out, f"responses={resp}", "judge.concurrency=4"))
         assert [j["id"] for j in judgments(out / "resp.judgments.jsonl")] == written
-        monkeypatch.setattr(ev.JudgmentWriter, "write", real_write)
+        monkeypatch.setattr(ev.AppendLog, "write", real_write)
         asked_before = sum(s.counts.values())
         summary = ev.evaluate(eval_cfg(s, out, f"responses={resp}", "judge.concurrency=4"))
         ids = [j["id"] for j in judgments(out / "resp.judgments.jsonl")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kullm.config import compose
-from kullm.generate import Generator, check_settings, quote_text_args, read_done, run, run_file
+from kullm.generate import Generator, check_settings, quote_text_args, run, run_file
 from kullm.records import DataError, read_records
 
 EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kullm"
@@ -188,14 +188,6 @@ def test_file_run_killed_then_resumed_has_every_id_once(generator, tmp_path):
     assert {r["id"]: r["response"] for r in rows} == reference
     assert set(rows[0]) == {"id", "instruction", "input", "response", "generation"}
     assert rows[0]["generation"]["max_new_tokens"] == 16
-
-
-def test_read_done_drops_a_torn_last_line(tmp_path):
-    out = write_jsonl(tmp_path / "o.jsonl", [{"id": "a", "response": "x"}])
-    with out.open("a") as f:
-        f.write('{"id": "b", "resp')
-    assert set(read_done(out)) == {"a"}
-    assert out.read_text() == '{"id": "a", "response": "x"}\n'
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
