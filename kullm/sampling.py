@@ -13,7 +13,41 @@ import torch
 from torch.utils.data import Sampler
 
 
-class EpochSampler(Sampler[int]):
+class _ShardedEpochs:
+    """What every kullm sampler shares: per-epoch orders, a rank's share of them, and mid-epoch resume.
+
+    ``state_dict`` records the epoch and how many items (indices or batches) this rank has handed out.
+    """
+
+    def __init__(self, *, seed: int, num_replicas: int, rank: int) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.epoch = 0
+        self._start = 0  # items of this epoch already handed out (set by load_state_dict)
+        self._served = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = epoch
+
+    def _serve(self, mine: list) -> Iterator:
+        """Yield this rank's items, skipping those a resumed epoch already trained."""
+        start, self._start = self._start, 0
+        self._served = start
+        for item in mine[start:]:
+            self._served += 1
+            yield item
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self._served, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._start, self.seed = state["epoch"], state["served"], state["seed"]
+
+
+class EpochSampler(_ShardedEpochs, Sampler[int]):
     """Indices ``0..n-1`` in a per-epoch order; ``shuffle=False`` keeps file order (validation)."""
 
     def __init__(
@@ -25,21 +59,11 @@ class EpochSampler(Sampler[int]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
-        self._start = 0  # indices of this epoch already handed out (set by load_state_dict)
-        self._served = 0
+        super().__init__(seed=seed, num_replicas=num_replicas, rank=rank)
+        self.n, self.shuffle = n, shuffle
 
     def __len__(self) -> int:
         return -(-self.n // self.num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._start = 0
-        self.epoch = epoch
 
     def global_order(self) -> list[int]:
         """The order of all indices this epoch, before sharding."""
@@ -52,18 +76,7 @@ class EpochSampler(Sampler[int]):
         order = self.global_order()
         if self.n and len(order) % self.num_replicas:  # pad so every rank gets the same count (DDP needs it)
             order += order[: self.num_replicas - len(order) % self.num_replicas]
-        mine = order[self.rank :: self.num_replicas]
-        start, self._start = self._start, 0
-        self._served = start
-        for i in mine[start:]:
-            self._served += 1
-            yield i
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "served": self._served, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._start, self.seed = state["epoch"], state["served"], state["seed"]
+        yield from self._serve(order[self.rank :: self.num_replicas])
 
 
 class LengthGroupedSampler(EpochSampler):
@@ -112,7 +125,7 @@ def make_sampler(
     raise ValueError(f"unknown sampler {kind!r}: use 'random', 'length_grouped' or 'sequential'")
 
 
-class TokenBudgetBatchSampler(Sampler[list[int]]):
+class TokenBudgetBatchSampler(_ShardedEpochs, Sampler[list[int]]):
     """Micro-batches filled up to a token budget: ``rows × padded max length <= token_budget`` in every batch.
 
     Per epoch (deterministic in ``seed + epoch``): shuffle, cut into mega-batches of ``group_size`` indices, sort
@@ -137,8 +150,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        super().__init__(seed=seed, num_replicas=num_replicas, rank=rank)
         self.lengths = [int(n) for n in lengths]
         self.multiple = max(1, pad_to_multiple_of or 1)
         longest = self._padded(max(self.lengths, default=0))
@@ -149,21 +161,12 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             )
         if group_size < 1:
             raise ValueError(f"group_size must be positive, got {group_size}")
-        self.token_budget, self.seed, self.shuffle = token_budget, seed, shuffle
+        self.token_budget, self.shuffle = token_budget, shuffle
         self.group_size, self.max_rows = group_size, max_rows
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
-        self._start = 0
-        self._served = 0
         self._cache: tuple[int, int, list[list[int]]] | None = None
 
     def _padded(self, n: int) -> int:
         return -(-n // self.multiple) * self.multiple
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._start = 0
-        self.epoch = epoch
 
     def global_batches(self) -> list[list[int]]:
         """All batches of this epoch, before sharding over ranks."""
@@ -203,15 +206,4 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         return len(self.global_batches()) // self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
-        mine = self.global_batches()[self.rank :: self.num_replicas]
-        start, self._start = self._start, 0
-        self._served = start
-        for batch in mine[start:]:
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "served": self._served, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._start, self.seed = state["epoch"], state["served"], state["seed"]
+        yield from self._serve(self.global_batches()[self.rank :: self.num_replicas])
