@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kullm.modeling import cache_root, tokenizer_fingerprint
-from kullm.records import DataError, Fields, Record, read_records
+from kullm.records import DataError, Fields, Record, data_files, read_records
 from kullm.sft import check_example, encode_batch
 from kullm.templates import Prompter
 
@@ -153,7 +153,7 @@ def source_fingerprint(data: Mapping[str, Any]) -> str:
     """Hash of the data's bytes (local files) or the hub dataset's own fingerprint."""
     path = Path(str(data["path"])).expanduser()
     if data.get("source", "auto") != "hub" and path.exists():
-        files = sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".json")) if path.is_dir() else [path]
+        files = data_files(path)
         h = hashlib.sha256()
         for f in files:
             h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())

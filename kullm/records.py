@@ -202,7 +202,7 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
             raise DataError(f"{path}: no such file or folder")
         yield from _hub_rows(str(path), split, revision)
         return
-    files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file()) if p.is_dir() else [p]
+    files = data_files(p)
     if not files:
         raise DataError(f"{p}: folder holds no .jsonl or .json file")
     for f in files:
@@ -210,6 +210,11 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
             yield from _json_array_rows(f, report)
         else:
             yield from _jsonl_rows(f, report)
+
+
+def data_files(path: Path) -> list[Path]:
+    """The files a local source reads: the file itself, or every .jsonl/.json file under a folder, sorted."""
+    return sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file()) if path.is_dir() else [path]
 
 
 def _looks_like_array(f: Path) -> bool:
