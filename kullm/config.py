@@ -8,8 +8,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).parent / "conf"
-ROOT = Path(__file__).resolve().parent.parent  # the checkout (holds data/sample/ and outputs/)
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (holds conf/, data/sample/ and outputs/)
+_PACKAGED_CONF = Path(__file__).parent / "conf"  # where a wheel ships the config tree
+# The config tree sits at the top of the checkout (conf/); an installed wheel carries it inside the package.
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else ROOT / "conf"
 
 if not OmegaConf.has_resolver("kullm_root"):
     OmegaConf.register_new_resolver("kullm_root", lambda: str(ROOT))

@@ -20,10 +20,10 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.config import CONF_DIR
+from kullm.data.preprocess import preprocess, save_processed
+from kullm.data.records import DataError
+from kullm.data.stats import format_stats, token_stats
 from kullm.modeling import load_tokenizer
-from kullm.preprocess import preprocess, save_processed
-from kullm.records import DataError
-from kullm.stats import token_stats
 from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
@@ -52,41 +52,6 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     print(format_stats(stats))
     print(f"\nprocessed dataset: {out / 'dataset'}\nstats: {out / 'data_stats.json'}")
     return stats
-
-
-def format_stats(stats: dict[str, Any]) -> str:
-    """The stats as a plain-text table for the terminal."""
-    read = stats["read"]
-    lines = [f"data: {stats['source']}  (cache {'hit' if stats['cache']['hit'] else 'miss'}: {stats['cache']['dir']})"]
-    rows: list[tuple[str, Any]] = [("rows read", read["rows"]), ("records", read["records"])]
-    rows += [(f"rejected: {k}", v) for k, v in sorted(read["rejected"].items())]
-    rows += [(f"repaired: {k}", v) for k, v in sorted(read["repaired"].items())]
-    for name, c in stats["encoded"].items():
-        rows += [
-            (f"{name}: kept", c["kept"]),
-            (f"{name}: truncated", c["truncated"]),
-            (f"{name}: dropped (prompt fills cutoff)", c["dropped_prompt_too_long"]),
-        ]
-    if stats.get("invariant_violations"):
-        rows.append(("MASKING INVARIANT VIOLATIONS", stats["invariant_violations"]))
-    width = max(len(k) for k, _ in rows)
-    lines += [f"  {k:<{width}}  {v:>10}" for k, v in rows]
-    for name, t in stats["tokens"].items():
-        if not t.get("examples"):
-            continue
-        lines.append(
-            f"{name} tokens ({t['examples']} examples, {t['tokens']} tokens, {t['trained_fraction']:.1%} trained)"
-        )
-        lines.append(f"  {'':<14}{'median':>8}{'p90':>8}{'max':>8}")
-        for key in ("prompt_len", "response_len", "length"):
-            s = t[key]
-            lines.append(f"  {key:<14}{s['median']:>8.0f}{s['p90']:>8.0f}{s['max']:>8}")
-        pad = t["padding_fraction"]
-        lines.append(
-            f"  padding at micro-batch {t['micro_batch_size']}: random {pad['random']:.1%}, "
-            f"length-grouped {pad['length_grouped']:.1%}"
-        )
-    return "\n".join(lines)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")

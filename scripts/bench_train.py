@@ -74,7 +74,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 t
 
 def prepare_workload(work: Path, data_paths: list[Path]) -> Path:
     """Flatten the data sources into one ``{id, instruction, input, output}`` JSONL that both paths read."""
-    from kullm.records import read_records
+    from kullm.data.records import read_records
 
     rows = []
     for path in data_paths:
@@ -385,9 +385,9 @@ def run_kullm(args: argparse.Namespace, variant: str, out_dir: Path) -> dict[str
 
 def prep_kullm(cfg) -> dict[str, float]:
     """kullm's batched preprocessing (read, split, tokenize, mask, verify, cache); train() then hits the cache."""
+    from kullm.data.preprocess import preprocess
+    from kullm.data.sft import encode_batch
     from kullm.modeling import load_tokenizer
-    from kullm.preprocess import preprocess
-    from kullm.sft import encode_batch
     from kullm.templates import Prompter
 
     tokenizer = load_tokenizer(cfg.model)

@@ -8,7 +8,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kullm.config import CONF_DIR, compose, validate
-from kullm.train import accumulation, build_loggers, build_strategy, world_size
+from kullm.training.loggers import build_loggers
+from kullm.training.plan import accumulation, build_strategy, world_size
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))

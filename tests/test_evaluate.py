@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from chat_server import CRITERIA, ChatServer, default_scores, random_faults
 
-from kullm import evaluate as ev
 from kullm.config import ROOT, compose
-from kullm.records import read_records
+from kullm.data.records import read_records
+from kullm.evaluation import runs as ev
 
 SHARED_EVAL_SET = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "kullm" / "user_oriented_instructions_eval.jsonl"
@@ -349,7 +349,7 @@ def test_adapter_mode_generates_first(tmp_path, eval_records, monkeypatch):
         calls.append(cfg)
         return write_responses(Path(cfg["output_file"]), eval_records[:3])
 
-    monkeypatch.setitem(sys.modules, "kullm.generate", types.SimpleNamespace(generate_file=generate_file))
+    monkeypatch.setitem(sys.modules, "kullm.inference.generation", types.SimpleNamespace(generate_file=generate_file))
     monkeypatch.setattr(ev, "_compose_generate", lambda overrides: dict(o.lstrip("+").split("=", 1) for o in overrides))
     adapter = tmp_path / "run1" / "adapter"
     with ChatServer() as s:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from kullm.config import compose
-from kullm.generate import Generator, check_settings, quote_text_args, run, run_file
-from kullm.records import DataError, read_records
+from kullm.data.records import DataError, read_records
+from kullm.generate import quote_text_args, run
+from kullm.inference.generation import Generator, check_settings, run_file
 
 EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kullm"
 EVAL_SET = EVAL_DIR / "user_oriented_instructions_eval.jsonl"

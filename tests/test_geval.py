@@ -5,7 +5,7 @@ import math
 import pytest
 
 from kullm.config import compose
-from kullm.geval import (
+from kullm.evaluation.geval import (
     Criterion,
     JudgePrompt,
     Parsed,

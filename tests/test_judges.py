@@ -9,10 +9,10 @@ import pytest
 from chat_server import ChatServer, default_scores, reply_text, script
 
 from kullm.config import compose
-from kullm.evaluate import judge_one
-from kullm.geval import JudgePrompt
-from kullm.judges import JudgeError, OpenAIJudge, build_judge, retry_after
-from kullm.records import Record
+from kullm.data.records import Record
+from kullm.evaluation.geval import JudgePrompt
+from kullm.evaluation.judges import JudgeError, OpenAIJudge, build_judge, retry_after
+from kullm.evaluation.runs import judge_one
 
 MESSAGES = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Response:\nK\n\n\nResult\n"}]
 

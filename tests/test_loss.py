@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kullm.loss import causal_lm_parts, full_loss, head_only_loss, lm_loss
-from kullm.sft import IGNORE_INDEX, Collator
+from kullm.data.sft import IGNORE_INDEX, Collator
+from kullm.training.loss import causal_lm_parts, full_loss, head_only_loss, lm_loss
 
 
 @pytest.fixture(scope="module")

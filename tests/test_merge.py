@@ -9,8 +9,8 @@ import pytest
 from test_generate import ITEMS, gen_cfg, make_adapter
 
 from kullm.config import compose
-from kullm.generate import Generator
-from kullm.merge import MergeError, merge, weight_names
+from kullm.inference.generation import Generator
+from kullm.inference.merging import MergeError, merge, weight_names
 
 
 def merge_cfg(adapter: Path, out: Path, *overrides: str):

@@ -5,8 +5,7 @@ import random
 import pytest
 import torch
 
-from kullm.loss import full_loss, head_only_loss
-from kullm.packing import (
+from kullm.data.packing import (
     PACKED_COLUMNS,
     block_causal_mask,
     pack_bins,
@@ -15,7 +14,8 @@ from kullm.packing import (
     packed_model_inputs,
     segment_ids,
 )
-from kullm.sft import IGNORE_INDEX, Collator
+from kullm.data.sft import IGNORE_INDEX, Collator
+from kullm.training.loss import full_loss, head_only_loss
 
 NEG = torch.finfo(torch.float32).min
 

@@ -5,7 +5,7 @@ import sys
 import datasets
 from transformers import AutoTokenizer
 
-from kullm.sft import check_example
+from kullm.data.sft import check_example
 
 
 def run_prepare(tmp_path, *overrides):

@@ -4,10 +4,10 @@ import time
 import pytest
 
 from kullm.config import compose
+from kullm.data.preprocess import preprocess, split_records
+from kullm.data.records import DataError, Record
+from kullm.data.sft import check_example
 from kullm.modeling import load_tokenizer
-from kullm.preprocess import preprocess, split_records
-from kullm.records import DataError, Record
-from kullm.sft import check_example
 from kullm.templates import Prompter
 
 

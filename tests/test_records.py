@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kullm.records import DataError, Fields, read_records
+from kullm.data.records import DataError, Fields, read_records
 
 
 def write_lines(path, lines: list[bytes | str]) -> str:

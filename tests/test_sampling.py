@@ -1,6 +1,6 @@
 import pytest
 
-from kullm.sampling import EpochSampler, make_sampler
+from kullm.data.sampling import EpochSampler, make_sampler
 
 
 def test_same_seed_and_epoch_same_order_new_epoch_new_order():

@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from strategies import user_text
 
 from kullm.config import compose
+from kullm.data.records import read_records
+from kullm.data.sft import IGNORE_INDEX, Collator, check_example, encode_batch
 from kullm.modeling import load_tokenizer
-from kullm.records import read_records
-from kullm.sft import IGNORE_INDEX, Collator, check_example, encode_batch
 from kullm.templates import Prompter
 
 TEMPLATES = ["kullm", "alpaca", "alpaca_legacy", "alpaca_short"]

@@ -5,8 +5,8 @@ import random
 import pytest
 from torch.utils.data import DataLoader
 
-from kullm.sampling import TokenBudgetBatchSampler
-from kullm.sft import Collator, padded_tokens
+from kullm.data.sampling import TokenBudgetBatchSampler
+from kullm.data.sft import Collator, padded_tokens
 
 LENGTHS = [random.Random(0).randint(5, 300) for _ in range(500)]
 

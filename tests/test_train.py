@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kullm.config import ConfigError, check_overrides, compose, validate
-from kullm.train import accumulation, check_combination, train
+from kullm.train import train
+from kullm.training.plan import accumulation, check_combination
 
 FAST = ["experiment=smoke", "logger=csv", "callbacks.samples.num=1", "callbacks.samples.max_new_tokens=4"]
 
@@ -242,7 +243,7 @@ def test_loss_is_normalised_per_trained_token_across_accumulation(tmp_path, monk
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-4)
     # control: a plain mean per micro-batch (what DeepSpeed gets) weights tokens by their micro-batch, and differs
-    from kullm.module import KullmLitModule
+    from kullm.training.module import KullmLitModule
 
     monkeypatch.setattr(KullmLitModule, "_engine_scales_grads", property(lambda self: True))
     per_batch = train(cfg_for(tmp_path / "per_batch", *common, "micro_batch_size=2"))
@@ -263,7 +264,7 @@ def test_nf4_lora_trains_on_cpu_after_an_eval_forward(tmp_path):
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from kullm.checkpointing import AtomicCheckpointIO
+    from kullm.training.checkpointing import AtomicCheckpointIO
 
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, path)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kullm.packing import packed_model_inputs
-from kullm.sft import IGNORE_INDEX
+from kullm.data.packing import packed_model_inputs
+from kullm.data.sft import IGNORE_INDEX
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kullm.sft import IGNORE_INDEX
+from kullm.data.sft import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kullm.geval import Criterion
+from kullm.evaluation.geval import Criterion
 
 log = logging.getLogger(__name__)
 

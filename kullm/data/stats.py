@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from kullm.sampling import make_sampler
-from kullm.sft import IGNORE_INDEX, padded_tokens
+from kullm.data.sampling import make_sampler
+from kullm.data.sft import IGNORE_INDEX, padded_tokens
 
 
 def length_summary(values: np.ndarray) -> dict[str, float]:
@@ -54,3 +54,38 @@ def padding_fraction(lengths: np.ndarray, kind: str, micro_batch_size: int, mult
     for i in range(0, len(order), micro_batch_size):
         slots += padded_tokens([int(lengths[j]) for j in order[i : i + micro_batch_size]], multiple)
     return round(1 - float(lengths[order].sum()) / slots, 4) if slots else 0.0
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The stats as a plain-text table for the terminal."""
+    read = stats["read"]
+    lines = [f"data: {stats['source']}  (cache {'hit' if stats['cache']['hit'] else 'miss'}: {stats['cache']['dir']})"]
+    rows: list[tuple[str, Any]] = [("rows read", read["rows"]), ("records", read["records"])]
+    rows += [(f"rejected: {k}", v) for k, v in sorted(read["rejected"].items())]
+    rows += [(f"repaired: {k}", v) for k, v in sorted(read["repaired"].items())]
+    for name, c in stats["encoded"].items():
+        rows += [
+            (f"{name}: kept", c["kept"]),
+            (f"{name}: truncated", c["truncated"]),
+            (f"{name}: dropped (prompt fills cutoff)", c["dropped_prompt_too_long"]),
+        ]
+    if stats.get("invariant_violations"):
+        rows.append(("MASKING INVARIANT VIOLATIONS", stats["invariant_violations"]))
+    width = max(len(k) for k, _ in rows)
+    lines += [f"  {k:<{width}}  {v:>10}" for k, v in rows]
+    for name, t in stats["tokens"].items():
+        if not t.get("examples"):
+            continue
+        lines.append(
+            f"{name} tokens ({t['examples']} examples, {t['tokens']} tokens, {t['trained_fraction']:.1%} trained)"
+        )
+        lines.append(f"  {'':<14}{'median':>8}{'p90':>8}{'max':>8}")
+        for key in ("prompt_len", "response_len", "length"):
+            s = t[key]
+            lines.append(f"  {key:<14}{s['median']:>8.0f}{s['p90']:>8.0f}{s['max']:>8}")
+        pad = t["padding_fraction"]
+        lines.append(
+            f"  padding at micro-batch {t['micro_batch_size']}: random {pad['random']:.1%}, "
+            f"length-grouped {pad['length_grouped']:.1%}"
+        )
+    return "\n".join(lines)

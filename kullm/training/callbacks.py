@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from kullm.sft import IGNORE_INDEX
+from kullm.data.sft import IGNORE_INDEX
 
 
 class GenerationSamples(L.Callback):

@@ -10,9 +10,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from kullm.preprocess import Processed, preprocess
-from kullm.sampling import EpochSampler, TokenBudgetBatchSampler, make_sampler
-from kullm.sft import Collator
+from kullm.data.preprocess import Processed, preprocess
+from kullm.data.sampling import EpochSampler, TokenBudgetBatchSampler, make_sampler
+from kullm.data.sft import Collator
 from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class KullmDataModule(L.LightningDataModule):
             if len(self.processed.dataset["train"]) == 0:
                 raise ValueError(f"{self.data['path']}: no training example is left after preprocessing")
             if self.data.get("packing"):
-                from kullm.packing import pack_dataset
+                from kullm.data.packing import pack_dataset
 
                 self.packed, stats = pack_dataset(
                     self.processed.dataset["train"], int(self.data["cutoff_len"]), self.seed

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from kullm.loss import lm_loss
+from kullm.training.loss import lm_loss
 
 
 class KullmLitModule(L.LightningModule):

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from kullm.geval import Criterion, JudgePrompt, TokenLogprobs, softmax_over, weighted_mean
+from kullm.evaluation.geval import Criterion, JudgePrompt, TokenLogprobs, softmax_over, weighted_mean
 
 log = logging.getLogger(__name__)
 

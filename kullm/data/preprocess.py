@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kullm.data.records import DataError, Fields, Record, data_files, read_records
+from kullm.data.sft import check_example, encode_batch
 from kullm.modeling import cache_root, tokenizer_fingerprint
-from kullm.records import DataError, Fields, Record, data_files, read_records
-from kullm.sft import check_example, encode_batch
 from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,323 @@
+"""G-Eval runs: judge one or several runs of generated answers (resumably) and write their report.
+
+Each run's judgments go to ``<output_dir>/<run>.judgments.jsonl``, one line appended (and flushed) as each
+judgment arrives, so a kill loses at most the requests in flight. Re-running the same command skips ids already in
+the file; an id is never written twice (and duplicates are dropped on read, keeping the first). A reply that cannot
+be parsed is re-asked up to ``max_parse_retries`` times, then written as ``status: "failed"`` with the raw reply;
+failures are reported, never scored as 0. A request that fails for good (retries exhausted) is *not* written, so
+the next run asks again; the report counts such ids as "not judged".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from kullm.config import compose, redact
+from kullm.data.records import DataError, Record, read_records, write_rejects
+from kullm.evaluation.geval import JudgePrompt, parse_scores, weighted_from_logprobs
+from kullm.evaluation.judges import Judge, JudgeError, build_judge
+from kullm.evaluation.report import RunStats, log_wandb, set_relative, summarize, write_report
+from kullm.resumable import AppendLog, read_done
+
+log = logging.getLogger(__name__)
+
+GENERIC_STEMS = {"responses", "generations", "outputs", "output", "adapter"}
+
+
+@dataclass
+class Run:
+    """One set of responses to judge, and where its judgments go."""
+
+    name: str
+    path: Path
+    judgments: Path
+    records: list[Record] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pending: dict[str, str] = field(default_factory=dict)  # id -> why it is not judged yet
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Judge every run's responses (resuming), write the report, and return a summary of the numbers."""
+    prompt = JudgePrompt.from_config(cfg.judge_prompt)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [load_run(name, Path(path), out_dir, cfg.get("limit")) for name, path in resolve_runs(cfg, out_dir).items()]
+    references = load_references(cfg.get("references"))
+    for run in runs:
+        check_references(run, references, float(cfg.get("reference_threshold", 0.5)))
+    asyncio.run(judge_runs(cfg, prompt, runs))
+
+    bs = cfg.get("bootstrap") or {}
+    stats = []
+    for run in runs:
+        ids = {r.id for r in run.records}
+        js = [j for j in read_done(run.judgments, "judgment").values() if j["id"] in ids]
+        st = summarize(
+            run.name,
+            js,
+            prompt.criteria,
+            len(run.records),
+            int(bs.get("samples", 2000)),
+            float(bs.get("confidence", 0.95)),
+            int(bs.get("seed", 0)),
+        )
+        st.notes = run.notes + _outcome_notes(st, js, run)
+        stats.append(st)
+    reference = cfg.get("reference") or (runs[0].name if len(runs) > 1 else None)
+    set_relative(stats, reference)
+    paths = write_report(stats, prompt.criteria, out_dir, reference)
+    summary = _summary(stats, runs, paths, prompt)
+    (out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    if (cfg.get("wandb") or {}).get("enabled"):
+        log_wandb(stats, prompt.criteria, paths["png"], {**cfg.wandb, "config": redact(cfg)})
+    log.info("report: %s\n%s", paths["md"], paths["md"].read_text(encoding="utf-8"))
+    return summary
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+
+def resolve_runs(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
+    """Run name -> responses file, from ``responses=`` (path, list or mapping) or ``adapter=`` (generate first)."""
+    responses, adapter = cfg.get("responses"), cfg.get("adapter")
+    if (responses is None) == (adapter is None):
+        raise ValueError("give exactly one of responses=<jsonl | [jsonl, ...] | {name: jsonl}> or adapter=<folder>")
+    if adapter is not None:
+        return {run_names([str(adapter)])[0]: str(generate_responses(cfg, Path(adapter), out_dir))}
+    if isinstance(responses, (DictConfig, Mapping)):
+        return {str(k): str(v) for k, v in responses.items()}
+    paths = [str(p) for p in responses] if isinstance(responses, (ListConfig, list, tuple)) else [str(responses)]
+    return dict(zip(run_names(paths), paths, strict=True))
+
+
+def run_names(paths: Sequence[str]) -> list[str]:
+    """Short unique names: the file stem, or ``folder-stem`` when the stem is generic or repeated."""
+    stems = [Path(p).stem for p in paths]
+    names = [
+        f"{Path(p).parent.name}-{s}" if s in GENERIC_STEMS or stems.count(s) > 1 else s
+        for p, s in zip(paths, stems, strict=True)
+    ]
+    return [n if names.count(n) == 1 else f"{n}-{k}" for k, n in enumerate(names)]
+
+
+def generate_responses(cfg: DictConfig, adapter: Path, out_dir: Path) -> Path:
+    """Generate answers to ``eval_set`` with the adapter (kullm-generate); reuse a finished file on re-runs."""
+    out = out_dir / f"{run_names([str(adapter)])[0]}.responses.jsonl"
+    if out.exists():
+        log.info("reusing %s (delete it to generate again)", out)
+        return out
+    from kullm.inference.generation import generate_file  # heavy (torch, transformers): only in adapter mode
+
+    partial = out.with_suffix(".partial.jsonl")
+    overrides = [
+        f"adapter={adapter}",
+        f"input_file={cfg.eval_set}",
+        f"output_file={partial}",
+        f"++output_dir={out_dir}",
+        *cfg.get("generate_overrides", []),
+    ]
+    written = Path(generate_file(_compose_generate(overrides)))
+    written.replace(out)  # only a finished file gets the final name
+    return out
+
+
+def _compose_generate(overrides: list[str]) -> DictConfig:
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside kullm-eval's own @hydra.main: same config tree
+        return hydra.compose(config_name="generate", overrides=overrides)
+    return compose("generate", overrides)
+
+
+def load_run(name: str, path: Path, out_dir: Path, limit: int | None = None) -> Run:
+    """Read a responses JSONL (``id``, ``instruction``, ``input``, ``response``); bad rows are reported with
+    file:line in ``<run>.rejects.jsonl`` and the rest still run. An empty response is judged, not dropped."""
+    records, report = read_records(path, fields={"output": "response"}, source="files", allow_empty_output=True)
+    run = Run(name, path, out_dir / f"{name}.judgments.jsonl", records)
+    rejects = report.rejects
+    for rej in rejects:
+        run.notes.append(f"{rej.source}: {rej.field}: {rej.reason} ({rej.message}); row not judged")
+    if rejects:
+        write_rejects(rejects, out_dir / f"{name}.rejects.jsonl")
+    if limit is not None:
+        run.records = run.records[: int(limit)]
+    if not run.records:
+        raise DataError(f"{path}: no usable responses")
+    return run
+
+
+def load_references(path: str | None) -> dict[str, str]:
+    """The eval set's reference outputs by id and by instruction+input ({} when the file is missing)."""
+    if not path or not Path(path).exists():
+        log.info("no reference file at %s: skipping the reference-outputs check", path)
+        return {}
+    records, _ = read_records(path, source="files")
+    refs = {f"id:{r.id}": r.output for r in records}
+    refs |= {f"text:{r.instruction}\x00{r.input}": r.output for r in records}
+    return refs
+
+
+def check_references(run: Run, refs: Mapping[str, str], threshold: float) -> None:
+    """Warn loudly (log and report) if most responses are the dataset's reference outputs, not generations."""
+    if not refs:
+        return
+    compared = same = 0
+    for r in run.records:
+        ref = refs.get(f"id:{r.id}", refs.get(f"text:{r.instruction}\x00{r.input}"))
+        if ref is None:
+            continue
+        compared += 1
+        same += r.output.strip() == ref.strip()
+    if compared and same / compared >= threshold:
+        msg = (
+            f"{same} of {compared} responses in {run.path} equal the eval set's reference outputs: this scores the "
+            "dataset, not a model. Judge generated answers (kullm-generate, or kullm-eval adapter=...)."
+        )
+        log.warning("%s", msg)
+        run.notes.append(msg)
+
+
+# --- judging --------------------------------------------------------------------------------------------------
+
+
+async def judge_runs(cfg: DictConfig, prompt: JudgePrompt, runs: Sequence[Run]) -> None:
+    """Judge every run with one judge (built inside the event loop that uses it)."""
+    todo = [(run, read_done(run.judgments, "judgment")) for run in runs]
+    if all(all(r.id in done for r in run.records) for run, done in todo):
+        return  # everything judged already: no judge (no model load, no HTTP client) needed
+    judge = build_judge(cfg.judge, prompt)
+    try:
+        for run, done in todo:
+            await judge_run(judge, prompt, run, done, int(cfg.get("max_parse_retries", 2)), bool(cfg.get("progress")))
+    finally:
+        await judge.aclose()
+
+
+async def judge_run(
+    judge: Judge, prompt: JudgePrompt, run: Run, done: Mapping[str, dict], max_parse_retries: int, progress: bool
+) -> None:
+    """Judge the ids of ``run`` not in ``done``, appending each judgment to the run's file as it arrives."""
+    _check_compatible(run.judgments, done, judge, prompt)
+    todo = [r for r in run.records if r.id not in done]
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(run.records), initial=len(run.records) - len(todo), desc=run.name, disable=not progress)
+    tasks = [asyncio.ensure_future(judge_one(judge, prompt, r, max_parse_retries)) for r in todo]
+    try:
+        with AppendLog(run.judgments) as out:
+            for fut in asyncio.as_completed(tasks):
+                rid, result = await fut
+                if isinstance(result, JudgeError):
+                    if result.fatal:
+                        raise result
+                    run.pending[rid] = str(result)
+                    log.warning("%s: %s: not judged: %s", run.name, rid, result)
+                else:
+                    out.write(result)
+                bar.update(1)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        bar.close()
+
+
+async def judge_one(
+    judge: Judge, prompt: JudgePrompt, rec: Record, max_parse_retries: int
+) -> tuple[str, dict | JudgeError]:
+    """One id's judgment, re-asking up to ``max_parse_retries`` times when the reply cannot be parsed."""
+    messages = prompt.messages(rec.instruction, rec.input, rec.output)
+    attempts, errors = 0, []
+    for _ in range(max_parse_retries + 1):
+        try:
+            reply = await judge.reply(messages)
+        except JudgeError as e:
+            e.attempts += attempts
+            return rec.id, e
+        attempts += reply.attempts
+        parsed = parse_scores(reply.text, prompt.criteria)
+        if parsed.ok:
+            break
+        errors.append(parsed.error)
+    weighted = reply.weighted
+    if weighted is None and reply.tokens is not None and parsed.ok:
+        weighted = weighted_from_logprobs(reply.text, reply.tokens, parsed, prompt.criteria)
+    return rec.id, {
+        "id": rec.id,
+        "status": "ok" if parsed.ok else "failed",
+        "scores": parsed.scores if parsed.ok else None,
+        "weighted": weighted if parsed.ok else None,
+        "error": None if parsed.ok else errors[-1],
+        "parse_errors": errors,
+        "raw": reply.text,
+        "judge": judge.name,
+        "model": judge.model,
+        "prompt_hash": prompt.hash(),
+        "attempts": attempts,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _check_compatible(path: Path, done: Mapping[str, dict], judge: Judge, prompt: JudgePrompt) -> None:
+    """Refuse to mix judgments from another prompt or judge into one file."""
+    want = (judge.name, judge.model, prompt.hash())
+    for j in done.values():
+        have = (j.get("judge"), j.get("model"), j.get("prompt_hash"))
+        if have != want:
+            raise ValueError(
+                f"{path}: id {j['id']!r} was judged by {have[0]}/{have[1]} with prompt {have[2]}, this run uses "
+                f"{want[0]}/{want[1]} with prompt {want[2]}; pass another output_dir= to keep both"
+            )
+
+
+# --- summary --------------------------------------------------------------------------------------------------
+
+
+def _outcome_notes(st: RunStats, judgments: Sequence[dict], run: Run) -> list[str]:
+    notes = []
+    if st.n_failed:
+        ids = [j["id"] for j in judgments if j.get("status") != "ok"]
+        notes.append(
+            f"{st.n_failed} judgments unparseable after retries (not scored): {', '.join(ids[:10])}"
+            + (" ..." if len(ids) > 10 else "")
+        )
+    if st.n_pending:
+        notes.append(f"{st.n_pending} ids not judged (requests failed); re-run the same command to finish them")
+    return notes
+
+
+def _summary(stats: Sequence[RunStats], runs: Sequence[Run], paths: Mapping[str, Path], prompt: JudgePrompt) -> dict:
+    return {
+        "prompt": prompt.name,
+        "prompt_hash": prompt.hash(),
+        "report": {k: str(v) for k, v in paths.items()},
+        "runs": {
+            st.name: {
+                "responses": str(run.path),
+                "judgments": str(run.judgments),
+                "total": st.n_total,
+                "judged": st.n_ok,
+                "failed": st.n_failed,
+                "not_judged": st.n_pending,
+                "pending_errors": run.pending,
+                "means": st.means,
+                "weighted": st.weighted,
+                "overall": st.overall,
+                "relative": st.relative,
+                "notes": st.notes,
+            }
+            for st, run in zip(stats, runs, strict=True)
+        },
+    }

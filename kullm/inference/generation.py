@@ -1,0 +1,390 @@
+"""Generation: a model, its tokenizer and template in; answers out (one prompt, a JSONL file, or a terminal chat).
+
+Batches are left-padded with an attention mask (GPT-NeoX derives position ids from it during ``generate``) and
+sorted by prompt length; answers come back in input order. File runs append one JSON line per record as each batch
+finishes, and a re-run with the same ``output_file`` skips the ids already there, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kullm.data.records import Record, read_records
+from kullm.resumable import AppendLog, read_done
+from kullm.templates import Prompter
+
+log = logging.getLogger(__name__)
+
+Item = Record | Mapping[str, Any] | tuple[str, str] | str
+BatchCallback = Callable[[list[int], list[str]], None]
+# settings that may change between a run and its resumption without changing the answers
+RESUMABLE_KEYS = ("batch_size",)
+
+
+class Generator:
+    """A model, its tokenizer and template, and the generation settings: prompts in, answers out.
+
+    Items are a :class:`Record`, a mapping with ``instruction`` (and ``input``), an ``(instruction, input)`` pair,
+    or a plain instruction string; each is rendered with the template before generation.
+    """
+
+    def __init__(self, model, tokenizer, prompter: Prompter, settings: Mapping[str, Any], label: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompter = prompter
+        self.settings = dict(settings)
+        self.label = label
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.config = generation_config(model, self.settings, self.eos_ids, self.pad_id)
+        self._warned_beams = False
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Generator:
+        """Load the adapter (or ``base``, or the ``model`` group) named by a ``generate`` config."""
+        model, tokenizer, prompter, label = load_for_generation(cfg)
+        return cls(model, tokenizer, prompter, OmegaConf.to_container(cfg.generation, resolve=True), label)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def render(self, item: Item) -> str:
+        """The prompt for one item."""
+        instruction, input_ = item_text(item)
+        return self.prompter.render(instruction, input_)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def budget(self, prompt_len: int) -> int:
+        """New tokens allowed for a prompt: ``max_new_tokens``, else ``max_length`` minus the prompt's own length."""
+        if self.settings.get("max_new_tokens"):
+            return int(self.settings["max_new_tokens"])
+        return max(int(self.settings.get("max_length") or 512) - prompt_len, 0)
+
+    def generate(
+        self, items: Sequence[Item], batch_size: int | None = None, on_batch: BatchCallback | None = None
+    ) -> list[str]:
+        """Answers to ``items`` in input order; ``on_batch(indices, answers)`` is called as each batch finishes."""
+        prompts = [self.render(x) for x in items]
+        ids = [self.encode(p) for p in prompts]
+        size = int(batch_size or self.settings.get("batch_size") or 1)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: out-of-memory shows at once
+        answers: list[str] = [""] * len(ids)
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            texts = self._generate_batch([ids[i] for i in chunk])
+            for i, text in zip(chunk, texts, strict=True):
+                answers[i] = self.prompter.extract(prompts[i] + text, prompts[i])
+            if on_batch is not None:
+                on_batch(chunk, [answers[i] for i in chunk])
+        return answers
+
+    def _generate_batch(self, batch: list[list[int]]) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.complete(batch)]
+
+    def complete(self, batch: list[list[int]]) -> list[list[int]]:
+        """New token ids for one left-padded batch of prompt ids, each cut at its own budget and before its EOS."""
+        import torch
+
+        budgets = [self.budget(len(x)) for x in batch]
+        for x, b in zip(batch, budgets, strict=True):
+            if b == 0:
+                log.warning("a prompt of %d tokens leaves nothing of max_length: set generation.max_new_tokens", len(x))
+        if max(budgets) == 0:
+            return [[] for _ in batch]
+        input_ids, mask = left_pad(batch, self.pad_id)
+        config = copy.deepcopy(self.config)
+        config.max_new_tokens = max(budgets)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), generation_config=config
+            )
+        new = out[:, input_ids.shape[1] :].tolist()
+        return [until_eos(row[:b], self.eos_ids) for row, b in zip(new, budgets, strict=True)]
+
+    def stream(self, item: Item) -> Iterator[str]:
+        """Yield the answer to one item in pieces as tokens are generated (beam search falls back to one beam)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        ids = self.encode(self.render(item))
+        budget = self.budget(len(ids))
+        if budget == 0:
+            return
+        config = copy.deepcopy(self.config)
+        config.max_new_tokens = budget
+        if (config.num_beams or 1) > 1:
+            if not self._warned_beams:
+                log.info("streaming decodes with one beam (num_beams=%d is not streamable)", config.num_beams)
+                self._warned_beams = True
+            config.num_beams = 1
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(
+                        input_ids=torch.tensor([ids], device=self.device),
+                        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+                        generation_config=config,
+                        streamer=streamer,
+                    )
+            except BaseException as e:  # surfaced in the caller's thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+def item_text(item: Item) -> tuple[str, str]:
+    """``(instruction, input)`` of a generation item."""
+    if isinstance(item, str):
+        return item, ""
+    if isinstance(item, Record):
+        return item.instruction, item.input
+    if isinstance(item, tuple):
+        return item[0], item[1] or ""
+    if isinstance(item, Mapping):
+        return str(item["instruction"]), str(item.get("input") or "")
+    raise TypeError(f"cannot generate from a {type(item).__name__}: give a Record, a mapping or a string")
+
+
+def until_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
+    """Generated ids up to (not including) the first EOS; the padding that follows an EOS in a batch goes with it."""
+    stop = next((k for k, t in enumerate(ids) if t in eos_ids), len(ids))
+    return ids[:stop]
+
+
+def left_pad(batch: list[list[int]], pad_id: int):
+    """``(input_ids, attention_mask)`` with every row right-aligned, so that generated tokens follow each prompt."""
+    import torch
+
+    width = max(len(x) for x in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, x in enumerate(batch):
+        if x:
+            input_ids[r, width - len(x) :] = torch.tensor(x)
+            mask[r, width - len(x) :] = 1
+    return input_ids, mask
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS (what training appended) first, then any other EOS the model's configs name."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        for t in value if isinstance(value, list) else [value]:
+            if t is not None and t not in ids:
+                ids.append(int(t))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model config names an EOS token")
+    return ids
+
+
+def generation_config(model, settings: Mapping[str, Any], eos_ids: list[int], pad_id: int):
+    """A ``GenerationConfig``: the model's own, with kullm's settings and the tokenizer's EOS/pad."""
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    sample = bool(settings.get("do_sample"))
+    config.update(
+        do_sample=sample,
+        num_beams=int(settings.get("num_beams") or 1),
+        repetition_penalty=float(settings.get("repetition_penalty") or 1.0),
+        no_repeat_ngram_size=int(settings.get("no_repeat_ngram_size") or 0),
+        eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
+        pad_token_id=pad_id,
+    )
+    # temperature/top_p/top_k only mean something when sampling; set otherwise they only trigger warnings
+    for key in ("temperature", "top_p", "top_k"):
+        setattr(config, key, settings.get(key) if sample else None)
+    return config
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; a requested but missing GPU is an error."""
+    import torch
+
+    device = device or "auto"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device}, but torch sees no CUDA GPU: use device=cpu or device=auto")
+    return device
+
+
+def load_for_generation(cfg: DictConfig):
+    """``(model, tokenizer, prompter, label)`` for ``adapter=``, ``base=`` or the ``model`` group, on cfg's device."""
+    from kullm.adapter import load_adapter
+    from kullm.modeling import load_model, load_tokenizer
+
+    if cfg.adapter and cfg.base:
+        raise ValueError("give adapter=<folder> or base=<checkpoint>, not both (an adapter names its own base)")
+    device = resolve_device(cfg.device)
+    quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.get("quant") else None
+    quantized = bool(quant) and quant.get("mode", "none") != "none"
+    device_map = cfg.device_map or ({"": device} if quantized else None)
+    if cfg.adapter:
+        model, tokenizer, prompter = load_adapter(cfg.adapter, dtype=cfg.dtype, quant=quant, device_map=device_map)
+        label = str(Path(cfg.adapter).expanduser().resolve())
+    else:
+        node = model_node(cfg)
+        model = load_model(node, quant=quant, device_map=device_map)
+        model.eval()
+        tokenizer = load_tokenizer(node)
+        prompter = folder_prompter(node["name_or_path"]) or Prompter.from_config(cfg.template)
+        name = Path(str(node["name_or_path"])).expanduser()
+        label = str(name.resolve()) if name.exists() else str(node["name_or_path"])
+    if device_map is None:
+        model.to(device)
+    log.info("generating with %s on %s (%s)", label, model.device, model.dtype)
+    return model, tokenizer, prompter, label
+
+
+def model_node(cfg: DictConfig) -> dict[str, Any]:
+    """The ``model`` group node, or one for ``base=`` (its tokenizer, EOS and pad are the checkpoint's own)."""
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.base:
+        base = str(cfg.base)
+        node.update(
+            name=Path(base).name,
+            name_or_path=base,
+            revision=None,
+            tokenizer=None,
+            eos_token=None,
+            pad_token=None,
+            shape_only=False,
+            dtype=cfg.dtype or checkpoint_dtype(base),
+        )
+    elif cfg.dtype:
+        node["dtype"] = cfg.dtype
+    return node
+
+
+def checkpoint_dtype(name_or_path: str) -> str:
+    """The dtype a checkpoint was saved in (``float32`` when its config does not say)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+
+
+def folder_prompter(name_or_path: str) -> Prompter | None:
+    """The ``template.yaml`` that ``kullm-merge`` leaves in a merged folder, if there is one."""
+    path = Path(name_or_path) / "template.yaml"
+    return Prompter.from_file(path) if path.is_file() else None
+
+
+def check_settings(path: Path, done: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Any]) -> None:
+    """Refuse to resume a file that was written with other generation settings (one file, one set of settings)."""
+
+    def key(s: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in s.items() if k not in RESUMABLE_KEYS}
+
+    for rid, row in done.items():
+        old = row.get("generation") or {}
+        if key(old) != key(settings):
+            diff = {k: (old.get(k), settings.get(k)) for k in key({**old, **settings}) if old.get(k) != settings.get(k)}
+            raise ValueError(
+                f"{path}: id {rid} was generated with other settings {diff} (old, new): "
+                "resume with the same settings, or write to another output_file"
+            )
+
+
+def run_file(
+    generator: Generator,
+    input_file: str | Path,
+    output_file: str | Path,
+    *,
+    fields: Mapping[str, str] | None = None,
+    policy: str = "skip",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Generate an answer for every record of ``input_file`` not yet in ``output_file``, appending as batches finish."""
+    from tqdm.auto import tqdm
+
+    output_file = Path(output_file)
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    rejects = output_file.with_name(output_file.stem + ".rejects.jsonl")
+    records, report = read_records(
+        input_file, fields=fields, policy=policy, rejects_path=rejects, require_output=False, allow_empty_output=True
+    )
+    for reject in report.rejects:
+        log.warning("skipped %s", reject)
+    settings = {**generator.settings, "model": generator.label}
+    done = read_done(output_file, "response")
+    check_settings(output_file, done, settings)
+    todo = [r for r in records if r.id not in done]
+    n_done = len(records) - len(todo)
+    log.info("%s: %d records, %d already in %s, %d to go", input_file, len(records), n_done, output_file, len(todo))
+    bar = tqdm(total=len(records), initial=n_done, unit="rec", disable=not progress)
+    with AppendLog(output_file) as out:
+
+        def write(indices: list[int], answers: list[str]) -> None:
+            for i, answer in zip(indices, answers, strict=True):
+                rec = todo[i]
+                row = {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "response": answer}
+                out.write({**row, "generation": settings})
+            bar.update(len(indices))
+
+        generator.generate(todo, batch_size=batch_size, on_batch=write)
+    bar.close()
+    if report.rejects:
+        log.warning("%d bad row(s) skipped; see %s", report.n_rejected, rejects)
+    return output_file
+
+
+def generate_file(cfg: DictConfig) -> Path:
+    """Answer every record of ``cfg.input_file`` into ``cfg.output_file`` (resuming it); return the output path."""
+    if not cfg.input_file:
+        raise ValueError("generate_file needs input_file=<jsonl>")
+    output = Path(cfg.output_file or Path(cfg.output_dir) / "responses.jsonl")
+    generator = Generator.from_config(cfg)
+    seed_everything(cfg.generation.get("seed"))
+    fields = OmegaConf.to_container(cfg.fields, resolve=True) if cfg.get("fields") else None
+    return run_file(generator, cfg.input_file, output, fields=fields, policy=cfg.get("policy") or "skip")
+
+
+def seed_everything(seed: int | None) -> None:
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(int(seed))
+
+
+def chat(generator: Generator, lines: Iterable[str] | None = None, write: Callable[[str], Any] | None = None) -> None:
+    """Answer one instruction per line, streaming tokens; an empty line, ``/exit`` or end of input quits.
+
+    Each turn is answered on its own: the KULLM template is single-turn.
+    """
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    write(f"kullm chat with {generator.label} (an empty line or /exit quits)\n")
+    source = iter(lines) if lines is not None else None
+    while True:
+        write("\n>>> ")
+        line = next(source, None) if source is not None else sys.stdin.readline()
+        if not line or not line.strip() or line.strip() == "/exit":
+            break
+        for piece in generator.stream(line.strip()):
+            write(piece)
+        write("\n")
+    write("\n")

@@ -1,0 +1,1 @@
+"""The training stage: the LightningModule, its loss, callbacks, checkpoints, loggers and run plan."""

@@ -1,0 +1,72 @@
+"""Experiment loggers: W&B (offline without a key), CSV or none, and closing a W&B run cleanly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+
+from kullm.config import ConfigError, redact
+
+
+def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
+    """The ``logger=`` group: W&B (offline without a key), CSV, or none; the redacted config is logged."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    lc = cfg.logger
+    if lc.name == "none":
+        return []
+    if lc.name == "csv":
+        logger = CSVLogger(save_dir=str(out), name="csv", version="")
+    elif lc.name == "wandb":
+        mode = wandb_mode(lc.get("mode", "auto"))
+        logger = WandbLogger(
+            project=lc.project,
+            entity=lc.get("entity"),
+            name=lc.get("run_name"),
+            group=lc.get("group"),
+            tags=list(lc.get("tags") or []),
+            save_dir=str(out),
+            offline=mode == "offline",
+            mode=mode,
+        )
+        if lc.get("watch") and model is not None:
+            logger.watch(model, log=lc.watch, log_freq=int(lc.get("watch_log_freq", 100)))
+    else:
+        raise ConfigError(f"logger.name must be wandb, csv or none, got {lc.name!r}")
+    logger.log_hyperparams(redact(cfg))
+    return [logger]
+
+
+def wandb_mode(mode: str) -> str:
+    """``auto``: online with an API key (environment or ``wandb login``), else offline. ``WANDB_MODE`` wins."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import netrc
+
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def finish_wandb(loggers: list) -> None:
+    """Close the W&B run (so each job of a sweep is its own run) and say how to upload an offline one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            offline = getattr(run, "settings", None) is not None and run.settings.mode == "offline"
+            run_dir = Path(run.dir).parent if offline else None
+            run.finish()
+            if run_dir is not None:
+                rank_zero_info(f"kullm-train: W&B ran offline; upload with: wandb sync {run_dir}")

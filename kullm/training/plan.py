@@ -1,0 +1,59 @@
+"""The run plan, checked before anything loads: world size, gradient accumulation, strategy, impossible combinations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig
+
+from kullm.config import ConfigError
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes that will train: devices per node × nodes (``auto`` counts visible GPUs, else 1)."""
+    devices, accel = trainer_cfg.get("devices", 1), str(trainer_cfg.get("accelerator", "auto"))
+    if isinstance(devices, (list, ListConfig)):
+        n = len(devices)
+    elif str(devices) in ("auto", "-1"):
+        n = torch.cuda.device_count() if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
+    else:
+        n = int(devices)
+    return max(1, n) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def accumulation(batch_size: int, micro_batch_size: int, world: int) -> int:
+    """Gradient accumulation steps so that ``micro_batch_size × world × steps == batch_size`` exactly."""
+    if batch_size <= 0 or micro_batch_size <= 0:
+        raise ConfigError(f"batch_size ({batch_size}) and micro_batch_size ({micro_batch_size}) must be positive")
+    if batch_size % (micro_batch_size * world):
+        raise ConfigError(
+            f"batch_size={batch_size} is not divisible by micro_batch_size={micro_batch_size} × world size={world} "
+            f"(= {micro_batch_size * world}): choose batch_size as a multiple of it"
+        )
+    return batch_size // (micro_batch_size * world)
+
+
+def check_combination(cfg: DictConfig) -> None:
+    """Refuse, before anything loads, what cannot run: GPU-only strategies on CPU, sharding a quantized base."""
+    strategy, quant = cfg.strategy, cfg.quant.get("mode", "none")
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    has_gpu = torch.cuda.is_available()
+    if accel in ("gpu", "cuda") and not has_gpu:
+        raise ConfigError(f"trainer.accelerator={accel} but this machine has no CUDA GPU: use trainer=cpu")
+    if strategy.get("gpu_only") and (accel == "cpu" or not has_gpu):
+        raise ConfigError(
+            f"strategy={strategy.name} runs only on CUDA GPUs (Lightning refuses it on CPU); "
+            "use strategy=ddp (or auto) here"
+        )
+    if strategy.get("shards_params") and quant != "none":
+        raise ConfigError(
+            f"strategy={strategy.name} shards the base weights, which bitsandbytes {quant} weights cannot be; "
+            "use quant=none (bf16 base) or strategy=ddp / deepspeed_zero2"
+        )
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    impl = cfg.strategy.impl
+    return impl if isinstance(impl, str) else instantiate(impl)
