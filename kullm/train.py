@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from kullm.config import CONF_DIR, ConfigError, check_overrides, validate
 from kullm.data.records import DataError
 from kullm.training.loggers import build_loggers, finish_wandb
-from kullm.training.plan import accumulation, build_strategy, check_combination, world_size
+from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,16 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from kullm.data.datamodule import KullmDataModule
     from kullm.modeling import build_peft_model, load_tokenizer
     from kullm.templates import Prompter
-    from kullm.training.checkpointing import AtomicCheckpointIO, export_adapter
+    from kullm.training.checkpointing import AtomicCheckpointIO, copy_adapter, export_adapter
     from kullm.training.module import KullmLitModule
 
     validate(cfg)
     check_combination(cfg)
     world = world_size(cfg.trainer)
     accumulate = accumulation(int(cfg.batch_size), int(cfg.micro_batch_size), world)
+    has_val = int(cfg.data.get("val_set_size", 0)) > 0
+    trainer_kwargs = validation_schedule(cfg, accumulate) if has_val else {"limit_val_batches": 0}
+    final = final_adapter_choice(cfg, has_val)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -94,11 +97,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     )
     model = build_peft_model(cfg.model, cfg.lora, cfg.quant, gradient_checkpointing=bool(cfg.gradient_checkpointing))
     module = KullmLitModule(model, optim=cfg.optim, loss=cfg.get("loss"))
-    has_val = int(cfg.data.get("val_set_size", 0)) > 0
     loggers = build_loggers(cfg, out, model)
-    trainer_kwargs: dict[str, Any] = {}
-    if not has_val:
-        trainer_kwargs["limit_val_batches"] = 0
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         accumulate_grad_batches=accumulate,
@@ -121,11 +120,19 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     # "dataloader is not resumable" warning does not apply
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    adapter = export_adapter(trainer, out / "adapter", tokenizer=tokenizer, prompter=prompter, config=cfg)
+    adapter = out / "adapter"
+    best = _best_adapter(trainer) if final == "best" else None
+    if best is not None:
+        if trainer.is_global_zero:
+            copy_adapter(best, adapter)
+        trainer.strategy.barrier("final_adapter")
+    else:
+        export_adapter(trainer, adapter, tokenizer=tokenizer, prompter=prompter, config=cfg)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics["global_step"] = trainer.global_step
     if trainer.is_global_zero:
-        rank_zero_info(f"kullm-train: adapter saved to {adapter}")
+        source = f" (the best checkpoint, {best.name})" if best is not None else ""
+        rank_zero_info(f"kullm-train: adapter saved to {adapter}{source}")
         finish_wandb(loggers)
     return {
         "metrics": metrics,
@@ -134,6 +141,28 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         "trainer": trainer,
         "module": module,
     }
+
+
+def final_adapter_choice(cfg: DictConfig, has_val: bool) -> str:
+    """``callbacks.checkpoint.final``: ``last`` (the weights at the end) or ``best`` (by the monitored metric)."""
+    final = str(cfg.callbacks.checkpoint.get("final") or "last")
+    if final not in ("last", "best"):
+        raise ConfigError(f"callbacks.checkpoint.final={final!r}: must be last or best")
+    if final == "best" and not (has_val and cfg.callbacks.checkpoint.get("monitor")):
+        raise ConfigError("callbacks.checkpoint.final=best needs a validation set and callbacks.checkpoint.monitor")
+    return final
+
+
+def _best_adapter(trainer: L.Trainer) -> Path | None:
+    """The adapter folder beside the best checkpoint, if a validation ever ranked one."""
+    from kullm.training.checkpointing import AdapterCheckpoint, adapter_dir
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, AdapterCheckpoint) and cb.best_model_path:
+            folder = adapter_dir(cb.best_model_path)
+            if folder.is_dir():
+                return folder
+    return None
 
 
 def _count(model) -> tuple[int, int]:

@@ -7,16 +7,18 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kullm.config import CONF_DIR, compose, validate
+from kullm.config import CONF_DIR, ConfigError, compose, validate
 from kullm.training.loggers import build_loggers
-from kullm.training.plan import accumulation, build_strategy, world_size
+from kullm.training.plan import accumulation, build_strategy, validation_schedule, world_size
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
 
 
 def test_the_presets_are_there():
-    assert {"smoke", "kullm-v2-polyglot-12.8b", "kullm-v1-polyglot-12.8b"} <= set(EXPERIMENTS)
+    assert {"smoke", "kullm-v2-polyglot-12.8b", "kullm-v1-polyglot-12.8b", "kullm-v2-polyglot-12.8b-bf16"} <= set(
+        EXPERIMENTS
+    )
     assert {"auto", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp"} <= set(STRATEGIES)
 
 
@@ -36,7 +38,8 @@ def test_experiment_composes_and_instantiates(tmp_path, name):
             logger.experiment.finish()
 
 
-def test_seed_recipe_preset_is_the_seed_recipe(tmp_path):
+def test_seed_recipe_preset_is_the_recipe_as_it_ran(tmp_path):
+    """finetune_polyglot.py at KULLM's kullm_v2 commit 33ef2a4: hard-coded TrainingArguments + HF defaults."""
     cfg = compose("train", ["experiment=kullm-v2-polyglot-12.8b", f"output_dir={tmp_path}"])
     assert cfg.model.name_or_path == "EleutherAI/polyglot-ko-12.8b"
     lora = OmegaConf.to_container(cfg.lora, resolve=True)
@@ -47,17 +50,54 @@ def test_seed_recipe_preset_is_the_seed_recipe(tmp_path):
         ["query_key_value"],
     )
     assert (cfg.batch_size, cfg.micro_batch_size, cfg.data.cutoff_len, cfg.data.val_set_size) == (128, 4, 512, 2000)
-    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (
         3e-4,
-        "cosine",
-        0.1,
+        "linear",
+        100,
         0.0,
     )
     assert (cfg.trainer.max_epochs, cfg.trainer.devices, cfg.trainer.precision) == (8, 4, "16-mixed")
-    assert cfg.sampler == "length_grouped" and cfg.data.train_on_inputs is True
-    assert accumulation(cfg.batch_size, cfg.micro_batch_size, world_size(cfg.trainer)) == 8
+    assert (cfg.quant.mode, cfg.model.dtype, cfg.gradient_checkpointing) == ("int8", "float16", True)
+    assert cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.sampler == "length_grouped" and cfg.data.train_on_inputs is True and cfg.data.add_eos is True
+    accumulate = accumulation(cfg.batch_size, cfg.micro_batch_size, world_size(cfg.trainer))
+    assert accumulate == 8
+    # evaluation every 200 *optimizer* steps: 1600 micro-batches, counted over epochs
+    assert validation_schedule(cfg, accumulate) == {"val_check_interval": 1600, "check_val_every_n_epoch": None}
+    ck = cfg.callbacks.checkpoint
+    assert (ck.every_n_train_steps, ck.save_top_k, ck.monitor, ck.final) == (200, 3, "val/loss", "best")
     v1 = compose("train", ["experiment=kullm-v1-polyglot-12.8b", f"output_dir={tmp_path}"])
     assert v1.trainer.max_epochs == 5 and v1.data.name == "kullm-v1" and v1.lora.r == 8
+    assert (v1.optim.schedule, v1.optim.warmup_steps, v1.quant.mode) == ("linear", 100, "int8")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_modern_preset_differs_from_the_seed_only_in_precision(tmp_path, version):
+    seed = compose("train", [f"experiment=kullm-{version}-polyglot-12.8b", f"output_dir={tmp_path}"])
+    modern = compose("train", [f"experiment=kullm-{version}-polyglot-12.8b-bf16", f"output_dir={tmp_path}"])
+    assert (modern.quant.mode, modern.model.dtype, modern.trainer.precision) == ("none", "bfloat16", "bf16-mixed")
+    assert modern.gradient_checkpointing is False
+    a, b = OmegaConf.to_container(seed, resolve=True), OmegaConf.to_container(modern, resolve=True)
+    for cfg in (a, b):
+        cfg.pop("quant"), cfg["model"].pop("dtype"), cfg["trainer"].pop("precision"), cfg.pop("gradient_checkpointing")
+        cfg["logger"].pop("tags")
+    assert a == b
+
+
+def test_val_every_n_steps_refuses_what_would_validate_mid_step(tmp_path):
+    cfg = compose("train", ["experiment=smoke", f"output_dir={tmp_path}", "trainer.val_check_interval=3"])
+    with pytest.raises(ConfigError, match="not a multiple of the accumulation"):
+        validation_schedule(cfg, 2)
+    assert validation_schedule(cfg, 3) == {}
+    for bad in ("0", "-2"):
+        cfg = compose("train", ["experiment=smoke", f"output_dir={tmp_path}", f"val_every_n_steps={bad}"])
+        with pytest.raises(ConfigError, match="val_every_n_steps"):
+            validation_schedule(cfg, 2)
+    both = compose(
+        "train", ["experiment=smoke", f"output_dir={tmp_path}", "val_every_n_steps=2", "trainer.val_check_interval=4"]
+    )
+    with pytest.raises(ConfigError, match="not both"):
+        validation_schedule(both, 2)
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

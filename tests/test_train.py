@@ -278,3 +278,42 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_validation_every_n_optimizer_steps_and_the_best_checkpoint_as_final_adapter(tmp_path):
+    """``val_every_n_steps`` counts optimizer steps (here 3 steps = 6 micro-batches); ``final=best`` exports the best
+    checkpoint's adapter, as the seed's ``load_best_model_at_end`` did. ``mode=max`` makes the best an early one."""
+    out = tmp_path / "run"
+    overrides = ["trainer.max_steps=9", "val_every_n_steps=3", "callbacks.checkpoint.final=best"]
+    train(cfg_for(out, *overrides, "callbacks.checkpoint.save_top_k=1", "callbacks.checkpoint.mode=max"))
+    with open(out / "csv" / "metrics.csv") as f:
+        val_steps = [int(r["step"]) + 1 for r in csv.DictReader(f) if r.get("val/loss")]
+    assert val_steps == [3, 6, 9]
+    (best,) = [p for p in (out / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("step=")]
+    assert best.name.startswith("step=000003-")  # the highest val/loss: the first validation
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == load_file(best / "adapter_model.safetensors").keys()
+    for k, v in load_file(best / "adapter_model.safetensors").items():
+        assert torch.equal(final[k], v), k
+    last = load_file(out / "checkpoints" / "last" / "adapter_model.safetensors")
+    assert any(not torch.equal(final[k], last[k]) for k in final)
+
+
+def test_last_checkpoint_is_always_the_last_step(tmp_path):
+    """Lightning refreshes ``last`` only on a top-k save; here no validation after the first is among the best 1."""
+    out = tmp_path / "run"
+    train(
+        cfg_for(
+            out,
+            "trainer.max_steps=10",
+            "val_every_n_steps=3",
+            "callbacks.checkpoint.save_top_k=1",
+            "callbacks.checkpoint.mode=max",
+            "callbacks.checkpoint.every_n_train_steps=2",
+        )
+    )
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 10
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    last_adapter = load_file(out / "checkpoints" / "last" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], last_adapter[k]) for k in final)

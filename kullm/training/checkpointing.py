@@ -71,6 +71,48 @@ class AdapterCheckpoint(ModelCheckpoint):
     def __init__(self, *, tokenizer=None, prompter=None, config=None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.tokenizer, self.prompter, self.config = tokenizer, prompter, config
+        self._last_step = -1  # the optimizer step ``last`` holds
+
+    # Lightning rewrites ``last`` only when a top-k save happens, so after a validation that is not among the best
+    # k, ``last.ckpt`` silently stays at an older step. kullm keeps ``last`` at the latest step at every save point:
+    # each ``every_n_train_steps``, each validation, each epoch end and the end of fit.
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_step = trainer.global_step
+
+    def refresh_last(self, trainer: L.Trainer) -> None:
+        """Write ``last`` (checkpoint + adapter) for the current optimizer step unless it already holds it."""
+        if not self.save_last or trainer.sanity_checking or trainer.fast_dev_run or trainer.global_step == 0:
+            return
+        if self._last_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self._every_n_train_steps
+        if every and trainer.global_step % every == 0:
+            self.refresh_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.refresh_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.refresh_last(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._last_step = int(state_dict.get("last_step", -1))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -88,6 +130,18 @@ def adapter_dir(ckpt_path: str | Path) -> Path:
     """``…/epoch=1-step=20.ckpt`` → ``…/epoch=1-step=20/`` (``last.ckpt`` → ``last/``)."""
     p = Path(ckpt_path)
     return p.with_name(p.name.removesuffix(".ckpt"))
+
+
+def copy_adapter(source: Path, folder: str | Path) -> Path:
+    """Copy a saved adapter folder to ``folder`` (rank 0), replacing it only once the copy is whole."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
 
 
 def export_adapter(trainer: L.Trainer, folder: str | Path, **meta) -> Path | None:

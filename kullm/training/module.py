@@ -189,9 +189,11 @@ def _set_numpy_state(state: dict[str, Any]) -> None:
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, floor: float = 0.0) -> float:
-    """The learning-rate multiplier at optimizer ``step``: linear warmup, then cosine / linear decay or constant."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / (warmup + 1)
+    """The learning-rate multiplier at optimizer ``step`` (0-based): linear warmup, then cosine / linear decay or
+    constant — the formulas of transformers' ``get_{cosine,linear,constant}_schedule_with_warmup`` (which the seed
+    recipe's HF ``Trainer`` used), with an optional floor as a fraction of the peak."""
+    if step < warmup:
+        return step / max(1, warmup)
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

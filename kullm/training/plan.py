@@ -35,6 +35,29 @@ def accumulation(batch_size: int, micro_batch_size: int, world: int) -> int:
     return batch_size // (micro_batch_size * world)
 
 
+def validation_schedule(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
+    """Trainer arguments for ``val_every_n_steps`` (optimizer steps, counted across epochs).
+
+    Lightning counts ``val_check_interval`` in micro-batches: N optimizer steps are ``N × accumulate`` of them, so a
+    validation (and the checkpoint it triggers) never falls inside a gradient-accumulation window.
+    """
+    every = cfg.get("val_every_n_steps")
+    lightning_interval = cfg.trainer.get("val_check_interval")
+    if every is not None:
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ConfigError(f"val_every_n_steps={every!r}: must be a positive number of optimizer steps (or null)")
+        if lightning_interval is not None:
+            raise ConfigError("give val_every_n_steps (optimizer steps) or trainer.val_check_interval, not both")
+        return {"val_check_interval": every * accumulate, "check_val_every_n_epoch": None}
+    counted = isinstance(lightning_interval, int) and not isinstance(lightning_interval, bool)
+    if counted and lightning_interval % accumulate:
+        raise ConfigError(
+            f"trainer.val_check_interval={lightning_interval} micro-batches is not a multiple of the accumulation "
+            f"({accumulate}): validation would land inside an optimizer step; use val_every_n_steps instead"
+        )
+    return {}
+
+
 def check_combination(cfg: DictConfig) -> None:
     """Refuse, before anything loads, what cannot run: GPU-only strategies on CPU, sharding a quantized base."""
     strategy, quant = cfg.strategy, cfg.quant.get("mode", "none")
