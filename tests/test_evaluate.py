@@ -40,6 +40,11 @@ def _eval_set() -> Path:
 
 EVAL_SET = _eval_set()
 MAXES = {name: hi for name, _, hi in CRITERIA}
+MINS = {name: lo for name, lo, _ in CRITERIA}
+
+
+def scaled(name: str, mean: float) -> float:
+    return (mean - MINS[name]) / (MAXES[name] - MINS[name]) * 100
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +101,7 @@ def test_end_to_end_252_numbers_and_tables(tmp_path, eval_records):
     assert run["notes"] == [] and run["relative"] is None
     means = expected_means(f"응답 {r.id}" for r in eval_records)
     assert run["means"] == pytest.approx(means)
-    overall = sum(means[n] / MAXES[n] * 100 for n in MAXES) / len(MAXES)
+    overall = sum(scaled(n, means[n]) for n in MAXES) / len(MAXES)
     assert run["overall"] == pytest.approx(overall)
     assert again["runs"]["kullm-v2"]["means"] == run["means"]
 
@@ -111,7 +116,7 @@ def test_end_to_end_252_numbers_and_tables(tmp_path, eval_records):
     assert [r["criterion"] for r in rows] == list(MAXES) + ["overall"]
     for r in rows[:-1]:
         assert float(r["mean"]) == pytest.approx(means[r["criterion"]])
-        assert float(r["scaled"]) == pytest.approx(means[r["criterion"]] / MAXES[r["criterion"]] * 100)
+        assert float(r["scaled"]) == pytest.approx(scaled(r["criterion"], means[r["criterion"]]))
         assert float(r["ci_low"]) < float(r["mean"]) < float(r["ci_high"]) and int(r["n"]) == 252
     assert float(rows[-1]["mean"]) == pytest.approx(overall)
     md = (out / "report.md").read_text(encoding="utf-8")
@@ -136,7 +141,7 @@ def test_side_by_side_runs_and_relative_score(tmp_path, eval_records):
     runs = summary["runs"]
     assert runs["gpt4"]["overall"] == pytest.approx(100.0) and runs["gpt4"]["relative"] == pytest.approx(100.0)
     means = expected_means(f"B {r.id}" for r in recs)
-    overall = sum(means[n] / MAXES[n] * 100 for n in MAXES) / len(MAXES)
+    overall = sum(scaled(n, means[n]) for n in MAXES) / len(MAXES)
     assert runs["kullm"]["overall"] == pytest.approx(overall) and runs["kullm"]["relative"] == pytest.approx(overall)
     with (tmp_path / "o" / "report.csv").open(encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["criterion"] == "overall"]

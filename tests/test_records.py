@@ -6,6 +6,7 @@ from kullm.data.records import DataError, Fields, read_records
 
 
 def write_lines(path, lines: list[bytes | str]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         for line in lines:
             f.write(line if isinstance(line, bytes) else line.encode("utf-8"))
@@ -89,16 +90,38 @@ def test_strict_policy_stops_at_first_bad_row_naming_it(tmp_path, line, reason, 
     assert str(e.value).startswith(f"{p}:2: {field}: {reason}")
 
 
-def test_duplicate_ids_keep_first_and_name_it(tmp_path):
+def test_a_colliding_id_never_costs_a_distinct_row(tmp_path):
+    """KULLM v2's ids (``alpaca_{idx}``…) are not guaranteed unique across its sources."""
+    rows = [row(id="x", instruction="a", output="b"), row(id="x", instruction="c", output="d")]
+    p = write_lines(tmp_path / "d.jsonl", rows)
+    for policy in ("skip", "strict"):
+        recs, rep = read_records(p, policy=policy)
+        assert [r.instruction for r in recs] == ["a", "c"]
+        assert recs[0].id == "x" and recs[1].id.startswith("x#") and len(recs[1].id) == 10
+        assert rep.renamed == [(f"{p}:2", "x", recs[1].id)] and rep.as_dict()["ids_renamed"] == 1
+        assert not rep.rejects
+    # deterministic: the same row gets the same new id on every read, whatever comes before it
+    q = write_lines(tmp_path / "e.jsonl", [row(id="x", instruction="z", output="z"), *rows[::-1]])
+    again, _ = read_records(q)
+    assert {r.instruction: r.id for r in again}["c"] == recs[1].id
+
+
+def test_exact_duplicates_are_dropped_and_counted_only_when_asked(tmp_path):
+    same = row(id="y", instruction="같은 질문", input="입력", output="같은 답")
     p = write_lines(
-        tmp_path / "d.jsonl", [row(id="x", instruction="a", output="b"), row(id="x", instruction="c", output="d")]
+        tmp_path / "d.jsonl", [same, row(id="z", instruction="같은 질문", input="입력", output="같은 답"), same]
     )
-    recs, rep = read_records(p)
-    assert [r.instruction for r in recs] == ["a"]
-    assert rep.rejected == {"duplicate_id": 1}
-    assert f"{p}:1" in rep.rejects[0].message
-    with pytest.raises(DataError, match=r"d.jsonl:2: id: duplicate_id"):
-        read_records(p, policy="strict")
+    recs, rep = read_records(p, drop_duplicates=True)
+    assert [r.id for r in recs] == ["y"] and rep.duplicates == 2 and rep.as_dict()["duplicates_dropped"] == 2
+    kept, rep = read_records(p)  # generation input or responses: every id is its own item
+    assert [r.id for r in kept][:2] == ["y", "z"] and len(kept) == 3 and rep.duplicates == 0
+
+
+def test_id_less_rows_are_keyed_by_path_under_the_data_root(tmp_path):
+    for sub in ("a", "b"):
+        write_lines(tmp_path / sub / "train.jsonl", [row(instruction=f"{sub} 질문", output="답")])
+    recs, rep = read_records(tmp_path)
+    assert [r.id for r in recs] == ["a/train.jsonl:1", "b/train.jsonl:1"] and not rep.renamed
 
 
 def test_bom_and_crlf_are_repaired_and_counted(tmp_path):

@@ -24,7 +24,7 @@ from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: colliding ids renamed (not rejected), exact duplicates dropped
 COLUMNS = ["id", "input_ids", "labels", "attention_mask", "length", "prompt_len", "response_len"]
 
 
@@ -68,6 +68,7 @@ def preprocess(
         split=data.get("split", "train"),
         revision=data.get("revision"),
         source=data.get("source", "auto"),
+        drop_duplicates=bool(data.get("drop_duplicates", True)),
     )
     if not records:
         raise DataError(f"{data['path']}: no usable record ({report.n_rejected} rejected: {dict(report.rejected)})")
@@ -190,6 +191,7 @@ def _settings(data: Mapping[str, Any], prompter: Prompter) -> dict[str, Any]:
         "add_eos": bool(data.get("add_eos", True)),
         "val_set_size": int(data.get("val_set_size", 0)),
         "seed": int(data.get("seed", 42)),
+        "drop_duplicates": bool(data.get("drop_duplicates", True)),
     }
 
 

@@ -10,15 +10,20 @@ Sources are a ``.jsonl`` / ``.json`` file, a folder of them, or a hub dataset id
 Under ``policy="skip"`` bad rows are counted by reason and written to a rejects file with ``file:line``;
 under ``policy="strict"`` the first bad row raises :class:`DataError` naming ``file:line: field: reason``.
 Harmless encoding quirks (a byte-order mark, CRLF line ends) are repaired and counted, never rejected.
+
+Duplicates never cost a distinct row: a row whose id was already used but whose content (instruction, input,
+output) differs is kept under a deterministic new id (``<id>#<content hash>``), counted and reported; exact
+duplicate rows (same content) can be dropped and counted (``drop_duplicates``, on for training data).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +82,8 @@ class ReadReport:
     rejected: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     rejects: list[Reject] = field(default_factory=list)
+    duplicates: int = 0  # exact duplicate rows dropped (drop_duplicates)
+    renamed: list[tuple[str, str, str]] = field(default_factory=list)  # (source, id, new id) for colliding ids
 
     @property
     def n_rejected(self) -> int:
@@ -88,6 +95,8 @@ class ReadReport:
             "records": self.records,
             "rejected": dict(self.rejected),
             "repaired": dict(self.repaired),
+            "duplicates_dropped": self.duplicates,
+            "ids_renamed": len(self.renamed),
         }
 
 
@@ -105,6 +114,7 @@ class _Row:
     raw: str
     obj: Any = None
     bad: _Bad | None = None
+    default_id: str = ""  # for rows without an id: ``<path relative to the data root>:<line>``
 
 
 def read_records(
@@ -117,6 +127,7 @@ def read_records(
     source: str = "auto",
     require_output: bool = True,
     allow_empty_output: bool = False,
+    drop_duplicates: bool = False,
 ) -> tuple[list[Record], ReadReport]:
     """Read and validate every row of ``path``; return the good records and a report.
 
@@ -129,6 +140,7 @@ def read_records(
     :param source: ``"auto"`` (local path if it exists, else hub), ``"files"`` or ``"hub"``.
     :param require_output: rows must have the output field (False for prompts to answer: generation input).
     :param allow_empty_output: an empty output is kept, not rejected (a model's empty answer is still an answer).
+    :param drop_duplicates: drop (and count) records whose instruction, input and output repeat an earlier one.
     """
     if policy not in ("skip", "strict"):
         raise ValueError(f"policy must be 'skip' or 'strict', got {policy!r}")
@@ -136,18 +148,14 @@ def read_records(
     output_rule = (require_output, allow_empty_output)
     report = ReadReport()
     records: list[Record] = []
-    seen: dict[str, str] = {}
+    ids: dict[str, str] = {}  # id -> where it was first used
+    contents: set[tuple[str, str, str]] = set()
     for row in _rows(path, split, revision, source, report):
         report.rows += 1
         try:
             if row.bad is not None:
                 raise row.bad
-            made = _to_records(row.obj, row.source, fields, output_rule)
-            for rec in made:
-                if rec.id in seen:
-                    raise _Bad("duplicate_id", fields.id, f"id {rec.id!r} already used at {seen[rec.id]}")
-            for rec in made:
-                seen[rec.id] = rec.source
+            made = _to_records(row.obj, row.source, fields, output_rule, row.default_id)
         except _Bad as bad:
             reject = Reject(row.source, bad.reason, bad.field, bad.message, row.raw)
             if policy == "strict":
@@ -155,8 +163,30 @@ def read_records(
             report.rejected[bad.reason] += 1
             report.rejects.append(reject)
             continue
-        records.extend(made)
+        for rec in made:
+            content = (rec.instruction, rec.input, rec.output)
+            if drop_duplicates and content in contents:
+                report.duplicates += 1
+                continue
+            contents.add(content)
+            if rec.id in ids:
+                new_id = _unique_id(rec, ids)
+                report.renamed.append((rec.source, rec.id, new_id))
+                rec = replace(rec, id=new_id)
+            ids[rec.id] = rec.source
+            records.append(rec)
     report.records = len(records)
+    if report.duplicates:
+        log.info("%d exact duplicate row(s) dropped (same instruction, input and output)", report.duplicates)
+    if report.renamed:
+        src, old, new = report.renamed[0]
+        log.warning(
+            "%d row(s) reuse an earlier id with other content: kept under new ids (first: %s: %r -> %r)",
+            len(report.renamed),
+            src,
+            old,
+            new,
+        )
     if report.rejects:
         log.warning(
             "%d of %d rows rejected (%s)%s",
@@ -168,6 +198,15 @@ def read_records(
         if rejects_path is not None:
             write_rejects(report.rejects, rejects_path)
     return records, report
+
+
+def _unique_id(rec: Record, ids: Mapping[str, str]) -> str:
+    """``<id>#<8 hex of the content hash>``: the same row gets the same id on every read, whatever the order."""
+    digest = hashlib.sha256("\x00".join((rec.instruction, rec.input, rec.output)).encode("utf-8")).hexdigest()
+    width = 8
+    while f"{rec.id}#{digest[:width]}" in ids and width < len(digest):
+        width += 4
+    return f"{rec.id}#{digest[:width]}"
 
 
 def write_rejects(rejects: list[Reject], path: str | Path) -> None:
@@ -205,11 +244,13 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
     files = data_files(p)
     if not files:
         raise DataError(f"{p}: folder holds no .jsonl or .json file")
+    root = p if p.is_dir() else p.parent
     for f in files:
-        if f.suffix == ".json" and _looks_like_array(f):
-            yield from _json_array_rows(f, report)
-        else:
-            yield from _jsonl_rows(f, report)
+        rows = _json_array_rows(f, report) if f.suffix == ".json" and _looks_like_array(f) else _jsonl_rows(f, report)
+        rel = f.relative_to(root).as_posix()
+        for row in rows:
+            row.default_id = f"{rel}:{row.source.rsplit(':', 1)[1]}"
+            yield row
 
 
 def data_files(path: Path) -> list[Path]:
@@ -299,7 +340,8 @@ def _hub_rows(name: str, split: str, revision: str | None) -> Iterator[_Row]:
             "Offline? Fetch it first with scripts/download_data.py, or point data.path at a local file."
         ) from None
     for i, obj in enumerate(ds, start=1):
-        yield _Row(f"{name}[{split}]:{i}", json.dumps(obj, ensure_ascii=False, default=str), obj)
+        raw = json.dumps(obj, ensure_ascii=False, default=str)
+        yield _Row(f"{name}[{split}]:{i}", raw, obj, default_id=f"{split}:{i}")
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -316,7 +358,9 @@ def _text(obj: Mapping[str, Any], key: str, *, required: bool) -> str:
     return value.replace("\r\n", "\n").removeprefix(BOM)
 
 
-def _to_records(obj: Any, src: str, f: Fields, output_rule: tuple[bool, bool] = (True, False)) -> list[Record]:
+def _to_records(
+    obj: Any, src: str, f: Fields, output_rule: tuple[bool, bool] = (True, False), default_id: str = ""
+) -> list[Record]:
     if not isinstance(obj, dict):
         raise _Bad("not_an_object", "<row>", f"expected a JSON object, got {type(obj).__name__}")
     rid = obj.get(f.id)
@@ -325,7 +369,7 @@ def _to_records(obj: Any, src: str, f: Fields, output_rule: tuple[bool, bool] = 
     instruction = _text(obj, f.instruction, required=True)
     if not instruction.strip():
         raise _Bad("empty_instruction", f.instruction, "instruction is empty")
-    base_id = str(rid) if rid is not None else src.rsplit("/", 1)[-1]
+    base_id = str(rid) if rid is not None else default_id or src.rsplit("/", 1)[-1]
 
     if obj.get(f.instances) is not None and obj.get(f.output) is None:
         instances = obj[f.instances]

@@ -63,6 +63,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     rows: list[tuple[str, Any]] = [("rows read", read["rows"]), ("records", read["records"])]
     rows += [(f"rejected: {k}", v) for k, v in sorted(read["rejected"].items())]
     rows += [(f"repaired: {k}", v) for k, v in sorted(read["repaired"].items())]
+    rows += [("exact duplicates dropped", read.get("duplicates_dropped", 0))]
+    rows += [("colliding ids renamed (rows kept)", read.get("ids_renamed", 0))]
     for name, c in stats["encoded"].items():
         rows += [
             (f"{name}: kept", c["kept"]),

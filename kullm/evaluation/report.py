@@ -1,10 +1,12 @@
 """The G-Eval report: per-criterion means with bootstrap intervals, a 0–100 overall score, scores relative to a
 reference run, as Markdown, CSV, a PNG bar chart and (optionally) a W&B table.
 
-Scaling follows KULLM's README graph: a criterion's score is shown as ``score / max * 100`` (so a 1–3 criterion
-can never fall below 33), and the overall score is the mean of the six scaled criteria. The relative score of a
-run is ``overall / overall_of_reference * 100``. Intervals are percentile bootstraps over items (fixed seed),
-resampling whole items so the overall interval respects the correlation between criteria.
+Scaling follows KULLM's README graph: a criterion's mean is shown on 0–100 as ``(mean − min) / (max − min) × 100``
+(a criterion at its minimum scores 0, at its maximum 100; 29 of the graph's 30 bars reproduce that way, and
+koVicuna's 26 and 29 on 1–3 criteria are impossible under ``score / max``), and the overall score is the mean of
+the six scaled criteria. The relative score of a run is ``overall / overall_of_reference × 100``. Intervals are
+percentile bootstraps over items (fixed seed), resampling whole items so the overall interval respects the
+correlation between criteria.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ class RunStats:
 
 
 def scale(score: float, c: Criterion) -> float:
-    """A criterion's score on 0–100 as in KULLM's graph: ``score / max * 100``."""
-    return score / c.max * 100.0
+    """A criterion's score on 0–100 as in KULLM's graph: ``(score − min) / (max − min) × 100``."""
+    return (score - c.min) / (c.max - c.min) * 100.0
 
 
 def summarize(
@@ -80,7 +82,7 @@ def summarize(
     if not ok:
         return st
     x = np.array([[float(j["scores"][c.name]) for c in criteria] for j in ok])  # items x criteria
-    maxes = np.array([c.max for c in criteria])
+    lows, spans = np.array([c.min for c in criteria]), np.array([c.max - c.min for c in criteria])
     rng = np.random.default_rng(seed)
     boot = x[rng.integers(0, len(x), size=(samples, len(x)))].mean(axis=1)  # samples x criteria
     lo_q, hi_q = (1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100
@@ -89,8 +91,8 @@ def summarize(
         st.ci[c.name] = (float(np.percentile(boot[:, k], lo_q)), float(np.percentile(boot[:, k], hi_q)))
         w = [j["weighted"][c.name] for j in ok if (j.get("weighted") or {}).get(c.name) is not None]
         st.weighted[c.name] = float(np.mean(w)) if len(w) == len(ok) else None  # only when every item has one
-    st.overall = float((x.mean(axis=0) / maxes * 100).mean())
-    overall_boot = (boot / maxes * 100).mean(axis=1)
+    st.overall = float(((x.mean(axis=0) - lows) / spans * 100).mean())
+    overall_boot = ((boot - lows) / spans * 100).mean(axis=1)
     st.overall_ci = (float(np.percentile(overall_boot, lo_q)), float(np.percentile(overall_boot, hi_q)))
     return st
 
@@ -143,7 +145,7 @@ def markdown(runs: Sequence[RunStats], criteria: Sequence[Criterion], reference:
     for r in runs:
         cells = [_mean_ci(r, c) for c in criteria]
         lines.append(f"| {r.name} | {r.n_ok} | {r.n_failed} | {r.n_pending} | " + " | ".join(cells) + " |")
-    lines += ["", "## Scaled to 0–100 (score / max × 100, as in KULLM's graph)", ""]
+    lines += ["", "## Scaled to 0–100 ((mean − min) / (max − min) × 100, as in KULLM's graph)", ""]
     rel = f"relative to {reference} (%)" if reference else "relative (%)"
     lines.append("| run | " + " | ".join(c.label for c in criteria) + f" | overall [95% CI] | {rel} |")
     lines.append("|---" * (3 + len(criteria)) + "|")
@@ -231,7 +233,7 @@ def plot(runs: Sequence[RunStats], criteria: Sequence[Criterion], path: Path) ->
         ax.bar(x + (k - (len(runs) - 1) / 2) * width, vals, width, yerr=err, capsize=2, label=_ascii(r.name))
     ax.set_xticks(x, labels, rotation=20, ha="right")
     ax.set_ylim(0, 105)
-    ax.set_ylabel("score / max x 100")
+    ax.set_ylabel("(mean - min) / (max - min) x 100")
     ax.set_title("G-Eval")
     ax.legend(fontsize="small")
     fig.tight_layout()

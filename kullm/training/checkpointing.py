@@ -87,7 +87,11 @@ class AdapterCheckpoint(ModelCheckpoint):
         if not self.save_last or trainer.sanity_checking or trainer.fast_dev_run or trainer.global_step == 0:
             return
         if self._last_step != trainer.global_step:
+            # Lightning's own "already saved at this step" markers are left as they were, so that a top-k save due
+            # at this same step (a validation right after a periodic save) still happens
+            marks = self._last_global_step_saved, self._last_checkpoint_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved, self._last_checkpoint_saved = marks
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -97,7 +101,8 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        self.refresh_last(trainer)
+        if not self._should_save_on_train_epoch_end(trainer):  # else Lightning saves at the epoch end, next
+            self.refresh_last(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)

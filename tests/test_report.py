@@ -1,0 +1,58 @@
+"""The G-Eval report's numbers, against values computed by hand."""
+
+import pytest
+
+from kullm.evaluation.geval import Criterion
+from kullm.evaluation.report import markdown, scale, set_relative, summarize
+
+A, B, C = Criterion("a", 0, 1, "A"), Criterion("b", 1, 3, "B"), Criterion("c", 1, 5, "C")
+CRITERIA = [A, B, C]
+
+
+def judged(scores, weighted=None):
+    return {"status": "ok", "scores": dict(zip("abc", scores, strict=True)), "weighted": weighted}
+
+
+def test_min_max_scaling_as_in_kullms_graph():
+    assert scale(0, A) == 0 and scale(1, A) == 100
+    assert scale(1, B) == 0 and scale(3, B) == 100 and scale(2, B) == 50  # score/max would say 33 and 67
+    assert scale(1, C) == 0 and scale(4, C) == 75
+    # KULLM's graph shows koVicuna at 26 and 29 on 1–3 criteria: possible only under min–max
+    assert scale(1.52, B) == pytest.approx(26) and scale(1.58, B) == pytest.approx(29)
+
+
+def test_overall_is_the_mean_of_scaled_criteria_and_relative_is_a_ratio():
+    run = summarize("run", [judged((0, 1, 5)), judged((1, 1, 5)), judged((1, 1, 5))], CRITERIA, 3)
+    assert run.means == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 5.0})
+    assert run.scaled(A) == pytest.approx(200 / 3) and run.scaled(B) == 0 and run.scaled(C) == 100
+    assert run.overall == pytest.approx((200 / 3 + 0 + 100) / 3)  # 55.56
+    ref = summarize("ref", [judged((1, 3, 5)), judged((1, 3, 3))], CRITERIA, 2)
+    assert ref.overall == pytest.approx((100 + 100 + 75) / 3)  # 91.67
+    set_relative([run, ref], "ref")
+    assert run.relative == pytest.approx(run.overall / ref.overall * 100) and ref.relative == pytest.approx(100)
+    assert "55.6" in markdown([run, ref], CRITERIA, "ref")
+
+
+def test_counts_failed_and_not_judged_items_without_scoring_them():
+    run = summarize("run", [judged((1, 3, 5)), {"status": "failed", "scores": None}], CRITERIA, 4)
+    assert (run.n_total, run.n_ok, run.n_failed, run.n_pending) == (4, 1, 1, 2)
+    assert run.overall == pytest.approx(100)
+
+
+def test_weighted_means_only_when_every_item_has_one():
+    w1, w2 = {"a": 0.5, "b": 2.0, "c": 4.0}, {"a": 1.0, "b": 3.0, "c": 2.0}
+    full = summarize("run", [judged((1, 2, 4), w1), judged((1, 3, 2), w2)], CRITERIA, 2)
+    assert full.weighted == pytest.approx({"a": 0.75, "b": 2.5, "c": 3.0})
+    partial = summarize("run", [judged((1, 2, 4), w1), judged((1, 3, 2))], CRITERIA, 2)
+    assert partial.weighted == {"a": None, "b": None, "c": None}
+
+
+def test_bootstrap_interval_has_the_asked_confidence():
+    """Two items scoring 0 and 1: a resampled mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so the 95%
+    percentile interval is [0, 1] and the 40% one (30th–70th percentiles) is [0.5, 0.5]."""
+    items = [judged((0, 1, 1)), judged((1, 1, 1))]
+    wide = summarize("run", items, CRITERIA, 2, samples=4000, confidence=0.95, seed=1)
+    narrow = summarize("run", items, CRITERIA, 2, samples=4000, confidence=0.40, seed=1)
+    assert wide.ci["a"] == (0.0, 1.0)
+    assert narrow.ci["a"] == (0.5, 0.5)
+    assert narrow.overall_ci == pytest.approx((50 / 3, 50 / 3))  # only criterion a varies: 0.5 → 50, over 3
