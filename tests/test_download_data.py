@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -36,6 +37,9 @@ EVAL_ROWS = [
         "instances": [{"input": "### 응답:", "output": "ok"}, {"input": "x", "output": "y"}],
     },
 ]
+
+BODY = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in EVAL_ROWS).encode("utf-8")
+BODY_SHA256 = hashlib.sha256(BODY).hexdigest()
 
 
 def run_script(tmp_path: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
@@ -97,7 +101,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def eval_server() -> Iterator[str]:
     """Serve EVAL_ROWS as JSONL on 127.0.0.1 (random port); yield the base URL."""
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in EVAL_ROWS).encode("utf-8")
+    body = BODY
     handler = type("Handler", (_Handler,), {"body": body})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -112,7 +116,7 @@ def eval_server() -> Iterator[str]:
 
 def test_eval_fetch_writes_jsonl(tmp_path: Path, eval_server: str) -> None:
     url = f"{eval_server}/eval.jsonl"
-    proc = run_script(tmp_path, "--only", "eval", KULLM_EVAL_URL=url)
+    proc = run_script(tmp_path, "--only", "eval", KULLM_EVAL_URL=url, KULLM_EVAL_SHA256=BODY_SHA256)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "data" / EVAL_REL
     assert f"wrote {len(EVAL_ROWS)} rows to {out}" in proc.stdout
@@ -126,7 +130,7 @@ def test_eval_fetch_writes_jsonl(tmp_path: Path, eval_server: str) -> None:
     proc = run_script(tmp_path, "--only", "eval", KULLM_EVAL_URL=url)
     assert proc.returncode == 0 and "skipped" in proc.stdout
     assert out.read_text(encoding="utf-8") == "{}\n"
-    proc = run_script(tmp_path, "--only", "eval", "--force", KULLM_EVAL_URL=url)
+    proc = run_script(tmp_path, "--only", "eval", "--force", KULLM_EVAL_URL=url, KULLM_EVAL_SHA256=BODY_SHA256)
     assert proc.returncode == 0, proc.stderr
     assert len(out.read_text(encoding="utf-8").splitlines()) == len(EVAL_ROWS)
 
@@ -136,3 +140,75 @@ def test_eval_http_error_fails_clearly(tmp_path: Path, eval_server: str) -> None
     proc = run_script(tmp_path, "--only", "eval", KULLM_EVAL_URL=url)
     assert_clear_failure(proc, url)
     assert "404" in proc.stderr
+
+
+SHARED_EVAL = ROOT.parent / "shared" / "data" / "kullm" / "user_oriented_instructions_eval.jsonl"
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("download_data", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_url_is_pinned_to_the_commit_that_holds_the_file():
+    dd = load_script()
+    assert dd.KULLM_COMMIT in dd.EVAL_URL and "/master/" not in dd.EVAL_URL
+    assert len(dd.EVAL_SHA256) == 64
+
+
+def test_eval_with_another_checksum_is_refused_and_nothing_written(tmp_path: Path, eval_server: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "data"), "--only", "eval"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KULLM_EVAL_URL": f"{eval_server}/eval.jsonl", "NO_PROXY": "127.0.0.1"},
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "is not the pinned de8441249185a283" in proc.stderr
+    assert not (tmp_path / "data" / EVAL_REL).exists()
+
+
+@pytest.mark.skipif(not SHARED_EVAL.exists(), reason="needs ../shared/data/kullm (the real evaluation set)")
+def test_the_real_eval_set_passes_its_pinned_checksum_and_is_kept_byte_for_byte(tmp_path: Path) -> None:
+    body = SHARED_EVAL.read_bytes()
+    handler = type("Handler", (_Handler,), {"body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/eval.jsonl"
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--out", str(tmp_path / "data"), "--only", "eval"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KULLM_EVAL_URL": url, "NO_PROXY": "127.0.0.1"},
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 252 rows" in proc.stdout
+    assert (tmp_path / "data" / EVAL_REL).read_bytes() == body
+
+
+def test_a_v2_file_that_does_not_match_its_lock_is_refused(tmp_path: Path) -> None:
+    dd = load_script()
+    f = tmp_path / "kullm-v2.jsonl"
+    f.write_text('{"id": "a", "instruction": "질문", "input": "", "output": "답"}\n', encoding="utf-8")
+    good = {"repo": dd.KULLM_V2_REPO, "revision": "0" * 40, "sha256": dd.sha256_of(f)}
+    dd.check_pinned(f, good)  # passes, file kept
+    assert f.exists()
+    with pytest.raises(dd.FetchError, match="the lock pins"):
+        dd.check_pinned(f, {**good, "sha256": "f" * 64})
+    assert not f.exists()
+    lock = tmp_path / "kullm-v2.lock.json"
+    lock.write_text('{"repo": "x"}', encoding="utf-8")
+    with pytest.raises(dd.FetchError, match="not a valid lock file"):
+        dd.read_lock(lock)
+    lock.write_text(json.dumps(good), encoding="utf-8")
+    assert dd.read_lock(lock)["revision"] == "0" * 40

@@ -113,3 +113,33 @@ def test_all_prompts_too_long_are_dropped_and_counted(tmp_path):
     res = preprocess(cfg.data, tok, p)
     assert res.stats["encoded"]["train"]["dropped_prompt_too_long"] == 6
     assert len(res.dataset["train"]) == 0
+
+
+def test_training_rows_from_the_evaluation_set_are_refused_unless_allowed(tmp_path, caplog):
+    """KULLM's data/kullm-v1.jsonl *is* the evaluation set: training on it would score a model on its own data."""
+    eval_set = tmp_path / "eval.jsonl"
+    eval_set.write_text(
+        json.dumps(
+            {"id": "user_oriented_task_7", "instruction": "다른 지시문", "instances": [{"input": "", "output": "x"}]}
+        )
+        + "\n"
+        + json.dumps({"id": "e1", "instruction": "  질문   3번 ", "instances": [{"input": "", "output": "y"}]})
+        + "\n",
+        encoding="utf-8",
+    )
+    path = write_rows(tmp_path / "d.jsonl", 20)
+    with open(path, "a", encoding="utf-8") as f:  # same id as an eval item, other instruction
+        f.write(json.dumps({"id": "user_oriented_task_7", "instruction": "Rewrite this.", "output": "ok"}) + "\n")
+    common = [f"data.path={path}", "data.val_set_size=2", f"data.eval_set={eval_set}"]
+    cfg, tok, p = setup(tmp_path, *common)
+    with pytest.raises(DataError, match=r"2 training row\(s\) share an instruction or id with the evaluation set"):
+        preprocess(cfg.data, tok, p)
+    cfg, tok, p = setup(tmp_path, *common, "data.allow_eval_overlap=true")
+    res = preprocess(cfg.data, tok, p)
+    assert sorted(res.stats["eval_overlap_ids"]) == ["r3", "user_oriented_task_7"]
+    assert "CONTAMINATION" in caplog.text
+    cfg, tok, p = setup(tmp_path, *common)  # a cache hit is gated too
+    with pytest.raises(DataError, match="allow_eval_overlap=true"):
+        preprocess(cfg.data, tok, p)
+    cfg, tok, p = setup(tmp_path, f"data.path={path}", "data.val_set_size=2", f"data.eval_set={tmp_path}/absent.jsonl")
+    assert preprocess(cfg.data, tok, p).stats["eval_overlap_ids"] == []

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kullm.data.contamination import check_overlap, eval_overlap
 from kullm.data.records import DataError, Fields, Record, data_files, read_records
 from kullm.data.sft import check_example, encode_batch
 from kullm.modeling import cache_root, tokenizer_fingerprint
@@ -53,6 +54,10 @@ def preprocess(
     target = root / key
     if (target / "stats.json").exists():
         stats = json.loads((target / "stats.json").read_text(encoding="utf-8"))
+        eval_set = _eval_set(data)
+        if stats.get("eval_set") != eval_set:  # cached against another evaluation set: look again
+            stats["eval_set"], stats["eval_overlap_ids"] = eval_set, eval_overlap(_read(data)[0], eval_set)
+        check_overlap(data, stats["eval_overlap_ids"])
         ds = load_processed(target / "dataset")
         log.info("loaded processed data from cache %s", target)
         return Processed(ds, stats, target, cache_hit=True)
@@ -60,18 +65,11 @@ def preprocess(
     tmp = root / f"{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    records, report = read_records(
-        data["path"],
-        fields=_fields(data),
-        policy=data.get("policy", "skip"),
-        rejects_path=tmp / "rejects.jsonl",
-        split=data.get("split", "train"),
-        revision=data.get("revision"),
-        source=data.get("source", "auto"),
-        drop_duplicates=bool(data.get("drop_duplicates", True)),
-    )
+    records, report = _read(data, rejects_path=tmp / "rejects.jsonl")
     if not records:
         raise DataError(f"{data['path']}: no usable record ({report.n_rejected} rejected: {dict(report.rejected)})")
+    overlap = eval_overlap(records, _eval_set(data))
+    check_overlap(data, overlap)
     train_recs, val_recs = split_records(records, int(data.get("val_set_size", 0)), int(data.get("seed", 42)))
 
     splits = {}
@@ -91,6 +89,8 @@ def preprocess(
         "split": {"train": len(train_recs), "validation": len(val_recs)},
         "encoded": counts,
         "invariant_violations": len(violations),
+        "eval_set": _eval_set(data),
+        "eval_overlap_ids": overlap,
         "settings": _settings(data, prompter),
     }
     save_processed(dsd, tmp / "dataset")
@@ -101,6 +101,24 @@ def preprocess(
         shutil.rmtree(tmp, ignore_errors=True)
     dsd = load_processed(target / "dataset")  # memory-mapped, like a cache hit
     return Processed(dsd, stats, target, cache_hit=False)
+
+
+def _read(data: Mapping[str, Any], rejects_path: Path | None = None):
+    return read_records(
+        data["path"],
+        fields=_fields(data),
+        policy=data.get("policy", "skip"),
+        rejects_path=rejects_path,
+        split=data.get("split", "train"),
+        revision=data.get("revision"),
+        source=data.get("source", "auto"),
+        drop_duplicates=bool(data.get("drop_duplicates", True)),
+    )
+
+
+def _eval_set(data: Mapping[str, Any]) -> str | None:
+    path = data.get("eval_set")
+    return str(path) if path and Path(str(path)).expanduser().is_file() else None
 
 
 def save_processed(dsd, path: str | Path) -> None:
