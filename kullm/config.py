@@ -31,14 +31,14 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")
+# Key names that hold credentials: a key, a token in the credential sense, a password, a secret.
+SECRET_WORDS = ("password", "passwd", "secret", "authorization", "credential", "api_key", "apikey")
+TOKENIZER_TOKENS = ("eos", "pad", "bos", "unk", "sep", "cls", "mask", "additional_special")
 
 
 def redact(cfg: DictConfig | dict) -> dict:
-    """A plain, resolved copy of ``cfg`` with every secret-looking value (api keys, tokens…) replaced.
-
-    Keys naming tokenizer tokens (``eos_token``, ``pad_token``…) are not secrets and are kept.
-    """
+    """A plain, resolved copy of ``cfg`` with every credential value (api keys, access tokens, passwords…)
+    replaced by ``<redacted>``; everything else, tokenizer settings included, is kept."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
     def walk(node):
@@ -51,15 +51,19 @@ def redact(cfg: DictConfig | dict) -> dict:
     return walk(data)
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a credential: ``hf_token``, ``api_key``, ``password`` — not ``eos_token``,
+    ``tokenizer``, ``token_budget`` or ``max_new_tokens``."""
+    k = key.lower().replace("-", "_")
+    if any(w in k for w in SECRET_WORDS):
+        return True
+    if k in ("token", "key") or k.endswith("_key"):
+        return True
+    return k.endswith("_token") and k.removesuffix("_token") not in TOKENIZER_TOKENS
+
+
 def _is_secret(key: str, value) -> bool:
-    k = key.lower()
-    if value is None or isinstance(value, (dict, list, bool)):
-        return False
-    if k.endswith("_token") and k.split("_")[0] in ("eos", "pad", "bos", "unk", "sep", "cls", "mask"):
-        return False
-    if k in ("max_tokens", "max_new_tokens", "tokens"):
-        return False
-    return any(w in k for w in SECRET_WORDS)
+    return value is not None and not isinstance(value, (dict, list, bool)) and is_secret_key(key)
 
 
 class ConfigError(ValueError):

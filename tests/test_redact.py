@@ -1,0 +1,39 @@
+"""``redact`` hides credentials and nothing else."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from kullm.config import is_secret_key, redact
+
+SECRETS = ["api_key", "OPENAI_API_KEY", "apikey", "hf_token", "token", "auth_token", "access_token", "password",
+           "hub-password", "passwd", "secret", "client_secret", "authorization", "access_key", "key", "credentials"]  # fmt: skip
+KEPT = ["tokenizer", "token_budget", "max_new_tokens", "max_tokens", "tokens", "trained_tokens", "eos_token",
+        "pad_token", "bos_token", "unk_token", "additional_special_token", "tokens_per_s", "keys", "monitor",
+        "chunk_size", "name_or_path", "add_eos"]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", SECRETS)
+def test_credentials_are_hidden(key):
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize("key", KEPT)
+def test_other_keys_are_kept(key):
+    assert not is_secret_key(key)
+
+
+def test_redact_walks_nested_config_and_keeps_structure():
+    cfg = OmegaConf.create(
+        {
+            "model": {"tokenizer": "tok/path", "eos_token": "<|endoftext|>", "pad_token": None},
+            "data": {"token_budget": 4096, "cutoff_len": 512},
+            "hub": {"hf_token": "hf_abc", "password": "pw"},
+            "judge": {"api_key": "sk-1", "headers": [{"authorization": "Bearer x"}], "max_tokens": 64},
+        }
+    )
+    out = redact(cfg)
+    assert out["model"] == {"tokenizer": "tok/path", "eos_token": "<|endoftext|>", "pad_token": None}
+    assert out["data"] == {"token_budget": 4096, "cutoff_len": 512}
+    assert out["hub"] == {"hf_token": "<redacted>", "password": "<redacted>"}
+    assert out["judge"] == {"api_key": "<redacted>", "headers": [{"authorization": "<redacted>"}], "max_tokens": 64}
+    assert "sk-1" not in str(out) and "hf_abc" not in str(out)
