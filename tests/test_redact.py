@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 from kullm.config import is_secret_key, redact
 
 SECRETS = ["api_key", "OPENAI_API_KEY", "apikey", "hf_token", "token", "auth_token", "access_token", "password",
-           "hub-password", "passwd", "secret", "client_secret", "authorization", "access_key", "key", "credentials"]  # fmt: skip
+           "hub-password", "passwd", "secret", "client_secret", "authorization", "access_key", "key",
+           "credentials"]  # fmt: skip
 KEPT = ["tokenizer", "token_budget", "max_new_tokens", "max_tokens", "tokens", "trained_tokens", "eos_token",
         "pad_token", "bos_token", "unk_token", "additional_special_token", "tokens_per_s", "keys", "monitor",
         "chunk_size", "name_or_path", "add_eos"]  # fmt: skip
