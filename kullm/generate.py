@@ -31,8 +31,8 @@ def run(cfg: DictConfig) -> Path | str | None:
         return path
     generator = Generator.from_config(cfg)
     seed_everything(cfg.generation.get("seed"))
-    if cfg.prompt:
-        answer = generator.generate([(str(cfg.prompt), str(cfg.input or ""))])[0]
+    if cfg.prompt is not None or cfg.input is not None:  # KULLM's own example: an empty instruction, text as input
+        answer = generator.generate([(str(cfg.prompt or ""), str(cfg.input or ""))])[0]
         print(answer)
         return answer
     chat(generator)
@@ -42,16 +42,32 @@ def run(cfg: DictConfig) -> Path | str | None:
 def quote_text_args(args: Sequence[str]) -> list[str]:
     """Quote the free-text overrides (``prompt=``, ``input=``) for Hydra, whose grammar rejects unquoted Korean.
 
-    ``prompt=고려대학교에 대해서 알려줘`` becomes ``prompt='고려대학교에 대해서 알려줘'`` with quotes, backslashes and
-    ``${`` escaped, so the text arrives verbatim; values the user already quoted are left alone.
+    ``prompt=고려대학교에 대해서 알려줘`` typed unquoted reaches us as three words; the words after ``prompt=`` that
+    are not themselves ``key=value`` overrides or flags are joined back into the text. It then becomes
+    ``prompt='고려대학교에 대해서 알려줘'`` with quotes, backslashes and ``${`` escaped, so the text arrives verbatim;
+    values the user already quoted are left alone.
     """
     out = []
-    for arg in args:
+    for arg in join_free_text(args):
         key, eq, value = arg.partition("=")
         if eq and key in TEXT_KEYS and not is_quoted(value):
             value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
             value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
             arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+def join_free_text(args: Sequence[str]) -> list[str]:
+    """``["prompt=고려대학교에", "대해서", "알려줘", "generation=greedy"]`` → the text as one argument."""
+    out: list[str] = []
+    in_text = False
+    for arg in args:
+        key = arg.partition("=")[0]
+        if in_text and "=" not in arg and not arg.startswith("-"):
+            out[-1] += " " + arg
+            continue
+        in_text = "=" in arg and key in TEXT_KEYS and not is_quoted(arg.partition("=")[2])
         out.append(arg)
     return out
 

@@ -466,3 +466,25 @@ def test_adapter_mode_with_real_generation(tmp_path, eval_records):
         again = ev.evaluate(eval_cfg(s, out, f"adapter={adapter}", f"eval_set={eval_set}", gen))
         assert responses.stat().st_mtime_ns == mtime and sum(s.counts.values()) == 3  # nothing redone
     assert summary["runs"]["ckpt-adapter"]["judged"] == 3 == again["runs"]["ckpt-adapter"]["judged"]
+
+
+@pytest.mark.parametrize("layout", ["flat", "instances"])
+def test_kullm_format_responses_with_output_are_judged(tmp_path, eval_records, layout):
+    """KULLM's own eval script reads the answer from ``output`` (flat, or ``instances[0].output``)."""
+    recs = eval_records[:3]
+    with (tmp_path / "kullm.jsonl").open("w", encoding="utf-8") as f:
+        for r in recs:
+            if layout == "flat":
+                row = {"id": r.id, "instruction": r.instruction, "input": r.input, "output": f"응답 {r.id}"}
+            else:
+                row = {
+                    "id": r.id,
+                    "instruction": r.instruction,
+                    "instances": [{"input": r.input, "output": f"응답 {r.id}"}],
+                }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with ChatServer() as s:
+        summary = ev.evaluate(eval_cfg(s, tmp_path / "o", f"responses={tmp_path / 'kullm.jsonl'}"))
+    run = summary["runs"]["kullm"]
+    assert (run["total"], run["judged"], run["notes"]) == (3, 3, [])
+    assert run["means"] == pytest.approx(expected_means(f"응답 {r.id}" for r in recs))

@@ -310,3 +310,49 @@ def test_cli_file_run_survives_sigkill(adapter, tmp_path):
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=300)
     ids = [r["id"] for r in lines(out)]
     assert sorted(ids) == sorted(r["id"] for r in rows)
+
+
+def test_beam_search_answers_equal_one_prompt_at_a_time(generator):
+    """A batched beam search runs to the batch's longest budget and gives other answers (11 of these 24 differ
+    with batch_beams=true); by default beams go one prompt at a time, so batch_size changes nothing."""
+    items = [
+        f"{'아주 ' * (i % 7)}긴 질문 {i}번: 한국의 {['역사', '음식', '날씨', '대학'][i % 4]}에 대해 설명해 주세요"
+        for i in range(24)
+    ]
+    settings = {"max_length": 60, "num_beams": 4}
+    g = Generator(generator.model, generator.tokenizer, generator.prompter, settings)
+    alone = [g.generate([x], batch_size=1)[0] for x in items]
+    assert g.generate(items, batch_size=8) == alone
+    fast = Generator(generator.model, generator.tokenizer, generator.prompter, {**settings, "batch_beams": True})
+    assert fast.generate(items, batch_size=8) != alone  # what the default avoids
+    with pytest.raises(ValueError, match="batch_size=-1"):
+        g.generate(items, batch_size=-1)
+
+
+def test_an_empty_instruction_with_an_input_as_in_kullms_readme(adapter, generator, capsys):
+    answer = run(gen_cfg(adapter, *quote_text_args(["input=고려대학교에 대해서 알려줘"])))
+    assert answer == generator.generate([("", "고려대학교에 대해서 알려줘")])[0]
+    assert answer in capsys.readouterr().out
+
+
+def test_unquoted_words_after_prompt_are_one_text():
+    """``kullm-generate prompt=고려대학교에 대해서 알려줘`` as typed in a shell reaches argv as three words."""
+    args = [
+        "adapter=x",
+        "prompt=고려대학교에",
+        "대해서",
+        "알려줘",
+        "generation=greedy",
+        "input=맥락",
+        "두",
+        "--cfg",
+        "job",
+    ]
+    assert quote_text_args(args) == [
+        "adapter=x",
+        "prompt='고려대학교에 대해서 알려줘'",
+        "generation=greedy",
+        "input='맥락 두'",
+        "--cfg",
+        "job",
+    ]

@@ -140,9 +140,11 @@ def _compose_generate(overrides: list[str]) -> DictConfig:
 
 
 def load_run(name: str, path: Path, out_dir: Path, limit: int | None = None) -> Run:
-    """Read a responses JSONL (``id``, ``instruction``, ``input``, ``response``); bad rows are reported with
-    file:line in ``<run>.rejects.jsonl`` and the rest still run. An empty response is judged, not dropped."""
-    records, report = read_records(path, fields={"output": "response"}, source="files", allow_empty_output=True)
+    """Read a responses JSONL (``id``, ``instruction``, ``input``, ``response`` — or KULLM's own format, where the
+    answer is ``output``, flat or in ``instances``); bad rows are reported with file:line in
+    ``<run>.rejects.jsonl`` and the rest still run. An empty response is judged, not dropped."""
+    field = response_field(path)
+    records, report = read_records(path, fields={"output": field}, source="files", allow_empty_output=True)
     run = Run(name, path, out_dir / f"{name}.judgments.jsonl", records)
     rejects = report.rejects
     for rej in rejects:
@@ -154,6 +156,23 @@ def load_run(name: str, path: Path, out_dir: Path, limit: int | None = None) -> 
     if not run.records:
         raise DataError(f"{path}: no usable responses")
     return run
+
+
+def response_field(path: Path) -> str:
+    """``response`` (kullm-generate's files) unless the first row has only KULLM's ``output``."""
+    try:
+        with Path(path).open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    if isinstance(row, dict) and "response" not in row:
+                        inner = (row.get("instances") or [{}])[0] if "output" not in row else row
+                        if isinstance(inner, dict) and "output" in inner:
+                            return "output"
+                    break
+    except (OSError, ValueError):
+        pass  # read_records reports the file's problems with file:line
+    return "response"
 
 
 def load_references(path: str | None) -> dict[str, str]:

@@ -78,6 +78,12 @@ class Generator:
         prompts = [self.render(x) for x in items]
         ids = [self.encode(p) for p in prompts]
         size = int(batch_size or self.settings.get("batch_size") or 1)
+        if size < 1:
+            raise ValueError(f"generation.batch_size={size}: must be at least 1")
+        if (self.config.num_beams or 1) > 1 and not self.settings.get("batch_beams"):
+            # a beam-search batch runs to its longest budget and its beams compete over it, so answers differ from
+            # one prompt at a time: beams go one prompt at a time unless generation.batch_beams=true
+            size = 1
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: out-of-memory shows at once
         answers: list[str] = [""] * len(ids)
         for start in range(0, len(order), size):
