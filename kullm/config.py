@@ -66,6 +66,15 @@ def _is_secret(key: str, value) -> bool:
     return value is not None and not isinstance(value, (dict, list, bool)) and is_secret_key(key)
 
 
+def exit_on_version(prog: str, argv: Sequence[str]) -> None:
+    """``--version``: print kullm's version (not Hydra's) and exit."""
+    if "--version" in argv or "-V" in argv:
+        from kullm import __version__
+
+        print(f"{prog} (kullm {__version__})")
+        raise SystemExit(0)
+
+
 class ConfigError(ValueError):
     """A config value or combination that cannot work, named with its key."""
 
@@ -100,6 +109,36 @@ SCHEMA: dict[str, Any] = {
     "quant.mode": ("none", "int8", "nf4", "fp4"),
     "logger.name": ("wandb", "csv", "none"),
     "loss.head_only": bool,
+    "val_every_n_steps": int,
+    "trainer.max_epochs": int,
+    "trainer.max_steps": int,
+    "generation.batch_size": int,
+    "generation.num_beams": int,
+    "generation.max_length": int,
+    "generation.max_new_tokens": int,
+    "judge.concurrency": int,
+    "judge.max_retries": int,
+    "judge.timeout": float,
+    "limit": int,
+}
+# Lower bounds of numeric knobs (a value below makes a run hang, do nothing, or crash later).
+MINIMUM: dict[str, float] = {
+    "batch_size": 1,
+    "micro_batch_size": 1,
+    "num_workers": 0,
+    "data.cutoff_len": 2,
+    "data.val_set_size": 0,
+    "lora.r": 1,
+    "trainer.max_epochs": -1,
+    "trainer.max_steps": -1,
+    "generation.batch_size": 1,
+    "generation.num_beams": 1,
+    "generation.max_length": 1,
+    "generation.max_new_tokens": 1,
+    "judge.concurrency": 1,
+    "judge.max_retries": 0,
+    "judge.timeout": 0.001,
+    "limit": 1,
 }
 # Nodes instantiated with a ``_target_``: their keys must be arguments of the target.
 TARGET_NODES = ("trainer", "lora", "optim.optimizer", "strategy.impl")
@@ -116,6 +155,8 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}={value!r}: must be one of {', '.join(want)}{_nearest(str(value), want)}")
         elif not _is_type(value, want):
             raise ConfigError(f"{key}={value!r}: expected {want.__name__}, got {type(value).__name__}")
+        elif key in MINIMUM and value < MINIMUM[key]:
+            raise ConfigError(f"{key}={value!r}: must be at least {MINIMUM[key]:g}")
     for path in TARGET_NODES:
         node = OmegaConf.select(cfg, path, default=None)
         if isinstance(node, DictConfig) and "_target_" in node:

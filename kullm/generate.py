@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR
+from kullm.config import CONF_DIR, exit_on_version, validate
 from kullm.data.records import DataError
 from kullm.inference.generation import Generator, chat, generate_file, seed_everything
 
@@ -81,6 +81,7 @@ def is_quoted(value: str) -> bool:
 @hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     try:
+        validate(cfg)
         run(cfg)
     except (DataError, AdapterError, ValueError, OSError) as e:
         raise SystemExit(f"kullm-generate: {e}") from None
@@ -88,6 +89,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``kullm-generate``: the Hydra app, with ``prompt=``/``input=`` text quoted for Hydra first."""
+    exit_on_version("kullm-generate", sys.argv[1:])
     sys.argv[1:] = quote_text_args(sys.argv[1:])
     _main()
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR
+from kullm.config import CONF_DIR, exit_on_version, validate
 from kullm.inference.merging import MergeError, merge, weight_names
 
 
@@ -24,12 +25,19 @@ def summary(folder: Path) -> dict[str, Sequence[str] | int]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="merge", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
+        validate(cfg)
         out = merge(cfg)
     except (AdapterError, MergeError, ValueError, OSError) as e:
         raise SystemExit(f"kullm-merge: {e}") from None
     print(json.dumps(summary(out), ensure_ascii=False))
+
+
+def main() -> None:
+    """``kullm-merge``: see ``conf/merge.yaml``."""
+    exit_on_version("kullm-merge", sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

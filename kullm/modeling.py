@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kullm.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 TINY = "kullm:tiny"
@@ -281,9 +283,9 @@ def build_peft_model(
         return get_peft_model(model, config)
     except ValueError as e:  # PEFT's "Target modules ... not found in the base model"
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, _linear_types())})
-        raise ValueError(
-            f"lora.target_modules={list(config.target_modules)}: {e}. Linear layers here: {names}"
-        ) from None
+        why = " ".join(str(e).split())
+        targets = sorted(config.target_modules)
+        raise ConfigError(f"lora.target_modules={targets}: {why} Linear layers here: {names}") from None
 
 
 def _linear_types() -> tuple[type, ...]:

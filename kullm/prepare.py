@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from kullm.config import CONF_DIR
+from kullm.config import CONF_DIR, ConfigError, exit_on_version, validate
 from kullm.data.preprocess import preprocess, save_processed
-from kullm.data.records import DataError
+from kullm.data.records import DataError, check_source
 from kullm.data.stats import format_stats, token_stats
 from kullm.modeling import load_tokenizer
 from kullm.templates import Prompter
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Run the data pipeline for ``cfg`` and write its outputs; return the stats."""
+    validate(cfg)
+    check_source(cfg.data.path, cfg.data.get("source", "auto"), cfg.data.get("missing_hint"))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
@@ -55,11 +58,17 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)
-    except DataError as e:
+    except (ConfigError, DataError) as e:
         raise SystemExit(f"kullm-prepare: {e}") from None
+
+
+def main() -> None:
+    """``kullm-prepare``: see ``conf/prepare.yaml``."""
+    exit_on_version("kullm-prepare", sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

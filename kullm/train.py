@@ -25,8 +25,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from kullm.config import CONF_DIR, ConfigError, check_overrides, validate
-from kullm.data.records import DataError
+from kullm.config import CONF_DIR, ConfigError, check_overrides, exit_on_version, validate
+from kullm.data.records import DataError, check_source
 from kullm.training.loggers import build_loggers, finish_wandb
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
 
@@ -74,6 +74,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
 
     validate(cfg)
     check_combination(cfg)
+    check_source(cfg.data.path, cfg.data.get("source", "auto"), cfg.data.get("missing_hint"))
     world = world_size(cfg.trainer)
     accumulate = accumulation(int(cfg.batch_size), int(cfg.micro_batch_size), world)
     has_val = int(cfg.data.get("val_set_size", 0)) > 0
@@ -182,6 +183,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point: catch misspelled keys (with the nearest valid one) before Hydra runs."""
+    exit_on_version("kullm-train", sys.argv[1:])
     try:
         check_overrides("train", sys.argv[1:])
     except ConfigError as e:

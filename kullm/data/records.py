@@ -253,6 +253,20 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
             yield row
 
 
+def check_source(path: str | Path, source: str = "auto", hint: str | None = None) -> None:
+    """Fail fast on a local source that is missing or not a regular file or folder (a FIFO would block forever).
+
+    A name that does not exist locally and does not look like a path is left to the hub.
+    """
+    p = Path(str(path)).expanduser()
+    if p.exists():
+        if not (p.is_file() or p.is_dir()):
+            raise DataError(f"{path}: not a regular file or folder (a pipe, socket or device cannot be read as data)")
+        return
+    if source == "files" or (source == "auto" and (p.suffix in SUFFIXES or str(path).startswith((".", "/", "~")))):
+        raise DataError(f"{path}: no such file or folder" + (f"; {hint}" if hint else ""))
+
+
 def data_files(path: Path) -> list[Path]:
     """The files a local source reads: the file itself, or every .jsonl/.json file under a folder, sorted."""
     return sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file()) if path.is_dir() else [path]

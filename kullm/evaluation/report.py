@@ -109,13 +109,17 @@ def set_relative(runs: Sequence[RunStats], reference: str | None) -> None:
 
 
 def write_report(
-    runs: Sequence[RunStats], criteria: Sequence[Criterion], out_dir: str | Path, reference: str | None = None
+    runs: Sequence[RunStats],
+    criteria: Sequence[Criterion],
+    out_dir: str | Path,
+    reference: str | None = None,
+    header: str = "",
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.csv`` and ``report.png`` into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
-    paths["md"].write_text(markdown(runs, criteria, reference), encoding="utf-8")
+    paths["md"].write_text(markdown(runs, criteria, reference, header), encoding="utf-8")
     write_csv(runs, criteria, paths["csv"])
     plot(runs, criteria, paths["png"])
     return paths
@@ -130,9 +134,11 @@ def _mean_ci(r: RunStats, c: Criterion) -> str:
     return f"{_f(r.means.get(c.name))} [{_f(lo)}, {_f(hi)}]"
 
 
-def markdown(runs: Sequence[RunStats], criteria: Sequence[Criterion], reference: str | None = None) -> str:
-    """The report as Markdown: notes first (loud), then raw means with intervals, then the 0–100 table."""
-    lines = ["# G-Eval report", ""]
+def markdown(
+    runs: Sequence[RunStats], criteria: Sequence[Criterion], reference: str | None = None, header: str = ""
+) -> str:
+    """The report as Markdown: who judged, notes (loud), raw means with intervals, then the 0–100 table."""
+    lines = ["# G-Eval report", ""] + ([header, ""] if header else [])
     for r in runs:
         for note in r.notes:
             lines.append(f"> **WARNING ({r.name})**: {note}")

@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from kullm.config import compose, redact
-from kullm.data.records import DataError, Record, read_records, write_rejects
+from kullm.data.records import DataError, Record, check_source, read_records, write_rejects
 from kullm.evaluation.geval import JudgePrompt, parse_scores, weighted_from_logprobs
 from kullm.evaluation.judges import Judge, JudgeError, build_judge
 from kullm.evaluation.report import RunStats, log_wandb, set_relative, summarize, write_report
@@ -75,8 +75,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         stats.append(st)
     reference = cfg.get("reference") or (runs[0].name if len(runs) > 1 else None)
     set_relative(stats, reference)
-    paths = write_report(stats, prompt.criteria, out_dir, reference)
-    summary = _summary(stats, runs, paths, prompt)
+    judge_name, judge_model = judge_identity(cfg.judge)
+    header = f"judge: {judge_name} / {judge_model} · prompt: {prompt.name} ({prompt.hash()})"
+    paths = write_report(stats, prompt.criteria, out_dir, reference, header=header)
+    summary = _summary(stats, runs, paths, prompt, judge_identity(cfg.judge))
     (out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     if (cfg.get("wandb") or {}).get("enabled"):
         log_wandb(stats, prompt.criteria, paths["png"], {**cfg.wandb, "config": redact(cfg)})
@@ -143,6 +145,7 @@ def load_run(name: str, path: Path, out_dir: Path, limit: int | None = None) -> 
     """Read a responses JSONL (``id``, ``instruction``, ``input``, ``response`` — or KULLM's own format, where the
     answer is ``output``, flat or in ``instances``); bad rows are reported with file:line in
     ``<run>.rejects.jsonl`` and the rest still run. An empty response is judged, not dropped."""
+    check_source(path, "files")
     field = response_field(path)
     records, report = read_records(path, fields={"output": field}, source="files", allow_empty_output=True)
     run = Run(name, path, out_dir / f"{name}.judgments.jsonl", records)
@@ -209,9 +212,21 @@ def check_references(run: Run, refs: Mapping[str, str], threshold: float) -> Non
 # --- judging --------------------------------------------------------------------------------------------------
 
 
+def judge_identity(judge_cfg: Mapping[str, Any]) -> tuple[str, str]:
+    """``(judge name, model)`` as the judgments record them, known from the config without building the judge."""
+    name = str(judge_cfg.get("name"))
+    model = judge_cfg.get("model")
+    if isinstance(model, Mapping):  # the hf judge: a model node
+        model = model.get("name_or_path")
+    return name, str(model)
+
+
 async def judge_runs(cfg: DictConfig, prompt: JudgePrompt, runs: Sequence[Run]) -> None:
     """Judge every run with one judge (built inside the event loop that uses it)."""
     todo = [(run, read_done(run.judgments, "judgment")) for run in runs]
+    identity = judge_identity(cfg.judge)
+    for run, done in todo:  # before any request, and even when every id is judged already
+        _check_compatible(run.judgments, done, identity, prompt)
     if all(all(r.id in done for r in run.records) for run, done in todo):
         return  # everything judged already: no judge (no model load, no HTTP client) needed
     judge = build_judge(cfg.judge, prompt)
@@ -226,7 +241,7 @@ async def judge_run(
     judge: Judge, prompt: JudgePrompt, run: Run, done: Mapping[str, dict], max_parse_retries: int, progress: bool
 ) -> None:
     """Judge the ids of ``run`` not in ``done``, appending each judgment to the run's file as it arrives."""
-    _check_compatible(run.judgments, done, judge, prompt)
+    _check_compatible(run.judgments, done, (judge.name, judge.model), prompt)
     todo = [r for r in run.records if r.id not in done]
     if not todo:
         return
@@ -289,9 +304,9 @@ async def judge_one(
     }
 
 
-def _check_compatible(path: Path, done: Mapping[str, dict], judge: Judge, prompt: JudgePrompt) -> None:
-    """Refuse to mix judgments from another prompt or judge into one file."""
-    want = (judge.name, judge.model, prompt.hash())
+def _check_compatible(path: Path, done: Mapping[str, dict], identity: tuple[str, str], prompt: JudgePrompt) -> None:
+    """Refuse to mix (or report) judgments from another prompt or judge in one file."""
+    want = (*identity, prompt.hash())
     for j in done.values():
         have = (j.get("judge"), j.get("model"), j.get("prompt_hash"))
         if have != want:
@@ -317,8 +332,16 @@ def _outcome_notes(st: RunStats, judgments: Sequence[dict], run: Run) -> list[st
     return notes
 
 
-def _summary(stats: Sequence[RunStats], runs: Sequence[Run], paths: Mapping[str, Path], prompt: JudgePrompt) -> dict:
+def _summary(
+    stats: Sequence[RunStats],
+    runs: Sequence[Run],
+    paths: Mapping[str, Path],
+    prompt: JudgePrompt,
+    identity: tuple[str, str],
+) -> dict:
     return {
+        "judge": identity[0],
+        "judge_model": identity[1],
         "prompt": prompt.name,
         "prompt_hash": prompt.hash(),
         "report": {k: str(v) for k, v in paths.items()},

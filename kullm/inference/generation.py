@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kullm.data.records import Record, read_records
+from kullm.data.records import DataError, Record, check_source, read_records
 from kullm.resumable import AppendLog, read_done
 from kullm.templates import Prompter
 
@@ -331,9 +331,14 @@ def run_file(
     output_file = Path(output_file)
     output_file.parent.mkdir(parents=True, exist_ok=True)
     rejects = output_file.with_name(output_file.stem + ".rejects.jsonl")
+    check_source(input_file, "files")
     records, report = read_records(
         input_file, fields=fields, policy=policy, rejects_path=rejects, require_output=False, allow_empty_output=True
     )
+    if not records:
+        raise DataError(
+            f"{input_file}: no usable row ({report.n_rejected} rejected: {dict(report.rejected)}; see {rejects})"
+        )
     for reject in report.rejects:
         log.warning("skipped %s", reject)
     settings = {**generator.settings, "model": generator.label}
@@ -364,6 +369,7 @@ def generate_file(cfg: DictConfig) -> Path:
     if not cfg.input_file:
         raise ValueError("generate_file needs input_file=<jsonl>")
     output = Path(cfg.output_file or Path(cfg.output_dir) / "responses.jsonl")
+    check_source(cfg.input_file, "files")  # before the model loads
     generator = Generator.from_config(cfg)
     seed_everything(cfg.generation.get("seed"))
     fields = OmegaConf.to_container(cfg.fields, resolve=True) if cfg.get("fields") else None

@@ -1,0 +1,109 @@
+"""The five CLIs tell the truth: their version, one-line errors before anything heavy loads, and a non-zero exit
+for a run that produced nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from chat_server import ChatServer
+
+from kullm import __version__
+
+CLIS = {"train": "kullm-train", "prepare": "kullm-prepare", "generate": "kullm-generate", "merge": "kullm-merge",
+        "evaluate": "kullm-eval"}  # fmt: skip
+
+
+def cli(module: str, *args: str, tmp_path, timeout: int = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", f"kullm.{module}", *args, f"hydra.run.dir={tmp_path}/run"]
+    if module == "evaluate":
+        cmd[-1] = f"output_dir={tmp_path}/run"
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, prog: str) -> str:
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{prog}: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("module", sorted(CLIS))
+def test_version_is_kullms(module):
+    proc = subprocess.run([sys.executable, "-m", f"kullm.{module}", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{CLIS[module]} (kullm {__version__})"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.path=/nope.jsonl"], "kullm-train: /nope.jsonl: no such file or folder"),
+        (["data=kullm-v1"], "KULLM v1 (GPT4ALL in Korean) is not public: pass data.path=<your copy>"),
+        (["data.cutoff_len=-1"], "kullm-train: data.cutoff_len=-1: must be at least 2"),
+        (["trainer.max_epochs=abc"], "kullm-train: trainer.max_epochs='abc': expected int, got str"),
+        (["micro_batch_size=0"], "kullm-train: micro_batch_size=0: must be at least 1"),
+    ],
+)
+def test_train_refuses_bad_input_in_one_line_before_loading_a_model(tmp_path, overrides, message):
+    proc = cli("train", "experiment=smoke", "logger=none", *overrides, tmp_path=tmp_path)
+    assert message in one_line_error(proc, "kullm-train")
+    assert "warmed up" not in proc.stdout + proc.stderr  # no model was built
+
+
+def test_a_fifo_as_data_is_refused_not_read_forever(tmp_path):
+    import os
+
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    proc = cli("prepare", f"data.path={fifo}", tmp_path=tmp_path, timeout=60)
+    assert "not a regular file or folder" in one_line_error(proc, "kullm-prepare")
+
+
+def test_a_wrong_lora_target_is_one_line_naming_the_layers(tmp_path):
+    proc = cli("train", "experiment=smoke", "logger=none", "lora.target_modules=[nope]", tmp_path=tmp_path)
+    line = one_line_error(proc, "kullm-train")
+    assert "lora.target_modules=['nope']" in line and "Linear layers here:" in line and "query_key_value" in line
+
+
+def test_generate_over_a_file_with_no_usable_row_fails(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n{"broken": \n', encoding="utf-8")
+    proc = cli("generate", f"input_file={bad}", f"output_file={tmp_path}/out.jsonl", tmp_path=tmp_path)
+    assert f"{bad}: no usable row (2 rejected" in one_line_error(proc, "kullm-generate")
+    missing = cli("generate", f"input_file={tmp_path}/missing.jsonl", tmp_path=tmp_path)
+    assert "missing.jsonl: no such file or folder" in one_line_error(missing, "kullm-generate")
+
+
+def test_eval_that_judged_nothing_fails_with_the_reason(tmp_path):
+    rows = [{"id": f"q{i}", "instruction": f"질문 {i}", "input": "", "response": "답"} for i in range(3)]
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    args = [f"responses={resp}", "judge.base_url=http://127.0.0.1:9/v1", "judge.max_retries=0", "judge.timeout=2",
+            "progress=false", "references=null"]  # fmt: skip
+    proc = cli("evaluate", *args, tmp_path=tmp_path)
+    line = one_line_error(proc, "kullm-eval")
+    assert "0 of 3 judged" in line and "report.md" in line
+    proc = cli("evaluate", f"responses={tmp_path}/absent.jsonl", tmp_path=tmp_path)
+    assert "absent.jsonl: no such file or folder" in one_line_error(proc, "kullm-eval")
+    proc = cli("evaluate", *args[:1], "judge.concurrency=0", tmp_path=tmp_path)
+    assert "judge.concurrency=0: must be at least 1" in one_line_error(proc, "kullm-eval")
+
+
+def test_eval_with_another_judge_model_is_refused_before_any_request(tmp_path):
+    from test_evaluate import eval_cfg
+
+    from kullm.evaluation import runs as ev
+
+    rows = [{"id": f"q{i}", "instruction": f"질문 {i}", "input": "", "response": f"답 {i}"} for i in range(2)]
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    with ChatServer() as s:
+        summary = ev.evaluate(eval_cfg(s, tmp_path / "o", f"responses={resp}", "references=null"))
+        asked = sum(s.counts.values())
+        report = (tmp_path / "o" / "report.md").read_text(encoding="utf-8")
+        assert f"judge: openai / {summary['judge_model']} · prompt: kullm (" in report
+        with pytest.raises(ValueError, match="pass another output_dir"):  # every id is judged already
+            ev.evaluate(eval_cfg(s, tmp_path / "o", f"responses={resp}", "references=null", "judge.model=other"))
+        assert sum(s.counts.values()) == asked
