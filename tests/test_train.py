@@ -182,9 +182,10 @@ def test_wandb_offline_run_has_metrics_and_config_and_no_secret(tmp_path, monkey
     )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    (record,) = runs[0].glob("run-*.wandb")
     files = [p for p in runs[0].rglob("*") if p.is_file()]
     blob = b"".join(p.read_bytes() for p in files)
-    assert b"train/loss" in blob and b"micro_batch_size" in blob
+    assert b"train/loss" in record.read_bytes() and b"micro_batch_size" in blob
     assert secret.encode() not in blob
     assert secret not in (Path(res["adapter"]) / "kullm_config.yaml").read_text()
 

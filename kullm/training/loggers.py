@@ -59,7 +59,9 @@ def wandb_mode(mode: str) -> str:
 
 
 def finish_wandb(loggers: list) -> None:
-    """Close the W&B run (so each job of a sweep is its own run) and say how to upload an offline one."""
+    """Close the W&B run (so each job of a sweep is its own run), wait until W&B's service has written (or uploaded)
+    everything, and say how to upload an offline run."""
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
@@ -68,5 +70,6 @@ def finish_wandb(loggers: list) -> None:
             offline = getattr(run, "settings", None) is not None and run.settings.mode == "offline"
             run_dir = Path(run.dir).parent if offline else None
             run.finish()
+            wandb.teardown()  # the service writes the run file asynchronously: wait for it before anyone reads it
             if run_dir is not None:
                 rank_zero_info(f"kullm-train: W&B ran offline; upload with: wandb sync {run_dir}")
