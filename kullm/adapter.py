@@ -118,8 +118,20 @@ def read_adapter(folder: str | Path) -> AdapterSpec:
     return AdapterSpec(folder, dict(config["model"]), prompter, config)
 
 
-def load_adapter(folder: str | Path, *, dtype: str | None = None, quant: Mapping | None = None, device_map=None):
-    """Base model + adapter ready for inference: ``(peft_model, tokenizer, prompter)``."""
+def load_adapter(
+    folder: str | Path,
+    *,
+    dtype: str | None = None,
+    quant: Mapping | None = None,
+    device_map=None,
+    trust_remote_code: bool = False,
+):
+    """Base model + adapter ready for inference: ``(peft_model, tokenizer, prompter)``.
+
+    An adapter folder is shared data, never a source of permissions: ``trust_remote_code`` comes only from the
+    caller (the user's own command line or config). A folder whose config asks for it is refused unless the caller
+    allows it.
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -127,11 +139,18 @@ def load_adapter(folder: str | Path, *, dtype: str | None = None, quant: Mapping
 
     spec = read_adapter(folder)
     model_cfg = dict(spec.model)
+    if model_cfg.get("trust_remote_code") and not trust_remote_code:
+        raise AdapterError(
+            f"{spec.path / CONFIG_FILE}: asks to run the base model's own Python code (model.trust_remote_code: "
+            f"true, base {model_cfg.get('name_or_path')!r}); kullm never takes that from a shared folder: pass "
+            "trust_remote_code=true on your command line only if you trust that model's code"
+        )
+    model_cfg["trust_remote_code"] = bool(trust_remote_code)
     if dtype:
         model_cfg["dtype"] = dtype
     model_cfg["shape_only"] = False
     base = load_model(model_cfg, quant=quant, device_map=device_map)
-    model = PeftModel.from_pretrained(base, str(spec.path))
+    model = PeftModel.from_pretrained(base, str(spec.path), use_safetensors=True)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.path), trust_remote_code=bool(trust_remote_code))
     return model, tokenizer, spec.prompter

@@ -126,6 +126,7 @@ def generate_responses(cfg: DictConfig, adapter: Path, out_dir: Path) -> Path:
         f"input_file={cfg.eval_set}",
         f"output_file={partial}",
         f"++output_dir={out_dir}",
+        f"trust_remote_code={bool(cfg.get('trust_remote_code', False))}",
         *cfg.get("generate_overrides", []),
     ]
     written = Path(generate_file(_compose_generate(overrides)))

@@ -249,7 +249,13 @@ def load_for_generation(cfg: DictConfig):
     quantized = bool(quant) and quant.get("mode", "none") != "none"
     device_map = cfg.device_map or ({"": device} if quantized else None)
     if cfg.adapter:
-        model, tokenizer, prompter = load_adapter(cfg.adapter, dtype=cfg.dtype, quant=quant, device_map=device_map)
+        model, tokenizer, prompter = load_adapter(
+            cfg.adapter,
+            dtype=cfg.dtype,
+            quant=quant,
+            device_map=device_map,
+            trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+        )
         label = str(Path(cfg.adapter).expanduser().resolve())
     else:
         node = model_node(cfg)

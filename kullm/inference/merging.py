@@ -37,7 +37,9 @@ def merge(cfg: DictConfig) -> Path:
     if dtype not in cfg.tolerances:
         raise ValueError(f"dtype must be one of {sorted(cfg.tolerances)}, got {dtype!r}")
     tolerance = float(cfg.tolerance if cfg.tolerance is not None else cfg.tolerances[dtype])
-    model, tokenizer, prompter = load_adapter(cfg.adapter, dtype=dtype, device_map=cfg.device_map)
+    model, tokenizer, prompter = load_adapter(
+        cfg.adapter, dtype=dtype, device_map=cfg.device_map, trust_remote_code=bool(cfg.get("trust_remote_code", False))
+    )
     prompts = [prompter.render(p) for p in cfg.check_prompts]
     input_ids, mask = left_pad(
         [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], _pad_id(tokenizer)
