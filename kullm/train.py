@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from kullm.config import CONF_DIR, ConfigError, check_overrides, exit_on_version, validate
 from kullm.data.records import DataError, check_source
+from kullm.training.checkpointing import Interrupted
 from kullm.training.loggers import build_loggers, finish_wandb
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
 
@@ -69,7 +70,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from kullm.data.datamodule import KullmDataModule
     from kullm.modeling import build_peft_model, load_tokenizer
     from kullm.templates import Prompter
-    from kullm.training.checkpointing import AtomicCheckpointIO, copy_adapter, export_adapter
+    from kullm.training.checkpointing import AtomicCheckpointIO, GracefulStop, copy_adapter, export_adapter
     from kullm.training.module import KullmLitModule
 
     validate(cfg)
@@ -99,12 +100,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     model = build_peft_model(cfg.model, cfg.lora, cfg.quant, gradient_checkpointing=bool(cfg.gradient_checkpointing))
     module = KullmLitModule(model, optim=cfg.optim, loss=cfg.get("loss"))
     loggers = build_loggers(cfg, out, model)
+    stopper = GracefulStop()
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         accumulate_grad_batches=accumulate,
         strategy=build_strategy(cfg),
         logger=loggers or False,
-        callbacks=[*build_callbacks(cfg, out, tokenizer, prompter, has_val), *extra_callbacks],
+        callbacks=[*build_callbacks(cfg, out, tokenizer, prompter, has_val), stopper, *extra_callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # kullm's samplers shard by rank themselves (and resume mid-epoch)
         default_root_dir=str(out),
@@ -121,6 +123,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     # "dataloader is not resumable" warning does not apply
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if stopper.signum is not None:  # no final adapter for an unfinished run: resume it from last
+        if trainer.is_global_zero:
+            finish_wandb(loggers)
+        raise Interrupted(stopper.signum, trainer.global_step, _last_checkpoint(trainer))
     adapter = out / "adapter"
     best = _best_adapter(trainer) if final == "best" else None
     if best is not None:
@@ -154,6 +160,12 @@ def final_adapter_choice(cfg: DictConfig, has_val: bool) -> str:
     return final
 
 
+def _last_checkpoint(trainer: L.Trainer) -> str | None:
+    from kullm.training.checkpointing import AdapterCheckpoint
+
+    return next((cb.last_model_path for cb in trainer.callbacks if isinstance(cb, AdapterCheckpoint)), None)
+
+
 def _best_adapter(trainer: L.Trainer) -> Path | None:
     """The adapter folder beside the best checkpoint, if a validation ever ranked one."""
     from kullm.training.checkpointing import AdapterCheckpoint, adapter_dir
@@ -177,6 +189,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         result = train(cfg)
     except (ConfigError, DataError) as e:
         raise SystemExit(f"kullm-train: {e}") from None
+    except Interrupted as e:
+        print(f"kullm-train: {e}; resume with ckpt_path={e.last}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
     val = result["metrics"].get("val/loss")
     return None if val is None or math.isnan(val) else val
 

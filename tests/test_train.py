@@ -318,3 +318,34 @@ def test_last_checkpoint_is_always_the_last_step(tmp_path):
     final = load_file(out / "adapter" / "adapter_model.safetensors")
     last_adapter = load_file(out / "checkpoints" / "last" / "adapter_model.safetensors")
     assert all(torch.equal(final[k], last_adapter[k]) for k in final)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_last_at_a_step_boundary_and_exits_non_zero(tmp_path, sig):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "kullm.train", *FAST, "trainer.max_epochs=200", "callbacks.samples.num=0",
+        "callbacks.checkpoint.every_n_train_steps=2", f"hydra.run.dir={run}", f"data.cache_dir={tmp_path}/cache",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, sig), err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("kullm-train: interrupted"))
+    step = int(line.split(" at step ")[1].split(";")[0])
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == step > 0
+    progress = last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert progress["ready"] == 2 * step  # whole optimizer steps (accumulation 2): no half-accumulated gradient
+    adapter = load_file(run / "checkpoints" / "last" / "adapter_model.safetensors")
+    assert len(adapter) == len(last["state_dict"]) > 0
+    assert not (run / "adapter").exists()  # an unfinished run has no final adapter
+    assert f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in line

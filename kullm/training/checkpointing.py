@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +160,59 @@ def export_adapter(trainer: L.Trainer, folder: str | Path, **meta) -> Path | Non
         path = save_adapter(peft_model, folder, state_dict=state, **meta)
     trainer.strategy.barrier("export_adapter")
     return path
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM after saving ``last`` at an optimizer-step boundary."""
+
+    def __init__(self, signum: int, step: int, last: str | None) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; last checkpoint: {last}")
+        self.signum, self.step, self.last = signum, step, last
+
+
+class GracefulStop(L.Callback):
+    """On Ctrl-C or SIGTERM, finish the optimizer step in progress, write ``last`` and stop.
+
+    Lightning's own handling stops at the next micro-batch (inside a gradient-accumulation window, whose partial
+    gradient no checkpoint holds) and saves nothing; a second Ctrl-C stops at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:  # every rank stops at the same step
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop or trainer.fit_loop.epoch_loop._should_accumulate():
+            return
+        self.signum = self.signum or signal.SIGTERM
+        for cb in trainer.callbacks:
+            if isinstance(cb, AdapterCheckpoint):
+                cb.refresh_last(trainer)
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
