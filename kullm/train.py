@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from kullm.config import CONF_DIR, ConfigError, check_overrides, exit_on_version, validate
 from kullm.data.records import DataError, check_source
-from kullm.training.checkpointing import Interrupted
+from kullm.training.checkpointing import Interrupted, resolve_resume
 from kullm.training.loggers import build_loggers, finish_wandb
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
 
@@ -70,7 +70,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from kullm.data.datamodule import KullmDataModule
     from kullm.modeling import build_peft_model, load_tokenizer
     from kullm.templates import Prompter
-    from kullm.training.checkpointing import AtomicCheckpointIO, GracefulStop, copy_adapter, export_adapter
+    from kullm.training.checkpointing import (
+        AtomicCheckpointIO,
+        GracefulStop,
+        RunIdentity,
+        copy_adapter,
+        export_adapter,
+    )
     from kullm.training.module import KullmLitModule
 
     validate(cfg)
@@ -81,6 +87,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     has_val = int(cfg.data.get("val_set_size", 0)) > 0
     trainer_kwargs = validation_schedule(cfg, accumulate) if has_val else {"limit_val_batches": 0}
     final = final_adapter_choice(cfg, has_val)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        ckpt_path = resolve_resume(ckpt_path, cfg, bool(cfg.get("allow_resume_changes", False)))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -106,7 +115,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         accumulate_grad_batches=accumulate,
         strategy=build_strategy(cfg),
         logger=loggers or False,
-        callbacks=[*build_callbacks(cfg, out, tokenizer, prompter, has_val), stopper, *extra_callbacks],
+        callbacks=[
+            *build_callbacks(cfg, out, tokenizer, prompter, has_val),
+            stopper,
+            RunIdentity(cfg),
+            *extra_callbacks,
+        ],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # kullm's samplers shard by rank themselves (and resume mid-epoch)
         default_root_dir=str(out),
@@ -122,7 +136,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     # kullm's module skips the batches an interrupted epoch trained (KullmDataModule.resume_at), so Lightning's
     # "dataloader is not resumable" warning does not apply
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if stopper.signum is not None:  # no final adapter for an unfinished run: resume it from last
         if trainer.is_global_zero:
             finish_wandb(loggers)

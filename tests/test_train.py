@@ -349,3 +349,42 @@ def test_a_signal_saves_last_at_a_step_boundary_and_exits_non_zero(tmp_path, sig
     assert len(adapter) == len(last["state_dict"]) > 0
     assert not (run / "adapter").exists()  # an unfinished run has no final adapter
     assert f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in line
+
+
+def test_resume_refuses_broken_checkpoints_and_other_settings_in_one_line(tmp_path):
+    from kullm.training.checkpointing import resolve_resume
+
+    run = tmp_path / "run"
+    train(cfg_for(run, "trainer.max_steps=2", "callbacks.samples.num=0"))
+    cfg = cfg_for(tmp_path / "again")
+    last = run / "checkpoints" / "last.ckpt"
+    assert resolve_resume(run, cfg) == str(last)  # a run folder means its last checkpoint
+    assert resolve_resume(last, cfg) == str(last)
+    bad = {"empty.ckpt": b"", "text.ckpt": b"not a checkpoint\n", "cut.ckpt": last.read_bytes()[:2000]}
+    for name, body in bad.items():
+        (tmp_path / name).write_bytes(body)
+        with pytest.raises(ConfigError, match=rf"ckpt_path=.*{name}: not a readable checkpoint"):
+            resolve_resume(tmp_path / name, cfg)
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        resolve_resume(tmp_path / "missing.ckpt", cfg)
+    with pytest.raises(ConfigError, match="without checkpoints/last.ckpt"):
+        resolve_resume(tmp_path, cfg)
+    other = cfg_for(tmp_path / "again", "lora.r=8", "lora.lora_alpha=8")
+    with pytest.raises(ConfigError, match=r"lora.r: checkpoint 16, now 8; lora.lora_alpha: checkpoint 32, now 8"):
+        resolve_resume(last, other)
+    assert resolve_resume(last, other, allow_changes=True) == str(last)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kullm.train",
+            *FAST,
+            f"ckpt_path={tmp_path / 'cut.ckpt'}",
+            f"hydra.run.dir={tmp_path}/x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "kullm-train: ckpt_path=" in proc.stderr and "warmed up" not in proc.stderr
