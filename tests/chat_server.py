@@ -219,6 +219,30 @@ class _Handler(BaseHTTPRequestHandler):
             s._stop.wait(s.slow_s)
         if kind == "badjson":
             return self._send(200, b'{"id": "chatcmpl-test", "choices": [{"message": ')
+        if kind == "echo400":  # a server that echoes the request headers in its error body
+            return self._send(400, json.dumps({"error": {"headers": dict(self.headers)}}).encode())
+        if kind == "echo":  # ... or in its reply
+            text = reply_text(s.scores(key)) + f"\n(seen: {self.headers.get('Authorization')})"
+            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+            return self._send(200, json.dumps(reply).encode())
+        if kind == "huge":
+            return self._send(200, b'{"choices": [], "pad": "' + b"x" * (8 << 20) + b'"}')
+        if kind == "drip":  # headers at once, then the body a byte at a time (a per-read timeout never fires)
+            data = json.dumps(s.completion(body, key, kind)).encode()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for i in range(len(data)):
+                    if s._stop.wait(0.05):
+                        break
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
+            return
         data = json.dumps(s.completion(body, key, kind), ensure_ascii=False).encode()
         if kind == "truncated":
             return self._send(200, data, cut=len(data) // 2)

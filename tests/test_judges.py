@@ -202,3 +202,35 @@ def test_hf_judge_weighted_scores_equal_a_hand_computation(prompt):
         offset += len(line) + 1
     j = asyncio.run(judge_one(judge, prompt, Record("x", "한국의 수도는?", "", "서울입니다."), 0))[1]
     assert j["status"] == "ok" and j["weighted"] == reply.weighted and j["model"] == "kullm:tiny"
+
+
+def test_a_reply_trickled_a_byte_at_a_time_hits_the_deadline():
+    """httpx's timeout is per read: a byte every 50 ms never trips it. judge.timeout is a deadline per request."""
+    with ChatServer(faults=script({"K": ["drip"]})) as s:
+        t = time.monotonic()
+        r = ask(judge_cfg(s.url, timeout=1.0))
+        elapsed = time.monotonic() - t
+    assert r.attempts == 2 and s.served["drip"] == 1 and 1.0 <= elapsed < 2.5
+
+
+def test_an_oversized_body_is_refused():
+    with ChatServer(faults=lambda key, n: "huge") as s:
+        with pytest.raises(JudgeError, match="over judge.max_response_bytes=1048576"):
+            ask(judge_cfg(s.url, max_retries=0, max_response_bytes=1 << 20))
+
+
+@pytest.mark.parametrize("bad", [{"concurrency": 0}, {"concurrency": -1}, {"timeout": 0}])
+def test_settings_that_would_hang_are_refused(bad):
+    with pytest.raises(ValueError, match="must be positive"):
+        OpenAIJudge(judge_cfg("http://127.0.0.1:9/v1", **bad))
+
+
+def test_a_server_echoing_the_key_never_gets_it_stored(monkeypatch, prompt):
+    monkeypatch.setenv("KULLM_TEST_KEY", "sk-echoed-456")
+    with ChatServer(faults=lambda key, n: "echo400") as s:
+        with pytest.raises(JudgeError) as e:
+            ask(judge_cfg(s.url, max_retries=0))
+    assert "Authorization" in str(e.value) and "sk-echoed-456" not in str(e.value) and "<redacted>" in str(e.value)
+    with ChatServer(faults=lambda key, n: "echo") as s:
+        r = ask(judge_cfg(s.url))
+    assert "(seen: Bearer <redacted>)" in r.text and "sk-echoed-456" not in r.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import os
 import random
@@ -85,7 +86,11 @@ class OpenAIJudge:
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.model = str(cfg["model"])
         self.url = str(cfg["base_url"]).rstrip("/") + "/chat/completions"
-        self.timeout = float(cfg.get("timeout", 60.0))
+        self.timeout = float(cfg.get("timeout", 60.0))  # a deadline for the whole request, not per read
+        self.max_bytes = int(cfg.get("max_response_bytes", 4 << 20))
+        concurrency = int(cfg.get("concurrency", 8))
+        if concurrency < 1 or self.timeout <= 0:
+            raise ValueError(f"judge.concurrency ({concurrency}) and judge.timeout ({self.timeout}) must be positive")
         self.max_retries = int(cfg.get("max_retries", 6))
         self.backoff_base = float(cfg.get("backoff_base", 1.0))
         self.backoff_max = float(cfg.get("backoff_max", 60.0))
@@ -101,12 +106,13 @@ class OpenAIJudge:
         headers = {"Content-Type": "application/json"}
         env = cfg.get("api_key_env") or "OPENAI_API_KEY"
         key = os.environ.get(env)
+        self._secret = key or None
         if key:
             headers["Authorization"] = f"Bearer {key}"
         else:
             log.warning("$%s is not set: sending requests without an API key (fine for a local server)", env)
         self._env = env
-        self._sem = asyncio.Semaphore(int(cfg.get("concurrency", 8)))
+        self._sem = asyncio.Semaphore(concurrency)
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout))
 
     async def reply(self, messages: list[dict[str, str]]) -> Reply:
@@ -135,27 +141,45 @@ class OpenAIJudge:
     def _backoff(self, attempt: int) -> float:
         return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
+    def scrub(self, text: str) -> str:
+        """``text`` with the API key replaced: a server that echoes the Authorization header must not get the key
+        into logs, judgments or the report."""
+        return text.replace(self._secret, "<redacted>") if self._secret else text
+
     async def _post(self, messages: list[dict[str, str]]) -> tuple[str, TokenLogprobs | None]:
         try:
-            r = await self._client.post(self.url, json={**self.body, "messages": messages})
-        except httpx.TimeoutException as e:
-            raise _Retry(f"timeout after {self.timeout}s ({type(e).__name__})") from None
+            status, headers, body = await asyncio.wait_for(self._request(messages), self.timeout)
+        # a server that trickles its reply hits the deadline
+        except (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException) as e:
+            raise _Retry(f"no complete reply within {self.timeout}s ({type(e).__name__})") from None
         except httpx.TransportError as e:  # connection refused/reset, incomplete (truncated) bodies
-            raise _Retry(f"{type(e).__name__}: {e}") from None
-        if r.status_code in RETRY_STATUS or r.status_code >= 500:
-            raise _Retry(f"HTTP {r.status_code}", retry_after(r.headers.get("retry-after")))
-        if r.status_code in (401, 403):
-            raise JudgeError(f"HTTP {r.status_code} from {self.url}: check ${self._env}", fatal=True)
-        if r.status_code >= 400:
-            raise JudgeError(f"HTTP {r.status_code} from {self.url}: {r.text[:300]}", fatal=r.status_code == 404)
+            raise _Retry(self.scrub(f"{type(e).__name__}: {e}")) from None
+        text_body = self.scrub(body.decode("utf-8", errors="replace"))
+        if status in RETRY_STATUS or status >= 500:
+            raise _Retry(f"HTTP {status}", retry_after(headers.get("retry-after")))
+        if status in (401, 403):
+            raise JudgeError(f"HTTP {status} from {self.url}: check ${self._env}", fatal=True)
+        if status >= 400:
+            raise JudgeError(f"HTTP {status} from {self.url}: {text_body[:300]}", fatal=status == 404)
         try:
-            choice = r.json()["choices"][0]
+            choice = json.loads(text_body)["choices"][0]
             text = choice["message"]["content"]
             if not isinstance(text, str):
                 raise TypeError(f"content is {type(text).__name__}")
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise _Retry(f"invalid response body ({type(e).__name__}: {e}): {r.text[:80]!r}") from None
-        return text, _tokens(choice.get("logprobs"))
+            raise _Retry(f"invalid response body ({type(e).__name__}: {e}): {text_body[:80]!r}") from None
+        return self.scrub(text), _tokens(choice.get("logprobs"))
+
+    async def _request(self, messages: list[dict[str, str]]) -> tuple[int, httpx.Headers, bytes]:
+        """POST and read the body, refusing one larger than ``max_response_bytes``."""
+        async with self._client.stream("POST", self.url, json={**self.body, "messages": messages}) as r:
+            chunks, size = [], 0
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise _Retry(f"response body over judge.max_response_bytes={self.max_bytes}")
+                chunks.append(chunk)
+            return r.status_code, r.headers, b"".join(chunks)
 
 
 def retry_after(value: str | None) -> float | None:
