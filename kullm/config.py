@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout (holds conf/, data/sample/ and outputs/)
@@ -275,3 +276,84 @@ def _paths(cfg: DictConfig, prefix: str = "") -> list[str]:
         if isinstance(node, DictConfig):
             paths += _paths(node, f"{path}.")
     return paths
+
+
+def secret_values(cfg: DictConfig | None = None, args: Sequence[str] = ()) -> set[str]:
+    """The values of credential keys in ``cfg`` and in ``key=value`` command-line arguments."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if _is_secret(str(k), v) and str(v).strip():
+                    found.add(str(v))
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    if cfg is not None:
+        walk(OmegaConf.to_container(cfg, resolve=False))
+    for arg in args:
+        key, eq, value = str(arg).partition("=")
+        if eq and is_secret_key(key.lstrip("+~").rsplit(".", 1)[-1]) and value.strip("'\" "):
+            found.add(value.strip("'\""))
+    return found
+
+
+def scrub(text: str, secrets: set[str]) -> str:
+    """``text`` with every secret value replaced by ``<redacted>`` (longest first)."""
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, "<redacted>")
+    return text
+
+
+def redact_args(args: Sequence[str]) -> list[str]:
+    """Command-line arguments with credential values replaced (what a logger may record)."""
+    return [scrub(a, secret_values(args=[a])) for a in args]
+
+
+class RedactRunFiles(Callback):
+    """A Hydra callback: rewrites ``.hydra/{config,hydra,overrides}.yaml`` (and a sweep's ``multirun.yaml``) with
+    credential values replaced, right after Hydra writes them."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        if not hc.output_subdir:
+            return
+        secrets = secret_values(config, list(hc.overrides.task))
+        folder = Path(hc.runtime.output_dir) / str(hc.output_subdir)
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            _scrub_file(folder / name, secrets)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        _scrub_file(Path(hc.sweep.dir) / "multirun.yaml", secret_values(config, list(hc.overrides.task)))
+
+
+def _scrub_file(path: Path, secrets: set[str]) -> None:
+    if secrets and path.is_file():
+        text = path.read_text(encoding="utf-8")
+        clean = scrub(text, secrets)
+        if clean != text:
+            path.write_text(clean, encoding="utf-8")
+
+
+def print_redacted_cfg(config_name: str, args: Sequence[str]) -> bool:
+    """``--cfg job`` (``-c job``): print the composed job config with credentials redacted instead of Hydra's
+    plain dump; return whether it did. ``--cfg hydra|all`` are left to Hydra (they print no job values)."""
+    argv = list(args)
+    for flag in ("--cfg", "-c"):
+        if flag in argv and argv.index(flag) + 1 < len(argv) and argv[argv.index(flag) + 1] == "job":
+            i = argv.index(flag)
+            rest = [a for k, a in enumerate(argv) if k not in (i, i + 1) and a not in ("--resolve",)]
+            overrides = [a for a in rest if not a.startswith("-")]
+            cfg = compose(config_name, overrides)
+            secrets = secret_values(cfg, overrides)
+            print(scrub(OmegaConf.to_yaml(cfg, resolve="--resolve" in argv), secrets), end="")
+            return True
+    return False

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, ConfigError, exit_on_version, validate
+from kullm.config import CONF_DIR, ConfigError, exit_on_version, print_redacted_cfg, validate
 from kullm.data.records import DataError
 from kullm.evaluation.judges import JudgeError
 from kullm.evaluation.runs import evaluate
@@ -47,7 +47,8 @@ def nothing_judged(summary: dict) -> str:
 def main() -> None:
     """``kullm-eval``: see ``conf/eval.yaml``."""
     exit_on_version("kullm-eval", sys.argv[1:])
-    _hydra_main()
+    if not print_redacted_cfg("eval", sys.argv[1:]):
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, exit_on_version, validate
+from kullm.config import CONF_DIR, exit_on_version, print_redacted_cfg, validate
 from kullm.data.records import DataError
 from kullm.inference.generation import Generator, chat, generate_file, seed_everything
 
@@ -91,6 +91,8 @@ def main() -> None:
     """``kullm-generate``: the Hydra app, with ``prompt=``/``input=`` text quoted for Hydra first."""
     exit_on_version("kullm-generate", sys.argv[1:])
     sys.argv[1:] = quote_text_args(sys.argv[1:])
+    if print_redacted_cfg("generate", sys.argv[1:]):
+        return
     _main()
 
 

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, exit_on_version, validate
+from kullm.config import CONF_DIR, exit_on_version, print_redacted_cfg, validate
 from kullm.inference.merging import MergeError, merge, weight_names
 
 
@@ -37,7 +37,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``kullm-merge``: see ``conf/merge.yaml``."""
     exit_on_version("kullm-merge", sys.argv[1:])
-    _hydra_main()
+    if not print_redacted_cfg("merge", sys.argv[1:]):
+        _hydra_main()
 
 
 if __name__ == "__main__":

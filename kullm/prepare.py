@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from kullm.config import CONF_DIR, ConfigError, exit_on_version, validate
+from kullm.config import CONF_DIR, ConfigError, exit_on_version, print_redacted_cfg, validate
 from kullm.data.preprocess import preprocess, save_processed
 from kullm.data.records import DataError, check_source
 from kullm.data.stats import format_stats, token_stats
@@ -68,7 +68,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``kullm-prepare``: see ``conf/prepare.yaml``."""
     exit_on_version("kullm-prepare", sys.argv[1:])
-    _hydra_main()
+    if not print_redacted_cfg("prepare", sys.argv[1:]):
+        _hydra_main()
 
 
 if __name__ == "__main__":

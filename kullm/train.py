@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from kullm.config import CONF_DIR, ConfigError, check_overrides, exit_on_version, validate
+from kullm.config import CONF_DIR, ConfigError, check_overrides, exit_on_version, print_redacted_cfg, validate
 from kullm.data.records import DataError, check_source
 from kullm.training.checkpointing import Interrupted, resolve_resume
 from kullm.training.loggers import build_loggers, finish_wandb
@@ -217,7 +217,8 @@ def main() -> None:
         check_overrides("train", sys.argv[1:])
     except ConfigError as e:
         raise SystemExit(f"kullm-train: {e}") from None
-    _hydra_main()
+    if not print_redacted_cfg("train", sys.argv[1:]):
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from kullm.config import ConfigError, redact
+from kullm.config import ConfigError, redact, redact_args
 
 
 def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
@@ -36,8 +39,19 @@ def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
             logger.watch(model, log=lc.watch, log_freq=int(lc.get("watch_log_freq", 100)))
     else:
         raise ConfigError(f"logger.name must be wandb, csv or none, got {lc.name!r}")
-    logger.log_hyperparams(redact(cfg))
+    with redacted_argv():  # W&B records the command line when the run starts: never with a credential in it
+        logger.log_hyperparams(redact(cfg))
     return [logger]
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    saved = sys.argv[:]
+    sys.argv[1:] = redact_args(saved[1:])
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
 
 
 def wandb_mode(mode: str) -> str:
