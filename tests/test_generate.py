@@ -356,3 +356,14 @@ def test_unquoted_words_after_prompt_are_one_text():
         "--cfg",
         "job",
     ]
+
+
+def test_inserting_an_id_less_row_then_resuming_answers_it_and_no_other_twice(generator, tmp_path):
+    g = Generator(generator.model, generator.tokenizer, generator.prompter, {"max_new_tokens": 2, "num_beams": 1})
+    rows = [{"instruction": f"{i}번째 질문"} for i in range(3)]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    run_file(g, write_jsonl(src, rows), out, progress=False)
+    run_file(g, write_jsonl(src, [{"instruction": "새로 넣은 질문"}, *rows]), out, progress=False)
+    answered = lines(out)
+    assert len(answered) == 4 and len({r["id"] for r in answered}) == 4
+    assert sorted(r["instruction"] for r in answered) == sorted(["새로 넣은 질문", *(r["instruction"] for r in rows)])

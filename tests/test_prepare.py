@@ -47,6 +47,7 @@ def test_prepare_on_unseen_data_writes_dataset_stats_tokenizer_and_rejects(tmp_p
         "repaired": {},
         "duplicates_dropped": 1,
         "ids_renamed": 1,
+        "hidden_files_skipped": 0,
     }
     assert stats["encoded"]["train"]["kept"] == 26 and stats["encoded"]["validation"]["kept"] == 5
     assert (

@@ -193,3 +193,35 @@ def test_prompts_without_output_for_generation_and_empty_answers_for_judging(tmp
     assert [(r.id, r.output) for r in recs] == [("a", ""), ("b", "")] and rep.n_rejected == 0
     recs, rep = read_records(p, allow_empty_output=True)
     assert [r.id for r in recs] == ["b"] and rep.rejected == {"missing_field": 1}
+
+
+def test_hidden_files_and_folders_are_skipped_and_counted(tmp_path):
+    write_lines(tmp_path / "train.jsonl", [row(id="a", instruction="질문", output="답")])
+    write_lines(
+        tmp_path / ".ipynb_checkpoints" / "train-checkpoint.jsonl", [row(id="a", instruction="옛", output="것")]
+    )
+    write_lines(tmp_path / "sub" / ".backup.jsonl", [row(id="b", instruction="숨은", output="파일")])
+    recs, rep = read_records(tmp_path)
+    assert [r.instruction for r in recs] == ["질문"] and rep.hidden_files == 2
+    assert rep.as_dict()["hidden_files_skipped"] == 2 and not rep.renamed
+
+
+def test_content_ids_survive_an_inserted_row(tmp_path):
+    """Generation keys its resumption on ids: an id-less row keeps its id when a row is inserted above it."""
+    rows = [row(instruction=f"질문 {i}") for i in range(3)]
+    before, _ = read_records(write_lines(tmp_path / "a.jsonl", rows), require_output=False, content_ids=True)
+    after, _ = read_records(
+        write_lines(tmp_path / "b.jsonl", [row(instruction="새 질문"), *rows]), require_output=False, content_ids=True
+    )
+    assert [r.id for r in after[1:]] == [r.id for r in before] and all(r.id.startswith("sha:") for r in after)
+    assert len({r.id for r in after}) == 4
+    same, rep = read_records(write_lines(tmp_path / "c.jsonl", rows[:1] * 3), require_output=False, content_ids=True)
+    assert len({r.id for r in same}) == 3 and len(rep.renamed) == 2  # the same prompt three times: three answers
+
+
+def test_int_and_str_ids_never_cost_a_row(tmp_path):
+    p = write_lines(
+        tmp_path / "d.jsonl", ['{"id": 1, "instruction": "a", "output": "b"}', row(id="1", instruction="c", output="d")]
+    )
+    recs, rep = read_records(p)
+    assert len(recs) == 2 and len({r.id for r in recs}) == 2 and not rep.rejects

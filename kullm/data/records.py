@@ -83,6 +83,7 @@ class ReadReport:
     repaired: Counter = field(default_factory=Counter)
     rejects: list[Reject] = field(default_factory=list)
     duplicates: int = 0  # exact duplicate rows dropped (drop_duplicates)
+    hidden_files: int = 0  # files under hidden folders (or hidden themselves) not read
     renamed: list[tuple[str, str, str]] = field(default_factory=list)  # (source, id, new id) for colliding ids
 
     @property
@@ -97,6 +98,7 @@ class ReadReport:
             "repaired": dict(self.repaired),
             "duplicates_dropped": self.duplicates,
             "ids_renamed": len(self.renamed),
+            "hidden_files_skipped": self.hidden_files,
         }
 
 
@@ -128,6 +130,7 @@ def read_records(
     require_output: bool = True,
     allow_empty_output: bool = False,
     drop_duplicates: bool = False,
+    content_ids: bool = False,
 ) -> tuple[list[Record], ReadReport]:
     """Read and validate every row of ``path``; return the good records and a report.
 
@@ -141,6 +144,8 @@ def read_records(
     :param require_output: rows must have the output field (False for prompts to answer: generation input).
     :param allow_empty_output: an empty output is kept, not rejected (a model's empty answer is still an answer).
     :param drop_duplicates: drop (and count) records whose instruction, input and output repeat an earlier one.
+    :param content_ids: rows without an id get ``sha:<hash of instruction and input>`` instead of ``<file>:<line>``
+        (generation keys its resumption on ids: inserting a row above must not shift the others' ids).
     """
     if policy not in ("skip", "strict"):
         raise ValueError(f"policy must be 'skip' or 'strict', got {policy!r}")
@@ -155,7 +160,9 @@ def read_records(
         try:
             if row.bad is not None:
                 raise row.bad
-            made = _to_records(row.obj, row.source, fields, output_rule, row.default_id)
+            made = _to_records(row.obj, row.source, fields, output_rule, "" if content_ids else row.default_id)
+            if content_ids and isinstance(row.obj, dict) and row.obj.get(fields.id) is None:
+                made = [replace(r, id=f"sha:{_digest(r.instruction, r.input)[:12]}") for r in made]
         except _Bad as bad:
             reject = Reject(row.source, bad.reason, bad.field, bad.message, row.raw)
             if policy == "strict":
@@ -200,13 +207,18 @@ def read_records(
     return records, report
 
 
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()
+
+
 def _unique_id(rec: Record, ids: Mapping[str, str]) -> str:
-    """``<id>#<8 hex of the content hash>``: the same row gets the same id on every read, whatever the order."""
-    digest = hashlib.sha256("\x00".join((rec.instruction, rec.input, rec.output)).encode("utf-8")).hexdigest()
-    width = 8
-    while f"{rec.id}#{digest[:width]}" in ids and width < len(digest):
-        width += 4
-    return f"{rec.id}#{digest[:width]}"
+    """``<id>#<8 hex of the content hash>``: the same row gets the same id on every read, whatever the order (a
+    repeat of the very same content under the same id gets a counter)."""
+    new = f"{rec.id}#{_digest(rec.instruction, rec.input, rec.output)[:8]}"
+    k = 2
+    while (candidate := new if k == 2 else f"{new}~{k - 1}") in ids:
+        k += 1
+    return candidate
 
 
 def write_rejects(rejects: list[Reject], path: str | Path) -> None:
@@ -245,6 +257,10 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
     if not files:
         raise DataError(f"{p}: folder holds no .jsonl or .json file")
     root = p if p.is_dir() else p.parent
+    skipped = hidden_files(p)
+    if skipped:
+        report.hidden_files = len(skipped)
+        log.warning("%d hidden file(s) under %s skipped, e.g. %s", len(skipped), p, skipped[0])
     for f in files:
         rows = _json_array_rows(f, report) if f.suffix == ".json" and _looks_like_array(f) else _jsonl_rows(f, report)
         rel = f.relative_to(root).as_posix()
@@ -268,8 +284,22 @@ def check_source(path: str | Path, source: str = "auto", hint: str | None = None
 
 
 def data_files(path: Path) -> list[Path]:
-    """The files a local source reads: the file itself, or every .jsonl/.json file under a folder, sorted."""
-    return sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file()) if path.is_dir() else [path]
+    """The files a local source reads: the file itself, or every .jsonl/.json file under a folder, sorted —
+    without hidden files and folders (``.ipynb_checkpoints/``, editor backups: see :func:`hidden_files`)."""
+    if not path.is_dir():
+        return [path]
+    return sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file() and not _hidden(f, path))
+
+
+def hidden_files(path: Path) -> list[Path]:
+    """The data files under a folder that :func:`data_files` skips because they or a folder above them are hidden."""
+    if not path.is_dir():
+        return []
+    return sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file() and _hidden(f, path))
+
+
+def _hidden(f: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in f.relative_to(root).parts)
 
 
 def _looks_like_array(f: Path) -> bool:

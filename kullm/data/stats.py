@@ -65,6 +65,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     rows += [(f"repaired: {k}", v) for k, v in sorted(read["repaired"].items())]
     rows += [("exact duplicates dropped", read.get("duplicates_dropped", 0))]
     rows += [("colliding ids renamed (rows kept)", read.get("ids_renamed", 0))]
+    rows += [("hidden files skipped", read.get("hidden_files_skipped", 0))]
     for name, c in stats["encoded"].items():
         rows += [
             (f"{name}: kept", c["kept"]),

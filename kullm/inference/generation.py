@@ -339,7 +339,13 @@ def run_file(
     rejects = output_file.with_name(output_file.stem + ".rejects.jsonl")
     check_source(input_file, "files")
     records, report = read_records(
-        input_file, fields=fields, policy=policy, rejects_path=rejects, require_output=False, allow_empty_output=True
+        input_file,
+        fields=fields,
+        policy=policy,
+        rejects_path=rejects,
+        require_output=False,
+        allow_empty_output=True,
+        content_ids=True,
     )
     if not records:
         raise DataError(
