@@ -80,6 +80,27 @@ class ConfigError(ValueError):
     """A config value or combination that cannot work, named with its key."""
 
 
+class JobFailed(RuntimeError):
+    """One job of a multirun sweep failed (its config or data): Hydra records it and runs the other jobs."""
+
+
+def fail(prog: str, error: BaseException) -> None:
+    """Stop with ``<prog>: <error>`` on one line: ``SystemExit`` in a single run; in a multirun sweep an ordinary
+    exception, which Hydra records as this job's failure while the other jobs still run (the sweep then exits
+    non-zero). Hydra does not catch ``SystemExit``: one bad job would end the whole sweep."""
+    message = f"{prog}: {' '.join(str(error).split())}"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except ImportError:
+        multirun = False
+    if multirun:
+        raise JobFailed(message) from None
+    raise SystemExit(message) from None
+
+
 # The knobs users type most, with their types (a tuple of strings: the allowed values).
 SCHEMA: dict[str, Any] = {
     "seed": int,

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, ConfigError, exit_on_version, print_redacted_cfg, validate
+from kullm.config import CONF_DIR, ConfigError, exit_on_version, fail, print_redacted_cfg, validate
 from kullm.data.records import DataError
 from kullm.evaluation.judges import JudgeError
 from kullm.evaluation.runs import evaluate
@@ -25,10 +25,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         validate(cfg)
         summary = evaluate(cfg)
     except (ConfigError, DataError, JudgeError, AdapterError, ValueError, OSError) as e:
-        raise SystemExit(f"kullm-eval: {' '.join(str(e).split())}") from None
+        fail("kullm-eval", e)
     empty = nothing_judged(summary)
     if empty:
-        raise SystemExit(f"kullm-eval: {empty}")
+        fail("kullm-eval", RuntimeError(empty))
     first = next(iter(summary["runs"].values()))
     return first["overall"]
 

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, exit_on_version, print_redacted_cfg, validate
+from kullm.config import CONF_DIR, exit_on_version, fail, print_redacted_cfg, validate
 from kullm.data.records import DataError
 from kullm.inference.generation import Generator, chat, generate_file, seed_everything
 
@@ -84,7 +84,7 @@ def _main(cfg: DictConfig) -> None:
         validate(cfg)
         run(cfg)
     except (DataError, AdapterError, ValueError, OSError) as e:
-        raise SystemExit(f"kullm-generate: {e}") from None
+        fail("kullm-generate", e)
 
 
 def main() -> None:

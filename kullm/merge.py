@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, exit_on_version, print_redacted_cfg, validate
+from kullm.config import CONF_DIR, exit_on_version, fail, print_redacted_cfg, validate
 from kullm.inference.merging import MergeError, merge, weight_names
 
 
@@ -30,7 +30,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         validate(cfg)
         out = merge(cfg)
     except (AdapterError, MergeError, ValueError, OSError) as e:
-        raise SystemExit(f"kullm-merge: {e}") from None
+        fail("kullm-merge", e)
     print(json.dumps(summary(out), ensure_ascii=False))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from kullm.config import CONF_DIR, ConfigError, exit_on_version, print_redacted_cfg, validate
+from kullm.config import CONF_DIR, ConfigError, exit_on_version, fail, print_redacted_cfg, validate
 from kullm.data.preprocess import preprocess, save_processed
 from kullm.data.records import DataError, check_source
 from kullm.data.stats import format_stats, token_stats
@@ -62,7 +62,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)
     except (ConfigError, DataError) as e:
-        raise SystemExit(f"kullm-prepare: {e}") from None
+        fail("kullm-prepare", e)
 
 
 def main() -> None:

@@ -25,7 +25,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from kullm.config import CONF_DIR, ConfigError, check_overrides, exit_on_version, print_redacted_cfg, validate
+from kullm.config import (
+    CONF_DIR,
+    ConfigError,
+    check_overrides,
+    exit_on_version,
+    fail,
+    print_redacted_cfg,
+    validate,
+)
 from kullm.data.records import DataError, check_source
 from kullm.training.checkpointing import Interrupted, resolve_resume
 from kullm.training.loggers import build_loggers, finish_wandb
@@ -202,7 +210,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except (ConfigError, DataError) as e:
-        raise SystemExit(f"kullm-train: {e}") from None
+        fail("kullm-train", e)
     except Interrupted as e:
         print(f"kullm-train: {e}; resume with ckpt_path={e.last}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None

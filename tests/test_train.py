@@ -388,3 +388,17 @@ def test_resume_refuses_broken_checkpoints_and_other_settings_in_one_line(tmp_pa
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "kullm-train: ckpt_path=" in proc.stderr and "warmed up" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_bad_job_fails_alone_and_the_sweep_exits_non_zero(tmp_path):
+    """batch_size 8 is not divisible by micro-batch 3: that job fails, the next still trains."""
+    cmd = [
+        sys.executable, "-m", "kullm.train", "-m", *FAST, "micro_batch_size=3,4", "trainer.max_steps=1",
+        "callbacks.samples.num=0", f"hydra.sweep.dir={tmp_path}/sweep", f"data.cache_dir={tmp_path}/cache",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "batch_size=8 is not divisible by micro_batch_size=3" in res.stderr
+    assert not (tmp_path / "sweep" / "0" / "adapter").exists()
+    assert (tmp_path / "sweep" / "1" / "adapter" / "adapter_model.safetensors").exists()
