@@ -488,3 +488,18 @@ def test_kullm_format_responses_with_output_are_judged(tmp_path, eval_records, l
     run = summary["runs"]["kullm"]
     assert (run["total"], run["judged"], run["notes"]) == (3, 3, [])
     assert run["means"] == pytest.approx(expected_means(f"응답 {r.id}" for r in recs))
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/tmp/abs", ".hidden", "a/b", "a..b"])
+def test_run_names_cannot_write_outside_output_dir(tmp_path, name):
+    resp = tmp_path / "r.jsonl"
+    resp.write_text(json.dumps({"id": "a", "instruction": "q", "response": "r"}) + "\n", encoding="utf-8")
+    cfg = compose("eval", [f"output_dir={tmp_path}/o"])
+    cfg.responses = {name: str(resp)}
+    with pytest.raises(ValueError, match="names files inside output_dir"):
+        ev.evaluate(cfg)
+    assert not [p for p in tmp_path.rglob("*.judgments.jsonl")]
+
+
+def test_derived_run_names_are_plain_file_names():
+    assert ev.run_names(["../responses.jsonl", "/a/b c/out.jsonl", "x/.y.jsonl"]) == ["-responses", "out", "y"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def resolve_runs(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
     if adapter is not None:
         return {run_names([str(adapter)])[0]: str(generate_responses(cfg, Path(adapter), out_dir))}
     if isinstance(responses, (DictConfig, Mapping)):
-        return {str(k): str(v) for k, v in responses.items()}
+        return {check_run_name(str(k)): str(v) for k, v in responses.items()}
     paths = [str(p) for p in responses] if isinstance(responses, (ListConfig, list, tuple)) else [str(responses)]
     return dict(zip(run_names(paths), paths, strict=True))
 
@@ -109,7 +110,17 @@ def run_names(paths: Sequence[str]) -> list[str]:
         f"{Path(p).parent.name}-{s}" if s in GENERIC_STEMS or stems.count(s) > 1 else s
         for p, s in zip(paths, stems, strict=True)
     ]
+    names = [re.sub(r"[^\w.-]", "_", n).lstrip(".") or "run" for n in names]  # file names inside output_dir
     return [n if names.count(n) == 1 else f"{n}-{k}" for k, n in enumerate(names)]
+
+
+def check_run_name(name: str) -> str:
+    """A run name given by the user names files inside ``output_dir``: no path, no leading dot."""
+    if not re.fullmatch(r"[\w][\w.-]*", name) or ".." in name:
+        raise ValueError(
+            f"run name {name!r}: use letters, digits, '_', '-' and '.' only (it names files inside output_dir)"
+        )
+    return name
 
 
 def generate_responses(cfg: DictConfig, adapter: Path, out_dir: Path) -> Path:
