@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kullm.atomic import clean_stale, replace
 from kullm.config import redact
 from kullm.templates import Prompter
 
@@ -59,6 +60,7 @@ def save_adapter(
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(folder.parent)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
@@ -73,7 +75,7 @@ def save_adapter(
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
         os.replace(folder, old)
-    os.replace(tmp, folder)
+    replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
 

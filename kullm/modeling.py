@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kullm.atomic import replace
 from kullm.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     try:
-        os.replace(tmp, out)
+        replace(tmp, out)
     except OSError:  # another process finished first
         import shutil
 

@@ -143,3 +143,22 @@ def test_training_rows_from_the_evaluation_set_are_refused_unless_allowed(tmp_pa
         preprocess(cfg.data, tok, p)
     cfg, tok, p = setup(tmp_path, f"data.path={path}", "data.val_set_size=2", f"data.eval_set={tmp_path}/absent.jsonl")
     assert preprocess(cfg.data, tok, p).stats["eval_overlap_ids"] == []
+
+
+def test_stale_cache_temporaries_are_removed_and_the_printed_rejects_path_exists(tmp_path, caplog):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = tmp_path / "cache" / f"0123456789abcdef0123.tmp-{proc.pid}"
+    stale.mkdir(parents=True)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    path = write_rows(tmp_path / "d.jsonl", 12)  # ends with a broken row
+    cfg, tok, p = setup(tmp_path, f"data.path={path}", "data.val_set_size=2")
+    res = preprocess(cfg.data, tok, p)
+    assert not stale.exists()
+    printed = [r.getMessage().rsplit(": ", 1)[1] for r in caplog.records if "rejected rows" in r.getMessage()]
+    assert printed == [str(res.rejects_path)] and res.rejects_path.is_file()

@@ -225,3 +225,19 @@ def test_int_and_str_ids_never_cost_a_row(tmp_path):
     )
     recs, rep = read_records(p)
     assert len(recs) == 2 and len({r.id for r in recs}) == 2 and not rep.rejects
+
+
+def test_an_unreadable_file_is_one_error_naming_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    p = write_lines(tmp_path / "locked.jsonl", [row(id="a", instruction="q", output="a")])
+    real_open = Path.open
+
+    def deny(self, *args, **kwargs):
+        if self.name == "locked.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", deny)
+    with pytest.raises(DataError, match=r"locked.jsonl: cannot read it \(Permission denied\)"):
+        read_records(p)

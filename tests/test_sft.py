@@ -140,3 +140,24 @@ def test_collator_pads_right_to_multiple_of_8():
     assert Collator(pad_id=0, pad_to_multiple_of=1)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])[
         "input_ids"
     ].shape == (1, 3)
+
+
+def test_an_over_long_row_is_cut_before_tokenizing_with_the_same_tokens():
+    tok = tokenizer()
+    """A huge answer is cut to cutoff_len × MAX_CHARS_PER_TOKEN characters first: same ids, bounded cost."""
+    from kullm.data.sft import MAX_CHARS_PER_TOKEN, encode_batch
+
+    long_answer = "아주 긴 답변입니다. Very long answer! " * 20_000  # ~600k characters
+    seen: list[int] = []
+
+    class Spy:
+        eos_token_id = tok.eos_token_id
+
+        def __call__(self, texts, **kw):
+            seen.extend(len(t) for t in texts)
+            return tok(texts, **kw)
+
+    cut = encode_batch(Spy(), ["### 명령어:\n질문\n\n### 응답:\n"], [long_answer], cutoff_len=64)
+    full = encode_batch(tok, ["### 명령어:\n질문\n\n### 응답:\n"], [long_answer], cutoff_len=64)
+    assert cut["input_ids"] == full["input_ids"] and cut["labels"] == full["labels"]
+    assert cut["truncated"] == [True] and max(seen) == 64 * MAX_CHARS_PER_TOKEN

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kullm.atomic import clean_stale, replace
 from kullm.data.contamination import check_overlap, eval_overlap
-from kullm.data.records import DataError, Fields, Record, data_files, read_records
+from kullm.data.records import DataError, Fields, Record, data_files, read_records, write_rejects
 from kullm.data.sft import check_example, encode_batch
 from kullm.modeling import cache_root, tokenizer_fingerprint
 from kullm.templates import Prompter
@@ -62,10 +63,14 @@ def preprocess(
         log.info("loaded processed data from cache %s", target)
         return Processed(ds, stats, target, cache_hit=True)
 
+    clean_stale(root)
     tmp = root / f"{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    records, report = _read(data, rejects_path=tmp / "rejects.jsonl")
+    records, report = _read(data)
+    if report.rejects:  # written with the cache; named by where it will be once the cache is in place
+        write_rejects(report.rejects, tmp / "rejects.jsonl")
+        log.warning("rejected rows with file:line and reason: %s", target / "rejects.jsonl")
     if not records:
         raise DataError(f"{data['path']}: no usable record ({report.n_rejected} rejected: {dict(report.rejected)})")
     overlap = eval_overlap(records, _eval_set(data))
@@ -96,19 +101,18 @@ def preprocess(
     save_processed(dsd, tmp / "dataset")
     (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     try:
-        os.replace(tmp, target)
+        replace(tmp, target)
     except OSError:  # a concurrent run finished first: use its result
         shutil.rmtree(tmp, ignore_errors=True)
     dsd = load_processed(target / "dataset")  # memory-mapped, like a cache hit
     return Processed(dsd, stats, target, cache_hit=False)
 
 
-def _read(data: Mapping[str, Any], rejects_path: Path | None = None):
+def _read(data: Mapping[str, Any]):
     return read_records(
         data["path"],
         fields=_fields(data),
         policy=data.get("policy", "skip"),
-        rejects_path=rejects_path,
         split=data.get("split", "train"),
         revision=data.get("revision"),
         source=data.get("source", "auto"),

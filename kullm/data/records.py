@@ -262,11 +262,15 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
         report.hidden_files = len(skipped)
         log.warning("%d hidden file(s) under %s skipped, e.g. %s", len(skipped), p, skipped[0])
     for f in files:
-        rows = _json_array_rows(f, report) if f.suffix == ".json" and _looks_like_array(f) else _jsonl_rows(f, report)
-        rel = f.relative_to(root).as_posix()
-        for row in rows:
-            row.default_id = f"{rel}:{row.source.rsplit(':', 1)[1]}"
-            yield row
+        try:
+            array = f.suffix == ".json" and _looks_like_array(f)
+            rows = _json_array_rows(f, report) if array else _jsonl_rows(f, report)
+            rel = f.relative_to(root).as_posix()
+            for row in rows:
+                row.default_id = f"{rel}:{row.source.rsplit(':', 1)[1]}"
+                yield row
+        except OSError as e:  # unreadable (permissions, I/O error): one line naming the file
+            raise DataError(f"{f}: cannot read it ({e.strerror or type(e).__name__})") from None
 
 
 def check_source(path: str | Path, source: str = "auto", hint: str | None = None) -> None:

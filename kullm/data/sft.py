@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 IGNORE_INDEX = -100
+# Text beyond cutoff_len × this many characters cannot reach the first cutoff_len tokens (no real tokenizer has
+# tokens that long), so it is cut before tokenizing: a 50 MB row costs kilobytes, not gigabytes.
+MAX_CHARS_PER_TOKEN = 128
 
 
 def encode_batch(
@@ -30,8 +33,9 @@ def encode_batch(
     """
     if cutoff_len < 2:
         raise ValueError(f"cutoff_len must be at least 2, got {cutoff_len}")
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    budget = cutoff_len * MAX_CHARS_PER_TOKEN
+    p_ids = tokenizer([p[:budget] for p in prompts], add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer([r[:budget] for r in responses], add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos else []
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_len", "response_len", "truncated", "keep")}
     for p, r in zip(p_ids, r_ids, strict=True):

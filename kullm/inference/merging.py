@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kullm.adapter import CONFIG_FILE, TEMPLATE_FILE, load_adapter, read_adapter
+from kullm.atomic import clean_stale, replace
 from kullm.config import redact
 from kullm.inference.generation import eos_token_ids, left_pad
 
@@ -47,6 +48,8 @@ def merge(cfg: DictConfig) -> Path:
     reference = logits(model, input_ids, mask)
 
     merged = model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out.parent)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -133,7 +136,7 @@ def swap_in(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
-    os.replace(tmp, out)
+    replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from kullm.adapter import save_adapter
+from kullm.atomic import clean_stale, replace
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -30,10 +31,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path.parent)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
+            replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -147,7 +149,7 @@ def copy_adapter(source: Path, folder: str | Path) -> Path:
     shutil.copytree(source, tmp)
     if folder.exists():
         shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    replace(tmp, folder)
     return folder
 
 
