@@ -107,3 +107,18 @@ def test_eval_with_another_judge_model_is_refused_before_any_request(tmp_path):
         with pytest.raises(ValueError, match="pass another output_dir"):  # every id is judged already
             ev.evaluate(eval_cfg(s, tmp_path / "o", f"responses={resp}", "references=null", "judge.model=other"))
         assert sum(s.counts.values()) == asked
+
+
+def test_eval_without_responses_or_with_a_bad_key_is_one_line(tmp_path):
+    proc = cli("evaluate", tmp_path=tmp_path)
+    assert "give exactly one of responses=" in one_line_error(proc, "kullm-eval")
+    resp = tmp_path / "r.jsonl"
+    resp.write_text(json.dumps({"id": "a", "instruction": "q", "response": "r"}) + "\n", encoding="utf-8")
+    with ChatServer(faults=lambda key, n: "401") as s:
+        proc = cli("evaluate", f"responses={resp}", f"judge.base_url={s.url}", "references=null", tmp_path=tmp_path)
+    assert "HTTP 401" in one_line_error(proc, "kullm-eval")
+
+
+def test_generate_refuses_a_batch_size_that_would_write_nothing(tmp_path):
+    proc = cli("generate", "prompt=안녕", "generation.batch_size=-1", tmp_path=tmp_path)
+    assert "generation.batch_size=-1: must be at least 1" in one_line_error(proc, "kullm-generate")
