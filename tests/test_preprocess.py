@@ -1,5 +1,6 @@
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,38 @@ def test_stale_cache_temporaries_are_removed_and_the_printed_rejects_path_exists
     assert not stale.exists()
     printed = [r.getMessage().rsplit(": ", 1)[1] for r in caplog.records if "rejected rows" in r.getMessage()]
     assert printed == [str(res.rejects_path)] and res.rejects_path.is_file()
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_the_mask_invariant_holds_on_every_example_and_a_broken_mask_is_stopped(tmp_path, monkeypatch, train_on_inputs):
+    import kullm.data.preprocess as pre
+
+    path = write_rows(tmp_path / "d.jsonl", 30, long_output_every=7)
+    Path(path).write_text("".join(Path(path).read_text(encoding="utf-8").splitlines(True)[:-1]), encoding="utf-8")
+    common = [
+        f"data.path={path}",
+        "data.val_set_size=4",
+        "data.cutoff_len=64",
+        f"data.train_on_inputs={train_on_inputs}",
+    ]
+    cfg, tok, p = setup(tmp_path, *common)
+    res = preprocess(cfg.data, tok, p)
+    assert res.stats["invariant_violations"] == 0 and res.stats["encoded"]["train"]["truncated"] > 0
+    assert res.stats["encoded"]["train"]["dropped_invariant"] == 0
+
+    real = pre.encode_batch
+
+    def off_by_one(*args, **kwargs):  # the planted bug: the prompt mask one token short
+        enc = real(*args, **kwargs)
+        for labels, ids, n in zip(enc["labels"], enc["input_ids"], enc["prompt_len"], strict=True):
+            if n < len(labels):
+                labels[n - 1] = ids[n - 1] if not kwargs.get("train_on_inputs") else -100
+        return enc
+
+    monkeypatch.setattr(pre, "encode_batch", off_by_one)
+    cfg, tok, p = setup(tmp_path, *common, "data.policy=strict", f"data.cache_dir={tmp_path}/cache2")
+    with pytest.raises(DataError, match=r"train: the masking invariant fails for id r\d+"):
+        preprocess(cfg.data, tok, p)
+    cfg, tok, p = setup(tmp_path, *common, f"data.cache_dir={tmp_path}/cache3")
+    res = preprocess(cfg.data, tok, p)
+    assert res.stats["invariant_violations"] == 30 and len(res.dataset["train"]) == 0  # never trained on

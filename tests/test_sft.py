@@ -161,3 +161,27 @@ def test_an_over_long_row_is_cut_before_tokenizing_with_the_same_tokens():
     full = encode_batch(tok, ["### 명령어:\n질문\n\n### 응답:\n"], [long_answer], cutoff_len=64)
     assert cut["input_ids"] == full["input_ids"] and cut["labels"] == full["labels"]
     assert cut["truncated"] == [True] and max(seen) == 64 * MAX_CHARS_PER_TOKEN
+
+
+def test_the_truncated_branch_rejects_a_wrong_span():
+    tok = tokenizer()
+    output = "고려대학교는 서울에 있습니다. 아주 긴 설명이 이어집니다."
+    enc = encode_batch(tok, ["### 명령어:\n질문\n\n### 응답:\n"], [output], cutoff_len=14)
+    ids, labels = enc["input_ids"][0], enc["labels"][0]
+    assert enc["truncated"] == [True] and ids[-1] != tok.eos_token_id
+    assert check_example(tok, ids, labels, output) == ""  # a prefix of the output
+    assert "not a prefix of the output" in check_example(tok, ids, labels, "전혀 다른 답변입니다. " * 3)
+    shifted = labels[:]  # the last trained token replaced: still contiguous, but the text is no prefix any more
+    shifted[-1] = ids[-1] = (ids[-1] + 7) % len(tok)
+    assert "not a prefix of the output" in check_example(tok, ids, shifted, output)
+
+
+def test_train_on_inputs_checks_every_position_and_the_response_span():
+    tok = tokenizer()
+    enc = encode_batch(tok, ["### 명령어:\n질문\n\n### 응답:\n"], ["답변입니다."], cutoff_len=64, train_on_inputs=True)
+    ids, labels, n = enc["input_ids"][0], enc["labels"][0], enc["prompt_len"][0]
+    assert check_example(tok, ids, labels, "답변입니다.", train_on_inputs=True, prompt_len=n) == ""
+    assert "not trained" in check_example(
+        tok, ids, [-100] + labels[1:], "답변입니다.", train_on_inputs=True, prompt_len=n
+    )
+    assert "decode to" in check_example(tok, ids, labels, "다른 답", train_on_inputs=True, prompt_len=n)

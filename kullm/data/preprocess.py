@@ -26,7 +26,7 @@ from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: colliding ids renamed (not rejected), exact duplicates dropped
+CACHE_VERSION = 3  # 3: mask-invariant violations dropped; 2: colliding ids renamed, exact duplicates dropped
 COLUMNS = ["id", "input_ids", "labels", "attention_mask", "length", "prompt_len", "response_len"]
 
 
@@ -84,8 +84,8 @@ def preprocess(
         ds, c, bad = _encode(recs, data, tokenizer, prompter, name)
         splits[name], counts[name] = ds, c
         violations += bad
-    if violations:
-        log.warning("%d examples break the masking invariant, e.g. %s", len(violations), violations[0])
+    if violations:  # dropped under policy=skip (policy=strict stopped at the first): never trained on
+        log.error("%d example(s) break the masking invariant, dropped: e.g. %s", len(violations), violations[0])
     dsd = datasets.DatasetDict(splits)
 
     stats = {
@@ -245,8 +245,12 @@ def _encode(records: list[Record], data: Mapping[str, Any], tokenizer, prompter:
         enc["attention_mask"] = [[1] * len(x) for x in enc["input_ids"]]
         enc["length"] = [len(x) for x in enc["input_ids"]]
         enc["violation"] = [
-            check_example(tokenizer, ids, labs, out, add_eos) if (verify and keep and not train_on_inputs) else ""
-            for ids, labs, out, keep in zip(enc["input_ids"], enc["labels"], batch["output"], enc["keep"], strict=True)
+            check_example(tokenizer, ids, labs, out, add_eos, train_on_inputs=train_on_inputs, prompt_len=n)
+            if (verify and keep)
+            else ""
+            for ids, labs, out, keep, n in zip(
+                enc["input_ids"], enc["labels"], batch["output"], enc["keep"], enc["prompt_len"], strict=True
+            )
         ]
         return enc
 
@@ -255,7 +259,8 @@ def _encode(records: list[Record], data: Mapping[str, Any], tokenizer, prompter:
         num_proc = None  # process start-up costs more than it saves on small splits
     empty = datasets.Dataset.from_dict({c: [] for c in COLUMNS})
     if len(raw) == 0:
-        return empty, {"records": 0, "kept": 0, "truncated": 0, "dropped_prompt_too_long": 0}, []
+        zero = {"records": 0, "kept": 0, "truncated": 0, "dropped_prompt_too_long": 0, "dropped_invariant": 0}
+        return empty, zero, []
     enc = raw.map(
         fn,
         batched=True,
@@ -267,12 +272,20 @@ def _encode(records: list[Record], data: Mapping[str, Any], tokenizer, prompter:
     truncated = sum(t and k for t, k in zip(enc["truncated"], enc["keep"], strict=True))
     kept_mask = enc["keep"]
     bad = [f"{i}: {v}" for i, v, k in zip(enc["id"], enc["violation"], kept_mask, strict=True) if v and k]
-    kept = enc.filter(lambda keep: keep, input_columns="keep", batched=False, desc=f"dropping prompt-only {name} rows")
+    if bad and data.get("policy", "skip") == "strict":
+        raise DataError(f"{name}: the masking invariant fails for id {bad[0]} ({len(bad)} example(s) in all)")
+    kept = enc.filter(
+        lambda keep, violation: keep and not violation,
+        input_columns=["keep", "violation"],
+        batched=False,
+        desc=f"dropping prompt-only {name} rows",
+    )
     counts = {
         "records": len(enc),
         "kept": len(kept),
         "truncated": int(truncated),
-        "dropped_prompt_too_long": len(enc) - len(kept),
+        "dropped_prompt_too_long": len(enc) - len(kept) - len(bad),
+        "dropped_invariant": len(bad),
     }
     dropped_ids = [i for i, k in zip(enc["id"], kept_mask, strict=True) if not k]
     if dropped_ids:

@@ -51,10 +51,29 @@ def encode_batch(
     return out
 
 
-def check_example(tokenizer, input_ids: Sequence[int], labels: Sequence[int], output: str, add_eos: bool = True) -> str:
-    """Check the masking invariant on one example; return ``""`` when it holds, else what is wrong."""
+def check_example(
+    tokenizer,
+    input_ids: Sequence[int],
+    labels: Sequence[int],
+    output: str,
+    add_eos: bool = True,
+    *,
+    train_on_inputs: bool = False,
+    prompt_len: int | None = None,
+) -> str:
+    """Check the masking invariant on one example; return ``""`` when it holds, else what is wrong.
+
+    With ``train_on_inputs`` every position is trained (labels equal the ids throughout) and the response span
+    (after ``prompt_len`` tokens) must decode as the trained span would without it.
+    """
     if len(input_ids) != len(labels):
         return f"{len(input_ids)} input ids but {len(labels)} labels"
+    if train_on_inputs:
+        if list(labels) != list(input_ids):
+            return "train_on_inputs: some position is not trained, or a label differs from its input id"
+        if prompt_len is None:
+            raise ValueError("check_example with train_on_inputs needs prompt_len")
+        labels = [IGNORE_INDEX] * min(prompt_len, len(labels)) + list(labels[prompt_len:])
     trained_at = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
     if not trained_at:
         return "no token is trained"

@@ -73,7 +73,7 @@ def format_stats(stats: dict[str, Any]) -> str:
             (f"{name}: dropped (prompt fills cutoff)", c["dropped_prompt_too_long"]),
         ]
     if stats.get("invariant_violations"):
-        rows.append(("MASKING INVARIANT VIOLATIONS", stats["invariant_violations"]))
+        rows.append(("MASKING INVARIANT VIOLATIONS (dropped)", stats["invariant_violations"]))
     width = max(len(k) for k, _ in rows)
     lines += [f"  {k:<{width}}  {v:>10}" for k, v in rows]
     for name, t in stats["tokens"].items():
