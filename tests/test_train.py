@@ -190,19 +190,38 @@ def test_wandb_offline_run_has_metrics_and_config_and_no_secret(tmp_path, monkey
     assert secret not in (Path(res["adapter"]) / "kullm_config.yaml").read_text()
 
 
+SGD = ["optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas", "~optim.optimizer.eps",
+       "optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=0.5", "lora.lora_dropout=0.0"]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_on_cpu_train_and_save_one_adapter(tmp_path):
-    cmd = [
-        sys.executable, "-m", "kullm.train", *FAST, "strategy=ddp", "trainer.devices=2", "trainer.max_steps=3",
-        "batch_size=8", "micro_batch_size=2", "callbacks.samples.num=0", f"hydra.run.dir={tmp_path}/run",
-        f"data.cache_dir={tmp_path}/cache",
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "micro-batch 2 × 2 device(s) × 2 accumulation step(s)" in res.stdout + res.stderr
-    adapters = list((tmp_path / "run").glob("**/adapter_model.safetensors"))
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors") in adapters
-    assert metric_series(tmp_path / "run", "train/loss")
+@pytest.mark.timeout(600)
+def test_ddp_on_two_processes_trains_the_same_adapter_as_one_process(tmp_path):
+    """The same global batch of 8 (one process: 4 × 2 accumulation; two processes: 4 each) gives the same adapter
+    and the same gradient norms. Plain SGD: a wrong gradient scale (e.g. dropping × world size) shows in the
+    weights, where Adam would hide it."""
+    common = [*FAST, "trainer.max_steps=4", "batch_size=8", "micro_batch_size=4", "sampler=random",
+              "callbacks.samples.num=0", "trainer.log_every_n_steps=1", "trainer.gradient_clip_val=null",
+              *SGD]  # fmt: skip
+    runs = {}
+    for name, extra in (("one", []), ("two", ["strategy=ddp", "trainer.devices=2"])):
+        cmd = [sys.executable, "-m", "kullm.train", *common, *extra, f"hydra.run.dir={tmp_path}/{name}",
+               f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=500, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = tmp_path / name
+    assert "micro-batch 4 × 2 device(s) × 1 accumulation step(s)" in res.stdout + res.stderr
+    a = load_file(runs["one"] / "adapter" / "adapter_model.safetensors")
+    b = load_file(runs["two"] / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max(float(a[k].abs().max()) for k in a) > 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+    norms = {n: metric_series(r, "train/grad_norm") for n, r in runs.items()}
+    assert len(norms["one"]) == len(norms["two"]) == 4
+    assert norms["two"] == pytest.approx(norms["one"], rel=1e-4)
+    assert metric_series(runs["two"], "train/trained_tokens") == metric_series(runs["one"], "train/trained_tokens")
 
 
 @pytest.mark.slow
