@@ -146,3 +146,23 @@ def test_cfg_job_prints_the_composed_config():
     assert res.returncode == 0, res.stderr
     printed = OmegaConf.create(res.stdout)
     assert printed.optim.lr == 0.01 and printed.model.name == "tiny" and printed.lora.r == 16
+
+
+def test_wandb_auto_mode_is_offline_without_a_key_and_online_with_one(tmp_path, monkeypatch):
+    from kullm.training.loggers import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("NETRC", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "y" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode("auto") == "online"  # `wandb login` stores the key there
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("auto") == "disabled"  # the environment wins
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode("offline") == "offline"

@@ -323,27 +323,23 @@ def test_parse_failures_and_failed_requests_are_reported_never_zero(tmp_path, ev
     assert (summary["runs"]["resp"]["judged"], summary["runs"]["resp"]["not_judged"]) == (28, 0)
 
 
-def test_wandb_table_when_enabled(tmp_path, eval_records, monkeypatch):
-    import wandb
-
-    logged, inits = {}, []
-
-    class FakeRun:
-        def log(self, data):
-            logged.update(data)
-
-        def finish(self):
-            logged["finished"] = True
-
-    monkeypatch.setattr(wandb, "init", lambda **kw: inits.append(kw) or FakeRun())
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-leak")
+def test_wandb_offline_run_has_the_table_and_no_secret(tmp_path, eval_records, monkeypatch):
+    """A real (offline) W&B run: the report table is in it; a key in the config or the environment is not."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-envkey-should-not-leak")
+    monkeypatch.setenv("WANDB_MODE", "offline")
     resp = write_responses(tmp_path / "resp.jsonl", eval_records[:6])
+    out = tmp_path / "o"
     with ChatServer() as s:
-        ev.evaluate(eval_cfg(s, tmp_path / "o", f"responses={resp}", "wandb.enabled=true", "wandb.mode=disabled"))
-    table = logged["eval/report"]
-    assert table.columns[:3] == ["run", "criterion", "label"] and len(table.data) == 7 and logged["finished"]
-    assert inits[0]["mode"] == "disabled" and inits[0]["job_type"] == "eval"
-    assert "sk-should-not-leak" not in json.dumps(inits[0]["config"])
+        ev.evaluate(
+            eval_cfg(s, out, f"responses={resp}", "wandb.enabled=true", "+judge.api_key=sk-cfgkey-should-not-leak")
+        )
+    (run,) = out.glob("wandb/offline-run-*")
+    (table,) = run.glob("files/media/table/eval/report_*.table.json")
+    data = json.loads(table.read_text(encoding="utf-8"))
+    assert data["columns"][:3] == ["run", "criterion", "label"] and len(data["data"]) == 7
+    blob = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
+    assert b"sk-envkey-should-not-leak" not in blob and b"sk-cfgkey-should-not-leak" not in blob
+    assert b"<redacted>" in blob  # the config was logged, with the key hidden
 
 
 def test_adapter_mode_generates_first(tmp_path, eval_records, monkeypatch):

@@ -44,6 +44,8 @@ def test_smoke_loss_falls_and_files_exist(smoke):
     assert "last.ckpt" in ckpts and "last" in ckpts
     best = [n for n in ckpts if n.startswith("step=") and n.endswith(".ckpt")]
     assert len(best) == 2  # save_top_k
+    kept = sorted(float(n.removesuffix(".ckpt").rsplit("val_loss=", 1)[1]) for n in best)
+    assert kept == pytest.approx(sorted(val)[:2], abs=1e-4)  # the two lowest val/loss, not the last two
     for name in best:
         assert (out / "checkpoints" / name.removesuffix(".ckpt") / "adapter_model.safetensors").exists()
     assert smoke["metrics"]["train/tokens_per_s"] > 0 and smoke["metrics"]["val/ppl"] > 1
@@ -109,11 +111,29 @@ def test_exact_resume_n_plus_n_equals_2n(tmp_path):
     assert any((stopped[k] - a[k]).abs().max() > 1e-4 for k in a)  # halfway is really different
 
 
+def quantized_base_check(res, layer: str) -> None:
+    """The base's linear layers really are bitsandbytes layers, and the base really is smaller than in fp32."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from omegaconf import OmegaConf
+
+    from kullm.modeling import load_model
+
+    model = res["module"].model
+    kind = getattr(bnb.nn, layer)
+    base_linears = [m for n, m in model.named_modules() if "lora_" not in n and isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in base_linears if isinstance(m, kind)]
+    assert quantized and len(quantized) >= len(base_linears) - 1  # all but (at most) the LM head
+    cfg = res["trainer"].lightning_module.model.peft_config["default"]
+    plain = load_model(OmegaConf.to_container(cfg_for(Path("/tmp/unused")).model, resolve=True))
+    assert model.get_memory_footprint() < plain.get_memory_footprint(), cfg.base_model_name_or_path
+
+
 def test_int8_lora_trains_on_cpu(tmp_path):
     pytest.importorskip("bitsandbytes")
     res = train(cfg_for(tmp_path, "quant=int8", "trainer.max_steps=2", "callbacks.samples.num=0"))
     assert res["metrics"]["global_step"] == 2
     assert (Path(res["adapter"]) / "adapter_model.safetensors").exists()
+    quantized_base_check(res, "Linear8bitLt")
 
 
 @pytest.mark.parametrize(
@@ -244,8 +264,19 @@ def test_smoke_trains_with_packing_and_with_token_budget_batches(tmp_path):
     losses = metric_series(tmp_path / "packed", "train/loss")
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
     assert packed["trainer"].datamodule.pack_stats.fill_rate > 0.8
-    budget = train(cfg_for(tmp_path / "tokens", "data.batching=tokens", "data.token_budget=512", "trainer.max_steps=3"))
-    assert budget["metrics"]["global_step"] == 3
+    shapes: list[tuple[int, int]] = []
+
+    class Shapes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            shapes.append(tuple(batch["input_ids"].shape))
+
+    budget = train(
+        cfg_for(tmp_path / "tokens", "data.batching=tokens", "data.token_budget=512", "trainer.max_steps=3"),
+        extra_callbacks=[Shapes()],
+    )
+    assert budget["metrics"]["global_step"] == 3 and len(shapes) == 6  # 3 steps × accumulation 2
+    assert all(rows * width <= 512 for rows, width in shapes), shapes  # every micro-batch within the budget
+    assert len({rows for rows, _ in shapes}) > 1  # rows follow the lengths, not micro_batch_size
 
 
 def test_loss_is_normalised_per_trained_token_across_accumulation(tmp_path, monkeypatch):
@@ -274,6 +305,10 @@ def test_loss_is_normalised_per_trained_token_across_accumulation(tmp_path, monk
 def test_gradient_checkpointing_trains(tmp_path):
     res = train(cfg_for(tmp_path, "gradient_checkpointing=true", "trainer.max_steps=2", "callbacks.samples.num=0"))
     assert res["metrics"]["global_step"] == 2 and res["metrics"]["train/loss"] > 0
+    base = res["module"].model.get_base_model()
+    assert base.gpt_neox.gradient_checkpointing is True  # it was really on
+    off = train(cfg_for(tmp_path / "off", "trainer.max_steps=1", "callbacks.samples.num=0"))
+    assert off["module"].model.get_base_model().gpt_neox.gradient_checkpointing is False
 
 
 def test_nf4_lora_trains_on_cpu_after_an_eval_forward(tmp_path):
@@ -281,6 +316,7 @@ def test_nf4_lora_trains_on_cpu_after_an_eval_forward(tmp_path):
     res = train(cfg_for(tmp_path, "quant=nf4", "trainer.max_steps=2", "trainer.num_sanity_val_steps=1",
                         "callbacks.samples.num=0"))  # fmt: skip
     assert res["metrics"]["global_step"] == 2
+    quantized_base_check(res, "Linear4bit")
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

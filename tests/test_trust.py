@@ -12,13 +12,13 @@ from test_generate import make_adapter
 
 from kullm.adapter import AdapterError, load_adapter
 
-TRAP_CODE = '''
+TRAP_CODE = """
 from pathlib import Path
 Path(__file__).with_name("PWNED").write_text("the model's own code ran")
 from transformers import PretrainedConfig
 class TrapConfig(PretrainedConfig):
     model_type = "trap"
-'''
+"""
 
 
 @pytest.fixture(scope="module")

@@ -267,3 +267,4 @@ def log_wandb(runs: Sequence[RunStats], criteria: Sequence[Criterion], png: Path
     table = wandb.Table(columns=CSV_COLUMNS, data=[[row[k] for k in CSV_COLUMNS] for row in rows])
     run.log({"eval/report": table, "eval/chart": wandb.Image(str(png))})
     run.finish()
+    wandb.teardown()  # the service writes the run asynchronously: wait for it
