@@ -111,9 +111,17 @@ def test_budget_follows_max_length_per_prompt(generator, adapter):
 
 
 def test_eos_and_pad_come_from_the_tokenizer(generator):
-    assert generator.config.eos_token_id == generator.tokenizer.eos_token_id
-    assert generator.config.pad_token_id == generator.tokenizer.pad_token_id
-    assert generator.config.num_beams == 1 and generator.config.do_sample is False
+    """With a pad distinct from EOS (the tiny tokenizer's are both id 2, which would hide a mix-up)."""
+    import copy
+
+    tok = copy.deepcopy(generator.tokenizer)
+    tok.pad_token = tok.convert_ids_to_tokens(5)
+    assert (tok.pad_token_id, tok.eos_token_id) == (5, 2)
+    g = Generator(generator.model, tok, generator.prompter, {"max_new_tokens": 16, "num_beams": 1})
+    assert g.config.eos_token_id == 2 and g.config.pad_token_id == 5 and g.pad_id == 5
+    assert g.config.num_beams == 1 and g.config.do_sample is False
+    ids = [g.encode(g.render(x)) for x in ITEMS[:3]]
+    assert g.complete(ids) == [g.complete([x])[0] for x in ids]  # left padding with id 5 changes no answer
 
 
 def test_default_settings_are_the_seeds():

@@ -1,4 +1,5 @@
 import csv
+import itertools
 import os
 import subprocess
 import sys
@@ -457,3 +458,40 @@ def test_a_bad_job_fails_alone_and_the_sweep_exits_non_zero(tmp_path):
     assert "batch_size=8 is not divisible by micro_batch_size=3" in res.stderr
     assert not (tmp_path / "sweep" / "0" / "adapter").exists()
     assert (tmp_path / "sweep" / "1" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_logged_lr_grad_norm_and_trained_tokens_are_the_real_values(tmp_path):
+    """lr follows the schedule's formula; trained_tokens counts the shifted labels that are not -100; with plain
+    SGD and no clipping every step moves the adapter by exactly lr × grad_norm."""
+    from kullm.training.module import lr_factor
+
+    seen: dict = {"tokens": [0], "params": []}
+
+    def snapshot(pl_module):
+        seen["params"].append(torch.cat([p.detach().flatten().clone() for p in pl_module.trainable_parameters()]))
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            snapshot(pl_module)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["tokens"][-1] += int((batch["labels"][:, 1:] != -100).sum())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if not trainer.fit_loop.epoch_loop._should_accumulate():
+                seen["tokens"].append(seen["tokens"][-1])
+                snapshot(pl_module)
+
+    sgd = [o for o in SGD if not o.startswith(("optim.schedule", "optim.warmup", "optim.lr"))]
+    common = ["trainer.max_steps=5", "trainer.log_every_n_steps=1", "trainer.gradient_clip_val=null",
+              "optim.lr=0.1", "optim.schedule=linear", "optim.warmup_steps=2", "trainer.limit_val_batches=0",
+              "callbacks.checkpoint.monitor=null", *sgd]  # fmt: skip
+    out = tmp_path / "run"
+    train(cfg_for(out, *common), extra_callbacks=[Spy()])
+    expected_lr = [0.1 * lr_factor(k, warmup=2, total=5, schedule="linear") for k in range(5)]  # 0, .05, .1, .067…
+    assert metric_series(out, "lr") == pytest.approx(expected_lr)
+    assert metric_series(out, "train/trained_tokens") == [float(t) for t in seen["tokens"][:5]]
+    norms = metric_series(out, "train/grad_norm")
+    moved = [float(torch.linalg.vector_norm(b - a)) for a, b in itertools.pairwise(seen["params"])]
+    assert len(moved) == len(norms) == 5 and all(n > 0 for n in norms)
+    assert moved == pytest.approx([lr * n for lr, n in zip(expected_lr, norms, strict=True)], rel=1e-4, abs=1e-9)
