@@ -124,10 +124,12 @@ class AdapterCheckpoint(ModelCheckpoint):
         self._last_step = int(state_dict.get("last_step", -1))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
+        # the adapter first, the .ckpt last: a kill in between leaves the adapter a step ahead of the checkpoint
+        # (resuming retrains that step and rewrites it identically), never a checkpoint ahead of its adapter
         export_adapter(
             trainer, adapter_dir(filepath), tokenizer=self.tokenizer, prompter=self.prompter, config=self.config
         )
+        super()._save_checkpoint(trainer, filepath)
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
