@@ -165,3 +165,18 @@ def test_bad_prompt_config_is_rejected():
         JudgePrompt.from_config({"system": "", "user": "", "criteria": [{"name": "x", "min": 3, "max": 1}]})
     with pytest.raises(ValueError, match="integer bounds"):
         _ = Criterion("x", 0.5, 1).values
+    with pytest.raises(ValueError, match="min 2.0 >= max 2.0"):  # a one-value range scales by zero
+        JudgePrompt.from_config({"system": "", "user": "", "criteria": [{"name": "x", "min": 2, "max": 2}]})
+    with pytest.raises(ValueError, match="judge_prompt.criteria is empty"):
+        JudgePrompt.from_config({"system": "", "user": "", "criteria": []})
+
+
+def test_prompt_names_labels_and_a_stable_hash(prompt):
+    """Judgments record the prompt's hash to refuse mixing prompts: it must not drift between kullm versions."""
+    assert prompt.name == "kullm" and prompt.hash() == "cf1c10db4bd1"
+    p = JudgePrompt.from_config({"system": "s", "user": "u", "criteria": [{"name": "맛", "min": 1, "max": 3}]})
+    assert p.name == "" and p.criteria[0].label == "맛"  # the label defaults to the name
+    labelled = JudgePrompt.from_config(
+        {"name": "n", "system": "s", "user": "u", "criteria": [{"name": "맛", "label": "Taste", "min": 1, "max": 3}]}
+    )
+    assert (labelled.name, labelled.criteria[0].label) == ("n", "Taste")

@@ -185,3 +185,83 @@ def test_train_on_inputs_checks_every_position_and_the_response_span():
         tok, ids, [-100] + labels[1:], "답변입니다.", train_on_inputs=True, prompt_len=n
     )
     assert "decode to" in check_example(tok, ids, labels, "다른 답", train_on_inputs=True, prompt_len=n)
+
+
+def test_cutoff_boundaries_and_lengths_are_exact():
+    tok = tokenizer()
+    prompt, answer = "### 명령어:\n질문\n\n### 응답:\n", "답변입니다."
+    n_p = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    n_r = len(tok(answer, add_special_tokens=False)["input_ids"])
+    exact = encode_batch(tok, [prompt], [answer], cutoff_len=n_p + n_r + 1)  # room for EOS, nothing more
+    assert exact["truncated"] == [False] and exact["input_ids"][0][-1] == tok.eos_token_id
+    assert (exact["prompt_len"], exact["response_len"]) == ([n_p], [n_r + 1])
+    cut = encode_batch(tok, [prompt], [answer], cutoff_len=n_p + n_r)
+    assert cut["truncated"] == [True] and cut["input_ids"][0][-1] != tok.eos_token_id
+    assert encode_batch(tok, [prompt], [answer], cutoff_len=n_p + n_r + 1, add_eos=False)["response_len"] == [n_r]
+    assert encode_batch(tok, ["a"], ["b"], cutoff_len=2)["keep"] == [True]
+    with pytest.raises(ValueError, match="cutoff_len must be at least 2, got 1"):
+        encode_batch(tok, ["a"], ["b"], cutoff_len=1)
+
+
+def test_a_tokenizer_that_adds_bos_adds_none_inside_an_example():
+    """Llama-style tokenizers add BOS to every call: prompt and response are encoded without special tokens."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tokenizer())
+    bos = tok.convert_ids_to_tokens(3)
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 3)])
+    assert tok("안녕")["input_ids"][0] == 3
+    enc = encode_batch(tok, ["질문"], ["답"], cutoff_len=64)
+    plain = tokenizer()
+    expected = plain("질문", add_special_tokens=False)["input_ids"] + plain("답", add_special_tokens=False)["input_ids"]
+    assert enc["input_ids"][0] == [*expected, tok.eos_token_id]
+
+
+def test_the_invariant_decodes_specials_and_spacing_verbatim():
+    """Outputs holding a special token's text or spaces before punctuation must check as they are."""
+    tok = tokenizer()
+    for output in ["끝에 <|endoftext|> 가 들어간 답", "Hello , world ! 띄어 쓴 문장 ."]:
+        enc = encode_batch(tok, ["### 응답:\n"], [output], cutoff_len=256)
+        assert check_example(tok, enc["input_ids"][0], enc["labels"][0], output) == ""
+        cut = encode_batch(tok, ["### 응답:\n"], [output], cutoff_len=len(enc["input_ids"][0]) - 2)
+        assert check_example(tok, cut["input_ids"][0], cut["labels"][0], output) == ""
+
+
+def test_each_broken_mask_is_named():
+    tok = tokenizer()
+    enc = encode_batch(tok, ["### 응답:\n"], ["답변"], cutoff_len=64)
+    ids, labels = enc["input_ids"][0], enc["labels"][0]
+    assert check_example(tok, ids, labels[:-1], "답변") == f"{len(ids)} input ids but {len(ids) - 1} labels"
+    assert check_example(tok, ids, [IGNORE_INDEX] * len(ids), "답변") == "no token is trained"
+    gap = labels[:]
+    gap[-2] = IGNORE_INDEX
+    assert check_example(tok, ids, gap, "답변") == "trained positions are not one contiguous span ending the example"
+    wrong = labels[:]
+    wrong[-1] = ids[-1] + 1
+    assert check_example(tok, ids, wrong, "답변") == "a label differs from its input id"
+    assert check_example(tok, ids, ids[:1] + [IGNORE_INDEX] + ids[2:], "답변", train_on_inputs=True, prompt_len=2) == (
+        "train_on_inputs: some position is not trained, or a label differs from its input id"
+    )
+    with pytest.raises(ValueError, match="check_example with train_on_inputs needs prompt_len"):
+        check_example(tok, ids, ids, "답변", train_on_inputs=True)
+
+
+def test_collator_pads_position_ids_and_rounds_widths():
+    import torch
+
+    features = [
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 0]},
+        {"input_ids": [8], "labels": [8], "position_ids": [0]},
+    ]
+    batch = Collator(pad_id=2, pad_to_multiple_of=0)(features)
+    assert batch["input_ids"].shape == (2, 3) and batch["input_ids"].dtype == torch.long
+    assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 0]] and batch["position_ids"].dtype == torch.long
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]] and batch["attention_mask"].tolist() == [
+        [1, 1, 1],
+        [1, 0, 0],
+    ]
+    assert "position_ids" not in Collator(pad_id=2)([{"input_ids": [1], "labels": [1]}])
+    with pytest.raises(ValueError, match="cannot collate an empty batch"):
+        Collator(pad_id=2)([])
