@@ -54,3 +54,39 @@ def test_resume_mid_epoch_continues_the_same_order():
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler 'shuffled'"):
         make_sampler("shuffled", [1], micro_batch_size=1, seed=0)
+
+
+def test_rank_bounds_and_group_size_are_checked():
+    with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
+        EpochSampler(10, num_replicas=2, rank=2)
+    EpochSampler(10, num_replicas=2, rank=1)  # the last rank is fine
+    with pytest.raises(ValueError, match="group_size must be positive, got 0"):
+        make_sampler("length_grouped", [3, 4], micro_batch_size=0, seed=0)
+    assert len(EpochSampler(7, num_replicas=2)) == 4 and len(EpochSampler(7, num_replicas=2, rank=1)) == 4
+
+
+def test_kinds_are_what_they_say():
+    lengths = [5, 50, 7, 40, 3, 60, 8, 30]
+    assert list(make_sampler("sequential", lengths, micro_batch_size=2, seed=3)) == list(range(8))
+    shuffled = make_sampler("random", lengths, micro_batch_size=2, seed=3)
+    assert sorted(shuffled) == list(range(8)) and list(shuffled) != list(range(8))
+    grouped = list(make_sampler("length_grouped", lengths, micro_batch_size=2, seed=3, mega_batches=2))
+    assert grouped[0] == 5  # the longest example leads (out-of-memory shows at step one)
+    assert all(lengths[a] >= lengths[b] for a, b in zip(grouped[:3], grouped[1:4], strict=True))  # sorted in a group
+    two = [list(make_sampler("random", lengths, micro_batch_size=2, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert sorted(two[0] + two[1]) == list(range(8))  # the ranks shard one order
+
+
+def test_set_epoch_keeps_a_resumed_skip_in_that_epoch_and_drops_it_in_the_next():
+    s = EpochSampler(10, seed=1)
+    s.set_epoch(2)
+    full = list(s)
+    resumed = EpochSampler(10, seed=1)
+    resumed.load_state_dict({"epoch": 2, "served": 4, "seed": 1})
+    resumed.set_epoch(2)  # Lightning calls set_epoch with the resumed epoch: the skip stays
+    assert list(resumed) == full[4:]
+    again = EpochSampler(10, seed=1)
+    again.load_state_dict({"epoch": 2, "served": 4, "seed": 1})
+    again.set_epoch(3)  # a new epoch starts from its beginning
+    s.set_epoch(3)
+    assert list(again) == list(s) != full

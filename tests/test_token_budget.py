@@ -77,3 +77,22 @@ def test_sequential_when_not_shuffled():
     s = TokenBudgetBatchSampler([8] * 10, 32, shuffle=False)
     assert list(s) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert list(TokenBudgetBatchSampler([8] * 10, 32, shuffle=False, max_rows=3))[0] == [0, 1, 2]
+
+
+def test_shuffled_budget_batches_are_length_sorted_inside_a_group_and_exact_budgets_fit():
+    lengths = [8, 64, 16, 40, 24, 56, 8, 32]
+    s = TokenBudgetBatchSampler(lengths, 128, seed=5, group_size=8, pad_to_multiple_of=8)
+    batches = s.global_batches()
+    flat = [i for b in sorted(batches, key=lambda b: -lengths[b[0]]) for i in b]
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # one group: longest first, greedy fill
+    assert s.global_batches() is batches  # cached per (seed, epoch)
+    s.set_epoch(1)
+    assert s.global_batches() is not batches
+    assert TokenBudgetBatchSampler([128], 128).global_batches() == [[0]]  # exactly the budget fits
+    assert list(TokenBudgetBatchSampler([8] * 4, 16, shuffle=False, pad_to_multiple_of=0)) == [[0, 1], [2, 3]]
+
+
+def test_padded_tokens_counts_the_slots_of_a_padded_batch():
+    assert padded_tokens([3, 5, 1], 4) == 8 * 3
+    assert padded_tokens([3, 5], 0) == 5 * 2 and padded_tokens([3, 5], 1) == 10
+    assert padded_tokens([], 8) == 0
