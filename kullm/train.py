@@ -53,7 +53,8 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
     callbacks: list[L.Callback] = [
         AdapterCheckpoint(
             dirpath=str(out / "checkpoints"),
-            filename="step={step:06d}-val_loss={val/loss:.4f}" if monitor else "step={step:06d}",
+            # no '=' in names: `ckpt_path=<that path>` must parse unquoted on Hydra's command line
+            filename="step{step:06d}-val_loss_{val/loss:.4f}" if monitor == "val/loss" else "step{step:06d}",
             auto_insert_metric_name=False,
             monitor=monitor,
             mode=cc.get("mode", "min"),

@@ -43,9 +43,9 @@ def test_smoke_loss_falls_and_files_exist(smoke):
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and "last" in ckpts
-    best = [n for n in ckpts if n.startswith("step=") and n.endswith(".ckpt")]
+    best = [n for n in ckpts if n.startswith("step") and n.endswith(".ckpt")]
     assert len(best) == 2  # save_top_k
-    kept = sorted(float(n.removesuffix(".ckpt").rsplit("val_loss=", 1)[1]) for n in best)
+    kept = sorted(float(n.removesuffix(".ckpt").rsplit("val_loss_", 1)[1]) for n in best)
     assert kept == pytest.approx(sorted(val)[:2], abs=1e-4)  # the two lowest val/loss, not the last two
     for name in best:
         assert (out / "checkpoints" / name.removesuffix(".ckpt") / "adapter_model.safetensors").exists()
@@ -346,8 +346,8 @@ def test_validation_every_n_optimizer_steps_and_the_best_checkpoint_as_final_ada
     with open(out / "csv" / "metrics.csv") as f:
         val_steps = [int(r["step"]) + 1 for r in csv.DictReader(f) if r.get("val/loss")]
     assert val_steps == [3, 6, 9]
-    (best,) = [p for p in (out / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("step=")]
-    assert best.name.startswith("step=000003-")  # the highest val/loss: the first validation
+    (best,) = [p for p in (out / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("step0")]
+    assert best.name.startswith("step000003-val_loss_")  # the highest val/loss: the first validation
     final = load_file(out / "adapter" / "adapter_model.safetensors")
     assert final.keys() == load_file(best / "adapter_model.safetensors").keys()
     for k, v in load_file(best / "adapter_model.safetensors").items():

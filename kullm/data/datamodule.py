@@ -118,10 +118,23 @@ class KullmDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),  # never draw from the global RNG
         )
 
-    def resume_at(self, batches: int) -> None:
-        """Start the current epoch after ``batches`` micro-batches this rank already trained."""
+    def resume_at(self, batches: int, epoch: int) -> None:
+        """Start ``epoch`` after the ``batches`` micro-batches this rank already trained in it.
+
+        The skip is recorded under ``epoch`` itself: Lightning then calls ``set_epoch(epoch)``, which keeps it (a
+        skip stored under another epoch would be dropped, replaying the epoch's first batches).
+        """
         if self.train_sampler is not None and batches:
             per_batch = 1 if isinstance(self.train_sampler, TokenBudgetBatchSampler) else self.micro_batch_size
+            self.train_sampler.set_epoch(epoch)
+            if batches >= -(-len(self.train_sampler) // per_batch):
+                return  # a checkpoint from the end of an epoch: the next epoch starts from its beginning
             state = self.train_sampler.state_dict()
-            self.train_sampler.load_state_dict({**state, "served": batches * per_batch})
-            log.info("resuming mid-epoch: skipping %d micro-batches already trained", batches)
+            self.train_sampler.load_state_dict({**state, "epoch": epoch, "served": batches * per_batch})
+            log.info("resuming epoch %d mid-way: skipping %d micro-batches already trained", epoch, batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Give the training sampler its epoch (Lightning does so only for ``.sampler`` and
+        ``.batch_sampler.sampler``, which token-budget batches are not)."""
+        if self.train_sampler is not None:
+            self.train_sampler.set_epoch(epoch)

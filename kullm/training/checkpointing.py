@@ -81,6 +81,12 @@ class AdapterCheckpoint(ModelCheckpoint):
     # k, ``last.ckpt`` silently stays at an older step. kullm keeps ``last`` at the latest step at every save point:
     # each ``every_n_train_steps``, each validation, each epoch end and the end of fit.
 
+    def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None) -> str:
+        # before the first validation the monitored metric does not exist: no invented "val_loss_0.0000" in names
+        if filename is None and self.monitor and self.monitor not in metrics:
+            filename = "step{step:06d}"
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:

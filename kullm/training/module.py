@@ -157,7 +157,7 @@ class KullmLitModule(L.LightningModule):
         # Lightning resumes mid-epoch without calling on_train_epoch_start: restore order and RNG here
         loop = self.trainer.fit_loop.epoch_loop
         if loop.restarting and self.trainer.datamodule is not None:
-            self.trainer.datamodule.resume_at(loop.batch_progress.current.ready)
+            self.trainer.datamodule.resume_at(loop.batch_progress.current.ready, self.trainer.current_epoch)
         if self._rng_to_restore is not None:  # the last thing before the first resumed step
             rng, self._rng_to_restore = self._rng_to_restore, None
             torch.set_rng_state(rng["torch"])
@@ -168,6 +168,8 @@ class KullmLitModule(L.LightningModule):
         self._clock = time.perf_counter()
 
     def on_train_epoch_start(self) -> None:
+        if self.trainer.datamodule is not None:
+            self.trainer.datamodule.set_epoch(self.trainer.current_epoch)
         self._clock = time.perf_counter()
 
 
