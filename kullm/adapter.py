@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kullm.atomic import clean_stale, replace
-from kullm.config import redact
+from kullm.redaction import redact
 from kullm.templates import Prompter
 
 CONFIG_FILE = "kullm_config.yaml"

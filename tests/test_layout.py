@@ -53,7 +53,7 @@ def test_the_package_is_grouped_by_stage():
         assert (PACKAGE / stage / "__init__.py").is_file(), stage
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert CLIS <= top
-    assert len(top - CLIS) <= 6, f"flat modules beside the CLIs should be the shared base only: {sorted(top - CLIS)}"
+    assert len(top - CLIS) <= 8, f"flat modules beside the CLIs should be the shared base only: {sorted(top - CLIS)}"
 
 
 def test_no_import_runs_back_up_from_a_lower_stage():

@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from kullm.config import is_secret_key, redact
+from kullm.redaction import is_secret_key, redact
 
 SECRETS = ["api_key", "OPENAI_API_KEY", "apikey", "hf_token", "token", "auth_token", "access_token", "password",
            "hub-password", "passwd", "secret", "client_secret", "authorization", "access_key", "key",

@@ -23,11 +23,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from kullm.config import compose, redact
+from kullm.config import compose
 from kullm.data.records import DataError, Record, check_source, read_records, write_rejects
 from kullm.evaluation.geval import JudgePrompt, parse_scores, weighted_from_logprobs
 from kullm.evaluation.judges import Judge, JudgeError, build_judge
 from kullm.evaluation.report import RunStats, log_wandb, set_relative, summarize, write_report
+from kullm.redaction import redact
 from kullm.resumable import AppendLog, read_done
 
 log = logging.getLogger(__name__)

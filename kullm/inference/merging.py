@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kullm.adapter import CONFIG_FILE, TEMPLATE_FILE, load_adapter, read_adapter
 from kullm.atomic import clean_stale, replace
-from kullm.config import redact
 from kullm.inference.generation import eos_token_ids, left_pad
+from kullm.redaction import redact
 
 log = logging.getLogger(__name__)
 

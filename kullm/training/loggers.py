@@ -11,7 +11,8 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from kullm.config import ConfigError, redact, redact_args
+from kullm.config import ConfigError
+from kullm.redaction import redact, redact_args
 
 
 def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
