@@ -38,3 +38,21 @@ def test_redact_walks_nested_config_and_keeps_structure():
     assert out["hub"] == {"hf_token": "<redacted>", "password": "<redacted>"}
     assert out["judge"] == {"api_key": "<redacted>", "headers": [{"authorization": "<redacted>"}], "max_tokens": 64}
     assert "sk-1" not in str(out) and "hf_abc" not in str(out)
+
+
+def test_redact_resolves_interpolations_and_takes_plain_dicts():
+    cfg = OmegaConf.create({"root": "/data", "path": "${root}/x.jsonl", "hub": {"hf-token": "hf_x"}})
+    assert redact(cfg) == {"root": "/data", "path": "/data/x.jsonl", "hub": {"hf-token": "<redacted>"}}
+    assert redact({"api_key": "k", "n": 1}) == {"api_key": "<redacted>", "n": 1}
+
+
+def test_secret_values_scrub_and_command_lines():
+    from kullm.redaction import redact_args, scrub, secret_values
+
+    cfg = OmegaConf.create({"hub": {"hf_token": "hf_abc", "eos_token": "</s>"}, "judge": {"api_key": ""}})
+    args = ["+hub.password=pw1", "~judge.secret=s2", "lr=0.1", "prompt=hello"]
+    assert secret_values(cfg, args) == {"hf_abc", "pw1", "s2"}
+    assert scrub("token hf_abc, pass pw1 and pw12", {"pw1", "pw12", "hf_abc"}) == (
+        "token <redacted>, pass <redacted> and <redacted>"
+    )
+    assert redact_args(["+hub.hf_token='hf_abc'", "lr=0.1"]) == ["+hub.hf_token='<redacted>'", "lr=0.1"]

@@ -1,5 +1,7 @@
 """The G-Eval report's numbers, against values computed by hand."""
 
+import math
+
 import pytest
 
 from kullm.evaluation.geval import Criterion
@@ -56,3 +58,30 @@ def test_bootstrap_interval_has_the_asked_confidence():
     assert wide.ci["a"] == (0.0, 1.0)
     assert narrow.ci["a"] == (0.5, 0.5)
     assert narrow.overall_ci == pytest.approx((50 / 3, 50 / 3))  # only criterion a varies: 0.5 → 50, over 3
+
+
+def test_counts_and_pending_are_exact():
+    items = [judged((1, 3, 5)), judged((0, 1, 1)), {"status": "failed", "scores": None}]
+    run = summarize("run", items, CRITERIA, 3)
+    assert (run.n_ok, run.n_failed, run.n_pending) == (2, 1, 0)
+    assert math.isnan(summarize("none", [], CRITERIA, 0).scaled(A))
+
+
+def test_intervals_are_seeded_and_scaled_per_criterion_span():
+    items = [judged((0, 1, 1)), judged((1, 3, 1)), judged((1, 2, 5)), judged((0, 3, 2))]
+    one = summarize("run", items, CRITERIA, 4, samples=500, seed=7)
+    assert summarize("run", items, CRITERIA, 4, samples=500, seed=7).overall_ci == one.overall_ci  # reproducible
+    assert summarize("run", items, CRITERIA, 4, samples=500, seed=8).overall_ci != one.overall_ci
+    two = [judged((0, 1, 1)), judged((0, 3, 1))]  # only b varies: its resampled mean is 1, 2 or 3
+    ci = summarize("run", two, CRITERIA, 2, samples=4000, confidence=0.95, seed=1).overall_ci
+    assert ci == pytest.approx((0.0, 100 / 3))  # b scaled by its span (3 - 1), averaged over three criteria
+    assert markdown([one], CRITERIA).count(" [") >= len(CRITERIA) + 1
+
+
+def test_relative_needs_a_reference_with_a_score():
+    run = summarize("run", [judged((1, 3, 5))], CRITERIA, 1)
+    empty = summarize("empty", [], CRITERIA, 3)
+    set_relative([run, empty], "empty")
+    assert run.relative is None and empty.relative is None  # nothing to divide by
+    with pytest.raises(ValueError, match="reference run 'gpt4' is not among the runs"):
+        set_relative([run], "gpt4")
