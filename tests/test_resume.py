@@ -56,3 +56,29 @@ def test_resume_from_every_checkpoint_ends_with_the_straight_runs_adapter(tmp_pa
         got = load_file(Path(resumed["adapter"]) / "adapter_model.safetensors")
         for k in want:
             assert torch.equal(got[k], want[k]), f"{variant}: resumed from step {step}: {k} differs"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_resume_on_two_processes_is_exact_with_dropout(tmp_path):
+    """Each rank draws its own dropout masks: a resumed DDP run gives every rank its own RNG state back."""
+    import os
+    import subprocess
+    import sys
+
+    common = [*COMMON, "experiment=smoke", "logger=csv", "strategy=ddp", "trainer.devices=2", "trainer.max_steps=8",
+              "batch_size=8", "micro_batch_size=2", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def run(name: str, *extra: str) -> dict:
+        cmd = [sys.executable, "-m", "kullm.train", *common, *extra, f"hydra.run.dir={tmp_path}/{name}"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    want = run("straight")
+    ckpts = sorted((tmp_path / "straight" / "checkpoints").glob("step00000[46].ckpt"))
+    assert len(ckpts) == 2 and len(torch.load(ckpts[0], weights_only=True)["kullm"]["rng_per_rank"]) == 2
+    for ckpt in ckpts:
+        got = run(ckpt.stem, f"ckpt_path={ckpt}")
+        assert all(torch.equal(got[k], want[k]) for k in want), f"resumed from {ckpt.name}"

@@ -8,6 +8,7 @@ loop and RNG state): the frozen base comes from the base model on resume.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -21,6 +22,8 @@ import torch
 from hydra.utils import instantiate
 
 from kullm.training.loss import lm_loss
+
+log = logging.getLogger(__name__)
 
 
 class KullmLitModule(L.LightningModule):
@@ -138,20 +141,30 @@ class KullmLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["kullm"] = {
-            "trained_tokens": self.trained_tokens,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": _numpy_state(),
-                "python": random.getstate(),
-            },
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": _numpy_state(),
+            "python": random.getstate(),
         }
+        checkpoint["kullm"] = {"trained_tokens": self.trained_tokens, "rng": rng}
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank draws its own dropout masks: each must get its own generators back (collective call: every
+            # rank dumps the checkpoint, rank 0 writes it)
+            per_rank: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(per_rank, rng)
+            checkpoint["kullm"]["rng_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("kullm", {})
         self.trained_tokens = int(state.get("trained_tokens", 0))
-        self._rng_to_restore = state.get("rng")
+        per_rank = state.get("rng_per_rank") or [state.get("rng")]
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if len(per_rank) != world:
+            log.warning(
+                "the checkpoint holds RNG states of %d rank(s), this run has %d: reusing rank 0's", len(per_rank), world
+            )
+        self._rng_to_restore = per_rank[rank] if len(per_rank) == world else per_rank[0]
 
     def on_train_start(self) -> None:
         # Lightning resumes mid-epoch without calling on_train_epoch_start: restore order and RNG here
