@@ -89,6 +89,10 @@ def test_val_every_n_steps_refuses_what_would_validate_mid_step(tmp_path):
     with pytest.raises(ConfigError, match="not a multiple of the accumulation"):
         validation_schedule(cfg, 2)
     assert validation_schedule(cfg, 3) == {}
+    half = compose("train", ["experiment=smoke", f"output_dir={tmp_path}", "trainer.val_check_interval=0.5"])
+    with pytest.raises(ConfigError, match="use val_every_n_steps instead"):
+        validation_schedule(half, 2)
+    assert validation_schedule(half, 1) == {}
     for bad in ("0", "-2"):
         cfg = compose("train", ["experiment=smoke", f"output_dir={tmp_path}", f"val_every_n_steps={bad}"])
         with pytest.raises(ConfigError, match="val_every_n_steps"):
@@ -166,3 +170,31 @@ def test_wandb_auto_mode_is_offline_without_a_key_and_online_with_one(tmp_path, 
     assert wandb_mode("auto") == "disabled"  # the environment wins
     monkeypatch.delenv("WANDB_MODE")
     assert wandb_mode("offline") == "offline"
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_deepspeed_checkpoints_leave_the_frozen_base_out(tmp_path, name):
+    cfg = compose("train", ["experiment=smoke", f"strategy={name}", f"output_dir={tmp_path}"])
+    strategy = build_strategy(cfg)
+    assert strategy.exclude_frozen_parameters is True  # ~26 GB less per save on 12.8b
+
+
+def test_deepspeed_loss_is_scaled_once():
+    """Lightning divides a training_step's loss by the accumulation, DeepSpeed's backward divides again: under
+    DeepSpeed the module hands back per-token mean × accumulation, so the gradient is that of the per-token mean."""
+    import types
+
+    import torch
+
+    from kullm.training.module import KullmLitModule
+
+    class DeepSpeedStrategy:  # matched by name, as the module does
+        pass
+
+    module = KullmLitModule(torch.nn.Linear(2, 2), optim={}, loss={})
+    module._loss = lambda batch: (torch.tensor(12.0), 4)
+    module._trainer = types.SimpleNamespace(strategy=DeepSpeedStrategy(), accumulate_grad_batches=8)
+    batch = {"attention_mask": torch.ones(1, 5)}
+    assert float(module.training_step(batch, 0)) == pytest.approx(12.0 / 4 * 8)
+    module._trainer.strategy = object()  # every other strategy: the token sum (normalised per optimizer step later)
+    assert float(module.training_step(batch, 0)) == 12.0

@@ -96,3 +96,10 @@ def test_padded_tokens_counts_the_slots_of_a_padded_batch():
     assert padded_tokens([3, 5, 1], 4) == 8 * 3
     assert padded_tokens([3, 5], 0) == 5 * 2 and padded_tokens([3, 5], 1) == 10
     assert padded_tokens([], 8) == 0
+
+
+def test_budget_batches_report_a_nominal_batch_size():
+    """DeepSpeed reads ``batch_sampler.batch_size`` at setup (for its throughput logs): it must exist."""
+    s = TokenBudgetBatchSampler([8] * 10, 32, shuffle=False)
+    loader = DataLoader(list(range(10)), batch_sampler=s)
+    assert loader.batch_sampler.batch_size == 3  # 10 rows in 3 batches of 4, 4, 2

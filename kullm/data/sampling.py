@@ -165,6 +165,12 @@ class TokenBudgetBatchSampler(_ShardedEpochs, Sampler[list[int]]):
         self.group_size, self.max_rows = group_size, max_rows
         self._cache: tuple[int, int, list[list[int]]] | None = None
 
+    @property
+    def batch_size(self) -> int:
+        """Rows per batch on average (what DeepSpeed reads for its throughput logging; batches really vary)."""
+        batches = self.global_batches()
+        return max(1, round(len(self.lengths) / max(1, len(batches))))
+
     def _padded(self, n: int) -> int:
         return -(-n // self.multiple) * self.multiple
 

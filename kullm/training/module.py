@@ -60,7 +60,9 @@ class KullmLitModule(L.LightningModule):
         loss_sum, n = self._loss(batch)
         self._window += torch.tensor([float(loss_sum.detach()), n, float(batch["attention_mask"].sum())])
         if self._engine_scales_grads:
-            return loss_sum / max(n, 1)
+            # Lightning divides by the accumulation and DeepSpeed's engine.backward divides again (scale_wrt_gas):
+            # undo Lightning's, so the loss is scaled once and clipping acts on the true gradient norm
+            return loss_sum / max(n, 1) * self.trainer.accumulate_grad_batches
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer) -> None:

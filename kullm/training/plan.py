@@ -49,6 +49,11 @@ def validation_schedule(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
         if lightning_interval is not None:
             raise ConfigError("give val_every_n_steps (optimizer steps) or trainer.val_check_interval, not both")
         return {"val_check_interval": every * accumulate, "check_val_every_n_epoch": None}
+    if isinstance(lightning_interval, float) and lightning_interval != 1.0 and accumulate > 1:
+        raise ConfigError(
+            f"trainer.val_check_interval={lightning_interval} (a share of the epoch, in micro-batches) can validate "
+            f"inside an accumulation window of {accumulate}: use val_every_n_steps instead"
+        )
     counted = isinstance(lightning_interval, int) and not isinstance(lightning_interval, bool)
     if counted and lightning_interval % accumulate:
         raise ConfigError(
