@@ -198,3 +198,24 @@ def test_deepspeed_loss_is_scaled_once():
     assert float(module.training_step(batch, 0)) == pytest.approx(12.0 / 4 * 8)
     module._trainer.strategy = object()  # every other strategy: the token sum (normalised per optimizer step later)
     assert float(module.training_step(batch, 0)) == 12.0
+
+
+def test_generated_samples_are_switched_off_with_the_reason_under_sharded_strategies(tmp_path):
+    import types
+
+    from kullm.training.callbacks import GenerationSamples, sharded_reason
+
+    class FSDPStrategy:
+        pass
+
+    class DeepSpeedStrategy:
+        zero_stage_3 = True
+
+    for strategy in (FSDPStrategy(), DeepSpeedStrategy()):
+        cb = GenerationSamples(tokenizer=None, output_dir=tmp_path, num=4)
+        with pytest.warns(UserWarning, match="generated samples are off: .* would wait"):
+            cb.setup(types.SimpleNamespace(strategy=strategy), None, "fit")
+        assert cb.num == 0
+    assert sharded_reason(types.SimpleNamespace()) == ""
+    DeepSpeedStrategy.zero_stage_3 = False
+    assert sharded_reason(DeepSpeedStrategy()) == ""  # ZeRO-2 keeps whole parameters on every rank

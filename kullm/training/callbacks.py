@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from kullm.data.sft import IGNORE_INDEX
 
@@ -22,6 +23,12 @@ class GenerationSamples(L.Callback):
     def __init__(self, tokenizer, output_dir: str | Path, num: int = 4, max_new_tokens: int = 64) -> None:
         self.tokenizer, self.num, self.max_new_tokens = tokenizer, num, max_new_tokens
         self.path = Path(output_dir) / "samples.jsonl"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        reason = sharded_reason(trainer.strategy)
+        if reason and self.num > 0:
+            rank_zero_warn(f"generated samples are off: {reason}")
+            self.num = 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.num <= 0 or trainer.sanity_checking or not trainer.is_global_zero or trainer.datamodule is None:
@@ -74,3 +81,14 @@ class GenerationSamples(L.Callback):
             model.train(was_training)
         response = tok.decode(out[0, n_prompt:], skip_special_tokens=True)
         return tok.decode(ids[:n_prompt]), reference, response
+
+
+def sharded_reason(strategy) -> str:
+    """Why rank 0 alone cannot generate under ``strategy`` ('' when it can): with sharded parameters every forward
+    needs every rank in the collectives, and a rank-0-only ``generate`` would hang the run."""
+    name = type(strategy).__name__
+    if name.startswith("FSDP") or "FSDP" in name:
+        return f"{name} shards the parameters, so generating on rank 0 alone would wait forever for the other ranks"
+    if name.startswith("DeepSpeed") and getattr(strategy, "zero_stage_3", False):
+        return "DeepSpeed ZeRO-3 shards the parameters, so generating on rank 0 alone would wait for the other ranks"
+    return ""
