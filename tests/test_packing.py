@@ -196,3 +196,28 @@ def test_no_cross_contamination(lora_model, attn):
         logits = lora_model(**packed_model_inputs(batch, lora_model)).logits
     torch.testing.assert_close(logits[0, 10:16], logits[1, 10:16], rtol=0, atol=1e-5)  # B unchanged
     assert (logits[0, :10] - logits[1, :10]).abs().max() > 1e-3  # A did change
+
+
+@pytest.mark.parametrize("train_on_inputs", [True, False])
+def test_a_variable_length_kernel_sees_one_flattened_row_for_any_micro_batch(lora_model, monkeypatch, train_on_inputs):
+    """transformers treats a mask-less batch as packed only when it has one row: a micro-batch of several packed rows
+    is flattened first, with exactly the loss and gradients of one example at a time. sdpa stands in for
+    flash-attention here (flash-attn cannot be installed on this CPU machine; transformers' sdpa path also reads the
+    boundaries from position_ids, so it cannot show the cross-example leak that flash-attention's would)."""
+    import kullm.data.packing as packing
+    import kullm.training.loss as loss_mod
+    from kullm.training.loss import lm_loss
+
+    lora_model.get_base_model().set_attn_implementation("sdpa")
+    examples = _examples(train_on_inputs)
+    batch = _packed_batch(examples)
+    assert batch["input_ids"].shape[0] > 1 and (batch["attention_mask"] == 0).any()  # several rows, some padding
+    ref_loss, ref_n, ref_grads = _one_by_one(lora_model, examples, full_loss)
+    monkeypatch.setattr(packing, "VARLEN_IMPLEMENTATIONS", ("sdpa",))
+    monkeypatch.setattr(loss_mod, "VARLEN_IMPLEMENTATIONS", ("sdpa",))
+    for head_only in (True, False):
+        loss, n, grads = _packed(lora_model, batch, lambda m, b, h=head_only: lm_loss(m, b, head_only=h))
+        assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
+        _assert_grads_close(grads, ref_grads)
+    flat = loss_mod.flatten_packed(batch)
+    assert flat["input_ids"].shape == (1, int(batch["attention_mask"].sum())) and flat["attention_mask"] is None

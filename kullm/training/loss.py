@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kullm.data.packing import packed_model_inputs
+from kullm.data.packing import VARLEN_IMPLEMENTATIONS, packed_model_inputs
 from kullm.data.sft import IGNORE_INDEX
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -106,10 +106,31 @@ def full_loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.T
     return loss, n
 
 
+def flatten_packed(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A packed micro-batch as one row of its real tokens (padding dropped).
+
+    transformers finds the example boundaries of a variable-length kernel from reset ``position_ids`` only when the
+    batch has a single row; with several rows and no mask it would attend causally across the examples of a row.
+    Each row's first label is no target of the row before it, so it is masked: the loss is unchanged.
+    """
+    valid = batch["attention_mask"].bool()
+    labels = batch["labels"].clone()
+    labels[1:, 0] = IGNORE_INDEX
+    return {
+        "input_ids": batch["input_ids"][valid][None],
+        "position_ids": batch["position_ids"][valid][None],
+        "attention_mask": None,
+        "labels": labels[valid][None],
+    }
+
+
 def lm_loss(
     model: torch.nn.Module, batch: Mapping[str, Any], head_only: bool = True, chunk_size: int | None = 1024
 ) -> tuple[torch.Tensor, int]:
     """Dispatch on ``loss.head_only``: :func:`head_only_loss` or :func:`full_loss`."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if batch.get("position_ids") is not None and impl in VARLEN_IMPLEMENTATIONS and batch["input_ids"].shape[0] > 1:
+        batch = flatten_packed(batch)
     if head_only:
         return head_only_loss(model, batch, chunk_size=chunk_size)
     return full_loss(model, batch)
