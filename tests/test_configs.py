@@ -219,3 +219,20 @@ def test_generated_samples_are_switched_off_with_the_reason_under_sharded_strate
     assert sharded_reason(types.SimpleNamespace()) == ""
     DeepSpeedStrategy.zero_stage_3 = False
     assert sharded_reason(DeepSpeedStrategy()) == ""  # ZeRO-2 keeps whole parameters on every rank
+
+
+AUTOCAST_CASES = [("16-mixed", "bfloat16", False), ("bf16-mixed", "float16", False), ("bf16-mixed", "bfloat16", True),
+                  ("16-mixed", "float32", True)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("precision", "dtype", "ok"), AUTOCAST_CASES)
+def test_autocast_over_a_base_of_the_other_half_precision_is_refused(tmp_path, precision, dtype, ok):
+    from kullm.training.plan import check_combination
+
+    cfg = compose("train", ["experiment=smoke", f"output_dir={tmp_path}", f"trainer.precision={precision}",
+                            f"model.dtype={dtype}"])  # fmt: skip
+    if ok:
+        check_combination(cfg)
+    else:
+        with pytest.raises(ConfigError, match="casts every frozen weight"):
+            check_combination(cfg)

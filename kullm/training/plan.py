@@ -75,6 +75,14 @@ def check_combination(cfg: DictConfig) -> None:
             f"strategy={strategy.name} runs only on CUDA GPUs (Lightning refuses it on CPU); "
             "use strategy=ddp (or auto) here"
         )
+    precision, dtype = str(cfg.trainer.get("precision", "32-true")), str(cfg.model.get("dtype") or "float32")
+    autocast = {"16-mixed": "float16", "bf16-mixed": "bfloat16"}.get(precision)
+    if autocast and dtype in ("float16", "bfloat16") and dtype != autocast:
+        raise ConfigError(
+            f"trainer.precision={precision} over a {dtype} base casts every frozen weight to {autocast} on each "
+            f"forward and keeps the copies for backward (+25 GB on 12.8b): use model.dtype={autocast} or "
+            f"trainer.precision={'bf16-mixed' if dtype == 'bfloat16' else '16-mixed'}"
+        )
     if strategy.get("shards_params") and quant != "none":
         raise ConfigError(
             f"strategy={strategy.name} shards the base weights, which bitsandbytes {quant} weights cannot be; "
