@@ -256,9 +256,13 @@ def log_wandb(runs: Sequence[RunStats], criteria: Sequence[Criterion], png: Path
     """Log the CSV rows as a W&B table and the chart as an image (W&B's offline/disabled modes apply)."""
     import wandb
 
+    from kullm.training.loggers import wandb_mode
+
     run = wandb.init(
         project=cfg.get("project") or "kullm",
-        mode=cfg.get("mode") or None,
+        # resolved here, as for training (WANDB_MODE, else online with a key, else offline): left to W&B, a process
+        # that already ran W&B keeps the mode its first run read from the environment
+        mode=cfg.get("mode") or wandb_mode("auto"),
         config=cfg.get("config"),
         job_type="eval",
         dir=str(png.parent),
