@@ -35,7 +35,17 @@ from kullm.config import (
     validate,
 )
 from kullm.data.records import DataError, check_source
-from kullm.training.checkpointing import Interrupted, resolve_resume
+from kullm.training.checkpointing import (
+    AdapterCheckpoint,
+    AtomicCheckpointIO,
+    GracefulStop,
+    Interrupted,
+    RunIdentity,
+    adapter_dir,
+    copy_adapter,
+    export_adapter,
+    resolve_resume,
+)
 from kullm.training.loggers import build_loggers, finish_wandb
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
 
@@ -46,7 +56,6 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
     from lightning.pytorch.callbacks import EarlyStopping
 
     from kullm.training.callbacks import GenerationSamples
-    from kullm.training.checkpointing import AdapterCheckpoint
 
     cc = cfg.callbacks.checkpoint
     monitor = cc.get("monitor") if has_val else None
@@ -79,13 +88,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from kullm.data.datamodule import KullmDataModule
     from kullm.modeling import build_peft_model, load_tokenizer
     from kullm.templates import Prompter
-    from kullm.training.checkpointing import (
-        AtomicCheckpointIO,
-        GracefulStop,
-        RunIdentity,
-        copy_adapter,
-        export_adapter,
-    )
     from kullm.training.module import KullmLitModule
 
     validate(cfg)
@@ -184,15 +186,11 @@ def final_adapter_choice(cfg: DictConfig, has_val: bool) -> str:
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:
-    from kullm.training.checkpointing import AdapterCheckpoint
-
     return next((cb.last_model_path for cb in trainer.callbacks if isinstance(cb, AdapterCheckpoint)), None)
 
 
 def _best_adapter(trainer: L.Trainer) -> Path | None:
     """The adapter folder beside the best checkpoint, if a validation ever ranked one."""
-    from kullm.training.checkpointing import AdapterCheckpoint, adapter_dir
-
     for cb in trainer.callbacks:
         if isinstance(cb, AdapterCheckpoint) and cb.best_model_path:
             folder = adapter_dir(cb.best_model_path)

@@ -245,13 +245,18 @@ def test_ddp_on_two_processes_trains_the_same_adapter_as_one_process(tmp_path):
     assert metric_series(runs["two"], "train/trained_tokens") == metric_series(runs["one"], "train/trained_tokens")
 
 
+def sweep(tmp_path, values: str) -> subprocess.CompletedProcess:
+    """A one-step multirun of the smoke experiment over ``values`` (``key=a,b``), jobs under ``<tmp>/sweep``."""
+    cmd = [
+        sys.executable, "-m", "kullm.train", "-m", *FAST, values, "trainer.max_steps=1", "callbacks.samples.num=0",
+        f"hydra.sweep.dir={tmp_path}/sweep", f"data.cache_dir={tmp_path}/cache",
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_multirun_makes_one_run_per_value(tmp_path):
-    cmd = [
-        sys.executable, "-m", "kullm.train", "-m", *FAST, "optim.lr=1e-3,2e-3", "trainer.max_steps=1",
-        "callbacks.samples.num=0", f"hydra.sweep.dir={tmp_path}/sweep", f"data.cache_dir={tmp_path}/cache",
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = sweep(tmp_path, "optim.lr=1e-3,2e-3")
     assert res.returncode == 0, res.stderr[-3000:]
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "adapter" / "adapter_model.safetensors").exists()
@@ -449,11 +454,7 @@ def test_resume_refuses_broken_checkpoints_and_other_settings_in_one_line(tmp_pa
 @pytest.mark.slow
 def test_a_bad_job_fails_alone_and_the_sweep_exits_non_zero(tmp_path):
     """batch_size 8 is not divisible by micro-batch 3: that job fails, the next still trains."""
-    cmd = [
-        sys.executable, "-m", "kullm.train", "-m", *FAST, "micro_batch_size=3,4", "trainer.max_steps=1",
-        "callbacks.samples.num=0", f"hydra.sweep.dir={tmp_path}/sweep", f"data.cache_dir={tmp_path}/cache",
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = sweep(tmp_path, "micro_batch_size=3,4")
     assert res.returncode != 0
     assert "batch_size=8 is not divisible by micro_batch_size=3" in res.stderr
     assert not (tmp_path / "sweep" / "0" / "adapter").exists()
