@@ -45,6 +45,37 @@ class AdapterSpec:
     config: dict[str, Any]
 
 
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the segments FSDP, activation checkpointing and ``torch.compile`` wrappers insert."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def _clean_weight_names(model, path: Path) -> None:
+    """Rewrite a saved adapter whose weight names carry wrapper segments under the names PEFT loads.
+
+    PEFT drops the adapter name only at the end of a name (``lora_A.default.weight`` → ``lora_A.weight``): behind a
+    wrapper segment (``lora_A.default._fsdp_wrapped_module.weight``) it stays, so it is dropped here, with PEFT's own
+    rule, once the segments are gone.
+    """
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        if not any(w in k for k in f.keys() for w in WRAPPER_SEGMENTS):
+            return
+    adapter = model.active_adapter
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[model.peft_config[adapter].peft_type]
+    weights = load_file(str(path))
+    renamed = {tuner._remove_adapter_name_from_key(clean_name(k), adapter): v for k, v in weights.items()}
+    save_file(renamed, str(path), metadata={"format": "pt"})
+
+
 def save_adapter(
     model,
     folder: str | Path,
@@ -65,6 +96,9 @@ def save_adapter(
     shutil.rmtree(tmp, ignore_errors=True)
     kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
     model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+    # PEFT picks the adapter's weights by walking the module tree; under FSDP that tree's names carry wrapper
+    # segments, so a sharded strategy passes the weights under those names and they are renamed here
+    _clean_weight_names(model, tmp / WEIGHTS_FILE)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if prompter is not None:
@@ -93,6 +127,12 @@ def verify_adapter(folder: str | Path) -> int:
         n = sum(_numel(f, k) for k in keys)
     if not keys or n == 0:
         raise AdapterError(f"{folder / WEIGHTS_FILE}: holds no adapter weights (an empty adapter)")
+    wrapped = [k for k in keys if any(w in k for w in WRAPPER_SEGMENTS)]
+    if wrapped:  # PEFT matches names exactly: these weights would be skipped on load, leaving a no-op adapter
+        raise AdapterError(
+            f"{folder / WEIGHTS_FILE}: {len(wrapped)} weight name(s) carry a wrapper segment (e.g. {wrapped[0]}): "
+            "PEFT would load none of them"
+        )
     return n
 
 

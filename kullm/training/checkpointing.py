@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -21,7 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from kullm.adapter import save_adapter
+from kullm.adapter import clean_name, save_adapter
 from kullm.atomic import clean_stale, replace
 
 
@@ -43,30 +42,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def adapter_state(trainer: L.Trainer, peft_model) -> dict[str, Any] | None:
     """The trainable (adapter) weights by name on global rank 0 (``None`` elsewhere), gathered when sharded.
 
-    The result is a partial model state dict, which ``PeftModel.save_pretrained(state_dict=...)`` accepts.
+    The result is a partial model state dict with plain names (no wrapper segments), which
+    ``PeftModel.save_pretrained(state_dict=...)`` accepts.
     """
+    from kullm.training.fsdp import LoraFSDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, LoraFSDPStrategy):
+        state = strategy.trainable_state()  # plain names relative to the LightningModule ("model.base_model...")
+        if not trainer.is_global_zero:
+            return None
+        # PEFT finds the adapter's weights by the (wrapped) module tree: hand them over under those names;
+        # save_adapter writes them under the plain ones
+        wrapped = {n: clean_name(f"model.{n}") for n, p in peft_model.named_parameters() if p.requires_grad}
+        return {n: state[c] for n, c in wrapped.items()}
+    if type(strategy).__name__.startswith("FSDP"):
+        raise TypeError("plain FSDPStrategy gathers the whole base to save: use strategy=fsdp (LoraFSDPStrategy)")
 
     def trainable() -> dict[str, Any]:
         return {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
-    strategy = type(trainer.strategy).__name__
-    if strategy.startswith("DeepSpeed") and getattr(trainer.strategy, "zero_stage_3", False):
+    if type(strategy).__name__.startswith("DeepSpeed") and getattr(strategy, "zero_stage_3", False):
         import deepspeed
 
         params = [p for p in peft_model.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return trainable() if trainer.is_global_zero else None
-    if strategy.startswith("FSDP"):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        wrapped = trainer.strategy.model
-        ctx = FSDP.summon_full_params(wrapped, writeback=False, offload_to_cpu=True, rank0_only=True)
-    else:
-        ctx = contextlib.nullcontext()
-    with ctx:
-        if not trainer.is_global_zero:
-            return None
-        return trainable()
+    return trainable() if trainer.is_global_zero else None
 
 
 class AdapterCheckpoint(ModelCheckpoint):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from kullm.adapter import clean_name
 from kullm.training.loss import lm_loss
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,21 @@ class KullmLitModule(L.LightningModule):
 
     def _grad_norm(self) -> float:
         grads = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        sq = torch.stack(grads).square().sum() if grads else torch.zeros((), device=self.device)
+        if self._sharded_grads and self.trainer.world_size > 1:  # each rank holds a disjoint shard of the gradient
+            sq = self.trainer.strategy.reduce(sq.to(self.device), reduce_op="sum")
+        return float(sq.sqrt())
+
+    @property
+    def _sharded_grads(self) -> bool:
+        return hasattr(self.trainer.strategy, "clip_grad_norm")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # a sharded gradient's norm needs every shard: FSDP's own clip_grad_norm_ (Lightning's FSDP plugin refuses)
+        if self._sharded_grads and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.strategy.clip_grad_norm(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n = self._loss(batch)
@@ -141,7 +156,7 @@ class KullmLitModule(L.LightningModule):
     # --- checkpoints and exact resume -------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = {clean_name(n) for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         rng = {
             "torch": torch.get_rng_state(),
