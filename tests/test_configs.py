@@ -119,12 +119,11 @@ def test_every_strategy_instantiates_with_its_settings(tmp_path, name):
         assert ("offload_optimizer" in zero) == offload and ("offload_param" in zero) == offload
         assert cfg.strategy.gpu_only and cfg.strategy.shards_params == (zero["stage"] == 3)
     elif name == "fsdp":
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+        from kullm.training.fsdp import LoraFSDPStrategy
 
-        policy = strategy.kwargs["auto_wrap_policy"]
-        assert isinstance(policy, ModuleWrapPolicy) and GPTNeoXLayer in policy._module_classes
-        assert strategy.kwargs["use_orig_params"] is True and cfg.strategy.gpu_only
+        assert isinstance(strategy, LoraFSDPStrategy) and strategy.layer_classes is None  # from the model
+        assert strategy.kwargs["use_orig_params"] is True and not cfg.strategy.gpu_only
+        assert cfg.strategy.shards_params and strategy._state_dict_type == "full"
     else:
         assert type(strategy).__name__ == "DDPStrategy"
 

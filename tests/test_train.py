@@ -145,7 +145,8 @@ def test_int8_lora_trains_on_cpu(tmp_path):
             "batch_size=10 is not divisible by micro_batch_size=4 × world size=1",
         ),
         (["strategy=deepspeed_zero2"], "strategy=deepspeed_zero2 runs only on CUDA GPUs"),
-        (["strategy=fsdp"], "strategy=fsdp runs only on CUDA GPUs"),
+        (["strategy=deepspeed_zero3"], "strategy=deepspeed_zero3 runs only on CUDA GPUs"),
+        (["strategy=fsdp", "quant=int8"], "strategy=fsdp shards the base weights, which bitsandbytes int8"),
         (["trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA GPU"),
         (["data.cutoff_len=abc"], "data.cutoff_len='abc': expected int, got str"),
         (

@@ -106,6 +106,28 @@ class LoraFSDPStrategy(FSDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         return self.trainable_state()
 
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """The optimizer state keyed by parameter name (rank 0 holds it all).
+
+        Lightning re-keys it by parameter *position* in ``model.parameters()``, which is wrong when the optimizer
+        holds only some of them (the adapter): a resume would load the moments of other weights.
+        """
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        # offloading to CPU from CPU processes aliases the gathered tensors (exp_avg saved as exp_avg_sq, torch 2.13)
+        offload = self.world_size > 1 and self.root_device.type != "cpu"
+        with FSDP.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+        ):
+            return FSDP.optim_state_dict(self.model, optimizer)
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip every gradient shard by the norm of the whole (gathered) gradient; returns that norm."""
         return self.model.clip_grad_norm_(max_norm)
@@ -114,3 +136,4 @@ class LoraFSDPStrategy(FSDPStrategy):
 def _own_params(unit: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters an FSDP unit manages itself (not those of the units nested in it), by name inside it."""
     return [(n, p) for n, p in unit.named_parameters() if n.count("_fsdp_wrapped_module.") == 1]
+
