@@ -235,3 +235,40 @@ def test_autocast_over_a_base_of_the_other_half_precision_is_refused(tmp_path, p
     else:
         with pytest.raises(ConfigError, match="casts every frozen weight"):
             check_combination(cfg)
+
+
+def test_under_deepspeed_only_the_accumulation_boundary_reduces_and_logs():
+    """DeepSpeed's engine is stepped after every micro-batch; the loss window is reduced and logged once per real
+    optimizer step, with the tokens of every micro-batch in it."""
+    import types
+
+    import torch
+
+    from kullm.training.module import KullmLitModule
+
+    class Engine:
+        micro_steps, accumulation = 0, 4
+
+        def is_gradient_accumulation_boundary(self) -> bool:
+            return (self.micro_steps + 1) % self.accumulation == 0
+
+    class DeepSpeedStrategy:  # matched by name, as the module does
+        model = Engine()
+
+        def reduce(self, tensor, reduce_op):
+            raise AssertionError("one process: nothing to reduce")
+
+    module = KullmLitModule(torch.nn.Linear(2, 2), optim={}, loss={})
+    module._loss = lambda batch: (torch.tensor(12.0), 4)
+    module._trainer = types.SimpleNamespace(strategy=DeepSpeedStrategy(), accumulate_grad_batches=4, world_size=1)
+    logged: list[dict] = []
+    module.log_dict = lambda values, **kw: logged.append(values)
+    module.log = lambda *a, **kw: None
+    optimizer = types.SimpleNamespace(param_groups=[{"lr": 0.1}])
+    batch = {"attention_mask": torch.ones(1, 5)}
+    for step in range(8):
+        module.training_step(batch, step)
+        module.on_before_optimizer_step(optimizer)
+        DeepSpeedStrategy.model.micro_steps += 1
+    assert len(logged) == 2  # micro-batches 4 and 8
+    assert [v["train/loss"] for v in logged] == [3.0, 3.0] and module.trained_tokens == 2 * 4 * 4

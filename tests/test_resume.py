@@ -23,6 +23,7 @@ COMMON = [
 ]  # fmt: skip  (dropout draws from the RNG: its state must be restored too)
 VARIANTS = {
     "length_grouped": [],
+    "random": ["sampler=random"],
     "token_budget": ["data.batching=tokens", "data.token_budget=1024"],
     "packing": ["data.packing=true", "batch_size=4", "micro_batch_size=2"],
 }
@@ -60,14 +61,16 @@ def test_resume_from_every_checkpoint_ends_with_the_straight_runs_adapter(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_resume_on_two_processes_is_exact_with_dropout(tmp_path):
-    """Each rank draws its own dropout masks: a resumed DDP run gives every rank its own RNG state back."""
+@pytest.mark.parametrize("variant", ["length_grouped", "token_budget", "packing"])
+def test_resume_on_two_processes_is_exact_with_dropout(tmp_path, variant):
+    """Each rank draws its own dropout masks and its own shard of batches: a resumed DDP run gives every rank its
+    own RNG state and position back, mid-epoch in either epoch."""
     import os
     import subprocess
     import sys
 
-    common = [*COMMON, "experiment=smoke", "logger=csv", "strategy=ddp", "trainer.devices=2", "trainer.max_steps=8",
-              "batch_size=8", "micro_batch_size=2", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+    common = [*COMMON, "experiment=smoke", "logger=csv", "strategy=ddp", "trainer.devices=2", "trainer.max_steps=12",
+              "batch_size=8", "micro_batch_size=2", f"data.cache_dir={tmp_path}/cache", *VARIANTS[variant]]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def run(name: str, *extra: str) -> dict:
@@ -77,8 +80,23 @@ def test_resume_on_two_processes_is_exact_with_dropout(tmp_path):
         return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
 
     want = run("straight")
-    ckpts = sorted((tmp_path / "straight" / "checkpoints").glob("step00000[46].ckpt"))
-    assert len(ckpts) == 2 and len(torch.load(ckpts[0], weights_only=True)["kullm"]["rng_per_rank"]) == 2
+    ckpts = [tmp_path / "straight" / "checkpoints" / f"step{s:06d}.ckpt" for s in (4, 10)]
+    loaded = [torch.load(c, weights_only=True) for c in ckpts]
+    assert [c["epoch"] for c in loaded] == [0, 1] and len(loaded[0]["kullm"]["rng_per_rank"]) == 2
     for ckpt in ckpts:
         got = run(ckpt.stem, f"ckpt_path={ckpt}")
         assert all(torch.equal(got[k], want[k]) for k in want), f"resumed from {ckpt.name}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_resume_with_dataloader_workers_is_exact(tmp_path):
+    """Batches come from worker processes (the order still comes from kullm's sampler in the main process)."""
+    common = [*COMMON, "num_workers=2"]
+    straight = train(cfg_for(tmp_path / "straight", *common))
+    want = load_file(Path(straight["adapter"]) / "adapter_model.safetensors")
+    for step in (6, 12):  # mid-epoch 0, mid-epoch 1
+        ckpt = tmp_path / "straight" / "checkpoints" / f"step{step:06d}.ckpt"
+        resumed = train(cfg_for(tmp_path / f"from{step}", *common, f"ckpt_path={ckpt}"))
+        got = load_file(Path(resumed["adapter"]) / "adapter_model.safetensors")
+        assert all(torch.equal(got[k], want[k]) for k in want), f"resumed from step {step}"

@@ -86,7 +86,7 @@ class KullmDataModule(L.LightningDataModule):
             self.train_sampler = TokenBudgetBatchSampler(
                 self.train_set["length"], int(budget), seed=self.seed, num_replicas=world, rank=rank
             )
-            return self._loader(self.train_set, batch_sampler=self.train_sampler)
+            return self._resumed(self._loader(self.train_set, batch_sampler=self.train_sampler))
         self.train_sampler = make_sampler(
             self.sampler_kind,
             self.train_set["length"],
@@ -95,7 +95,15 @@ class KullmDataModule(L.LightningDataModule):
             num_replicas=world,
             rank=rank,
         )
-        return self._loader(self.train_set, self.train_sampler)
+        return self._resumed(self._loader(self.train_set, self.train_sampler))
+
+    def _resumed(self, loader: DataLoader) -> DataLoader:
+        """Skip what a resumed epoch already trained, before Lightning makes the loader's iterator: with worker
+        processes that iterator draws its first indices from the sampler at once."""
+        trainer = self.trainer
+        if trainer is not None and trainer.fit_loop.epoch_loop.restarting:
+            self.resume_at(trainer.fit_loop.epoch_loop.batch_progress.current.ready, trainer.current_epoch)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self._world()
@@ -119,16 +127,18 @@ class KullmDataModule(L.LightningDataModule):
         )
 
     def resume_at(self, batches: int, epoch: int) -> None:
-        """Start ``epoch`` after the ``batches`` micro-batches this rank already trained in it.
+        """Resume after the ``batches`` micro-batches this rank had trained in ``epoch`` (its first ones are skipped).
 
-        The skip is recorded under ``epoch`` itself: Lightning then calls ``set_epoch(epoch)``, which keeps it (a
-        skip stored under another epoch would be dropped, replaying the epoch's first batches).
+        A checkpoint taken after the last batch of ``epoch`` resumes at the start of the next epoch, in that epoch's
+        order. The skip is recorded under the epoch itself, so Lightning's ``set_epoch`` keeps it.
         """
-        if self.train_sampler is not None and batches:
-            per_batch = 1 if isinstance(self.train_sampler, TokenBudgetBatchSampler) else self.micro_batch_size
-            self.train_sampler.set_epoch(epoch)
-            if batches >= -(-len(self.train_sampler) // per_batch):
-                return  # a checkpoint from the end of an epoch: the next epoch starts from its beginning
+        if self.train_sampler is None:
+            return
+        per_batch = 1 if isinstance(self.train_sampler, TokenBudgetBatchSampler) else self.micro_batch_size
+        self.train_sampler.set_epoch(epoch)
+        if batches >= -(-len(self.train_sampler) // per_batch):
+            self.train_sampler.set_epoch(epoch + 1)
+        elif batches:
             state = self.train_sampler.state_dict()
             self.train_sampler.load_state_dict({**state, "epoch": epoch, "served": batches * per_batch})
             log.info("resuming epoch %d mid-way: skipping %d micro-batches already trained", epoch, batches)

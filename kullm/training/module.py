@@ -66,7 +66,17 @@ class KullmLitModule(L.LightningModule):
             return loss_sum / max(n, 1) * self.trainer.accumulate_grad_batches
         return loss_sum
 
+    def _at_step_boundary(self) -> bool:
+        """Whether the coming ``optimizer.step()`` really steps: DeepSpeed's engine is stepped after every
+        micro-batch and steps the weights only at the end of its accumulation window."""
+        if not self._engine_scales_grads:
+            return True
+        engine = self.trainer.strategy.model
+        return bool(engine.is_gradient_accumulation_boundary())
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if not self._at_step_boundary():  # no collective, no log line per micro-batch: the window keeps adding up
+            return
         window = self._window.to(self.device)
         if self.trainer.world_size > 1:
             window = self.trainer.strategy.reduce(window, reduce_op="sum")
@@ -184,10 +194,8 @@ class KullmLitModule(L.LightningModule):
         self._rng_to_restore = per_rank[rank] if len(per_rank) == world else per_rank[0]
 
     def on_train_start(self) -> None:
-        # Lightning resumes mid-epoch without calling on_train_epoch_start: restore order and RNG here
-        loop = self.trainer.fit_loop.epoch_loop
-        if loop.restarting and self.trainer.datamodule is not None:
-            self.trainer.datamodule.resume_at(loop.batch_progress.current.ready, self.trainer.current_epoch)
+        # Lightning resumes mid-epoch without calling on_train_epoch_start: restore the RNG here (the batch order
+        # was restored when the training dataloader was made: KullmDataModule.train_dataloader)
         if self._rng_to_restore is not None:  # the last thing before the first resumed step
             rng, self._rng_to_restore = self._rng_to_restore, None
             torch.set_rng_state(rng["torch"])
