@@ -38,6 +38,52 @@ TINY_SHAPE: dict[str, Any] = {
     "tokenizer_vocab": 2000,
     "seed": 0,
     "warmup_steps": 60,  # full-weight steps on the bundled corpus after random init (0: purely random)
+    "arch": "gpt_neox",  # or a key of FAMILIES: llama, qwen2, mistral, gemma2
+}
+
+
+# Tiny stand-ins for today's model families (``tiny_shape: {arch: llama}``): each architecture with its family's
+# special tokens, EOS and chat template, so kullm is tested on what users bring without a hub download.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {  # Llama-3 instruct layout: header tokens, <|eot_id|> ends a turn and is the EOS; no pad; tied head
+        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None, "stop": ["<|end_of_text|>", "<|eot_id|>"],
+        "config": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+        "chat_template": (
+            "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+            "{{ m['content'] }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+        ),
+    },
+    "qwen2": {  # ChatML: <|im_end|> ends a turn and is the EOS, <|endoftext|> pads; tied head
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "stop": ["<|im_end|>", "<|endoftext|>"],
+        "config": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+        "chat_template": (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+    },
+    "mistral": {  # [INST] turns, </s> ends an answer; no pad
+        "specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+        "bos": "<s>", "eos": "</s>", "pad": None, "stop": ["</s>"],
+        "config": {"num_key_value_heads": 2, "tie_word_embeddings": False},
+        "chat_template": (
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+            "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
+        ),
+    },
+    "gemma2": {  # <start_of_turn>/<end_of_turn>, soft-capped attention (eager kernel), tied head
+        "specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>", "stop": ["<eos>", "<end_of_turn>"],
+        "config": {"num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True},
+        "attn_implementation": "eager",
+        "chat_template": (
+            "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+            "m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+        ),
+    },
 }
 
 
@@ -68,7 +114,10 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
         return out
     import torch
 
-    tok = train_tiny_tokenizer(corpus.splitlines(), vocab_size=shape["tokenizer_vocab"])
+    arch = shape["arch"]
+    if arch != "gpt_neox" and arch not in FAMILIES:
+        raise ConfigError(f"model.tiny_shape.arch={arch!r}: must be gpt_neox or one of {sorted(FAMILIES)}")
+    tok = train_tiny_tokenizer(corpus.splitlines(), vocab_size=shape["tokenizer_vocab"], family=FAMILIES.get(arch))
     with torch.random.fork_rng(devices=[]):  # building must not touch the caller's RNG: runs never depend on the cache
         torch.manual_seed(shape["seed"])
         model = _tiny_model(shape, tok, corpus)
@@ -86,9 +135,29 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
 
 
 def _tiny_model(shape: Mapping[str, Any], tok, corpus: str):
-    """Random init in Polyglot-ko's layout (scaled down), then the corpus warm-up."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    """Random init in Polyglot-ko's layout (scaled down), or another family's architecture, then the warm-up."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
+    family = FAMILIES.get(shape["arch"])
+    if family is not None:
+        stop = [tok.convert_tokens_to_ids(t) for t in family["stop"]]
+        cfg = AutoConfig.for_model(
+            shape["arch"],
+            vocab_size=shape["vocab_size"],
+            hidden_size=shape["hidden_size"],
+            num_hidden_layers=shape["num_hidden_layers"],
+            num_attention_heads=shape["num_attention_heads"],
+            intermediate_size=shape["intermediate_size"],
+            max_position_embeddings=shape["max_position_embeddings"],
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=stop if len(stop) > 1 else stop[0],
+            pad_token_id=tok.pad_token_id,
+            **family["config"],
+        )
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=family.get("attn_implementation", "sdpa"))
+        model.generation_config.eos_token_id = cfg.eos_token_id
+        _warm_up(model, tok, corpus.splitlines(), steps=int(shape["warmup_steps"]), seed=int(shape["seed"]))
+        return model
     cfg = GPTNeoXConfig(
         vocab_size=shape["vocab_size"],
         hidden_size=shape["hidden_size"],
@@ -133,8 +202,9 @@ def _warm_up(model, tok, lines: list[str], steps: int, seed: int, block: int = 1
     log.info("tiny model warmed up on the bundled corpus: final loss %.2f", loss.item())
 
 
-def train_tiny_tokenizer(lines: list[str], vocab_size: int = 2000):
-    """A byte-level BPE tokenizer (any text round-trips) with Polyglot-ko's special tokens, trained offline."""
+def train_tiny_tokenizer(lines: list[str], vocab_size: int = 2000, family: Mapping[str, Any] | None = None):
+    """A byte-level BPE tokenizer (any text round-trips) with Polyglot-ko's special tokens (or a family's, with its
+    chat template), trained offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -143,19 +213,31 @@ def train_tiny_tokenizer(lines: list[str], vocab_size: int = 2000):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(family["specials"]) if family else SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(
+    if family is None:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=bpe,
+            bos_token=EOS,
+            eos_token=EOS,
+            pad_token=EOS,
+            clean_up_tokenization_spaces=False,
+            model_max_length=2048,
+        )
+    tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        bos_token=EOS,
-        eos_token=EOS,
-        pad_token=EOS,
+        bos_token=family["bos"],
+        eos_token=family["eos"],
+        pad_token=family["pad"],
+        additional_special_tokens=[t for t in family["specials"] if t not in (family["bos"], family["eos"], family["pad"])],  # noqa: E501
         clean_up_tokenization_spaces=False,
         model_max_length=2048,
     )
+    tok.chat_template = family["chat_template"]
+    return tok
 
 
 def load_tokenizer(cfg: Mapping[str, Any]):
@@ -168,10 +250,16 @@ def load_tokenizer(cfg: Mapping[str, Any]):
         revision=cfg.get("revision"),
         trust_remote_code=bool(cfg.get("trust_remote_code", False)),
     )
-    if cfg.get("eos_token"):
-        tok.eos_token = cfg["eos_token"]
-    if cfg.get("pad_token"):
-        tok.pad_token = cfg["pad_token"]
+    for key in ("eos_token", "pad_token"):
+        token = cfg.get(key)
+        if not token:
+            continue  # null: the tokenizer's own
+        if token not in tok.get_vocab():
+            raise ConfigError(
+                f"model.{key}={token!r} is not a token of {path}'s tokenizer (its own is "
+                f"{getattr(tok, key)!r}): set model.{key}=null to use the tokenizer's"
+            )
+        setattr(tok, key, token)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer of {path} has no EOS token: set model.eos_token")
     if tok.pad_token_id is None:
@@ -224,10 +312,13 @@ def load_model(cfg: Mapping[str, Any], quant: Mapping[str, Any] | None = None, d
 
     qc = quantization_config(quant)  # errors about quantization come before any weights load
     dtype = getattr(torch, cfg.get("dtype") or "float32")
-    common = {"dtype": dtype, "attn_implementation": cfg.get("attn_implementation") or "sdpa"}
+    # null: transformers picks per architecture (sdpa where it is exact, eager for soft-capped Gemma-2 attention)
+    common = {"dtype": dtype, "attn_implementation": cfg.get("attn_implementation")}
     if cfg.get("shape_only"):
         if cfg.get("shape"):
-            config = GPTNeoXConfig(**dict(cfg["shape"]))
+            shape = dict(cfg["shape"])
+            kind = shape.pop("model_type", "gpt_neox")
+            config = GPTNeoXConfig(**shape) if kind == "gpt_neox" else AutoConfig.for_model(kind, **shape)
         else:
             path = resolve_path(cfg["name_or_path"], cfg.get("tiny_shape"))
             config = AutoConfig.from_pretrained(path, revision=cfg.get("revision"))
@@ -236,6 +327,9 @@ def load_model(cfg: Mapping[str, Any], quant: Mapping[str, Any] | None = None, d
         model = AutoModelForCausalLM.from_config(config, **common)
     else:
         path = resolve_path(cfg["name_or_path"], cfg.get("tiny_shape"))
+        if common["attn_implementation"] is None:
+            kind = AutoConfig.from_pretrained(path, revision=cfg.get("revision")).model_type
+            common["attn_implementation"] = ATTN_IMPLEMENTATION.get(kind)
         model = AutoModelForCausalLM.from_pretrained(
             path,
             revision=cfg.get("revision"),
@@ -280,6 +374,7 @@ def build_peft_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = lora_cfg if isinstance(lora_cfg, LoraConfig) else instantiate(lora_cfg)
+    config.target_modules = lora_targets(config.target_modules, model.config.model_type)
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # PEFT's "Target modules ... not found in the base model"
@@ -287,6 +382,20 @@ def build_peft_model(
         why = " ".join(str(e).split())
         targets = sorted(config.target_modules)
         raise ConfigError(f"lora.target_modules={targets}: {why} Linear layers here: {names}") from None
+
+
+# The seed's LoRA target per architecture for ``target_modules: auto``; others get every linear layer but the head.
+AUTO_TARGETS: dict[str, list[str]] = {"gpt_neox": ["query_key_value"]}
+# Attention kernels an architecture needs when ``model.attn_implementation`` is null (Gemma-2 soft-caps its scores,
+# which SDPA cannot do); others get transformers' default.
+ATTN_IMPLEMENTATION: dict[str, str] = {"gemma2": "eager"}
+
+
+def lora_targets(targets: Any, model_type: str) -> Any:
+    """``auto`` → the seed's target on GPT-NeoX, ``all-linear`` elsewhere; anything else as given."""
+    if targets == "auto" or (not isinstance(targets, str) and set(targets or []) == {"auto"}):
+        return AUTO_TARGETS.get(model_type, "all-linear")
+    return targets
 
 
 def _linear_types() -> tuple[type, ...]:

@@ -244,7 +244,7 @@ def run_identity(cfg) -> dict[str, Any]:
         "lora.r": lora.get("r"),
         "lora.lora_alpha": lora.get("lora_alpha"),
         "lora.lora_dropout": lora.get("lora_dropout"),
-        "lora.target_modules": sorted(lora.get("target_modules") or []) if lora.get("target_modules") else None,
+        "lora.target_modules": _targets(lora.get("target_modules")),
         "data.path": data.get("path"),
         "data.cutoff_len": data.get("cutoff_len"),
         "data.train_on_inputs": data.get("train_on_inputs"),
@@ -255,6 +255,13 @@ def run_identity(cfg) -> dict[str, Any]:
         "micro_batch_size": c.get("micro_batch_size"),
         "sampler": c.get("sampler"),
     }
+
+
+def _targets(targets: Any) -> Any:
+    """LoRA targets in a comparable form: a shorthand (``auto``, ``all-linear``) as is, a list sorted."""
+    if not targets or isinstance(targets, str):
+        return targets or None
+    return sorted(targets)
 
 
 class RunIdentity(L.Callback):
