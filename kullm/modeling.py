@@ -357,8 +357,12 @@ def build_peft_model(
     quant: Mapping[str, Any] | None = None,
     *,
     gradient_checkpointing: bool = False,
+    init_adapter: str | None = None,
 ):
-    """Base model (optionally 8/4-bit) + LoRA; only adapter parameters train. Returns the ``PeftModel``."""
+    """Base model (optionally 8/4-bit) + LoRA; only adapter parameters train. Returns the ``PeftModel``.
+
+    ``init_adapter`` (a PEFT adapter folder) warm-starts: its LoRA weights and settings, trainable again.
+    """
     from hydra.utils import instantiate
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -375,6 +379,8 @@ def build_peft_model(
         model.enable_input_require_grads()
     config = lora_cfg if isinstance(lora_cfg, LoraConfig) else instantiate(lora_cfg)
     config.target_modules = lora_targets(config.target_modules, model.config.model_type)
+    if init_adapter:
+        return _warm_start(model, config, init_adapter)
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # PEFT's "Target modules ... not found in the base model"
@@ -382,6 +388,25 @@ def build_peft_model(
         why = " ".join(str(e).split())
         targets = sorted(config.target_modules)
         raise ConfigError(f"lora.target_modules={targets}: {why} Linear layers here: {names}") from None
+
+
+def _warm_start(model, config, folder: str):
+    """The base with the adapter in ``folder`` loaded trainable; its LoRA shape must be the configured one."""
+    from peft import PeftConfig, PeftModel
+
+    from kullm.adapter import AdapterError, verify_adapter
+
+    path = Path(folder).expanduser()
+    try:
+        verify_adapter(path)  # safetensors weights, non-empty, plain names
+    except AdapterError as e:
+        raise ConfigError(f"init_adapter={folder}: {e}") from None
+    saved = PeftConfig.from_pretrained(str(path))
+    diff = [f"{k}: adapter {getattr(saved, k)!r}, lora.{k} {getattr(config, k)!r}"
+            for k in ("r", "lora_alpha") if getattr(saved, k, None) != getattr(config, k)]  # fmt: skip
+    if diff:
+        raise ConfigError(f"init_adapter={folder} has another LoRA shape ({'; '.join(diff)}): set lora to match")
+    return PeftModel.from_pretrained(model, str(path), is_trainable=True, use_safetensors=True)
 
 
 # The seed's LoRA target per architecture for ``target_modules: auto``; others get every linear layer but the head.

@@ -117,7 +117,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         seed=int(cfg.seed),
         pad_to_multiple_of=int(cfg.pad_to_multiple_of),
     )
-    model = build_peft_model(cfg.model, cfg.lora, cfg.quant, gradient_checkpointing=bool(cfg.gradient_checkpointing))
+    model = build_peft_model(
+        cfg.model,
+        cfg.lora,
+        cfg.quant,
+        gradient_checkpointing=bool(cfg.gradient_checkpointing),
+        init_adapter=cfg.get("init_adapter"),
+    )
     module = KullmLitModule(model, optim=cfg.optim, loss=cfg.get("loss"))
     loggers = build_loggers(cfg, out, model)
     stopper = GracefulStop()
