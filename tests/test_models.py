@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from test_train import cfg_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kullm.config import ConfigError
+from kullm.config import ConfigError, compose
+from kullm.inference.merging import merge
 from kullm.modeling import FAMILIES, build_tiny, load_model, load_tokenizer, lora_targets
 from kullm.train import train
 
@@ -46,6 +47,15 @@ def test_each_family_trains_with_its_own_eos_and_reloads_with_peft(tmp_path, arc
     module.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, module.model(input_ids=ids).logits)
+    # kullm-merge: a plain checkpoint with the family's tokenizer, stop tokens and (tied) head, answering the same
+    merged = merge(compose("merge", [f"adapter={adapter}", f"out={tmp_path / 'merged'}"]))
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert AutoTokenizer.from_pretrained(merged).eos_token == FAMILY_EOS[arch]
+    assert plain.config.tie_word_embeddings == reloaded.base_model.model.config.tie_word_embeddings
+    stops = plain.generation_config.eos_token_id
+    assert eos in (stops if isinstance(stops, list) else [stops])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, reloaded(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_a_configured_eos_that_the_tokenizer_lacks_is_refused(tmp_path):

@@ -251,6 +251,8 @@ def run_identity(cfg) -> dict[str, Any]:
         "data.train_on_inputs": data.get("train_on_inputs"),
         "data.val_set_size": data.get("val_set_size"),
         "data.packing": data.get("packing"),
+        "data.train_on": data.get("train_on"),
+        "data.chat_template": data.get("chat_template"),
         "template": {k: v for k, v in template.items() if k != "description"},
         "batch_size": c.get("batch_size"),
         "micro_batch_size": c.get("micro_batch_size"),
