@@ -100,6 +100,10 @@ class Collator:
 
     Lengths are rounded up to ``pad_to_multiple_of`` (tensor-core friendly). Works on examples with
     ``input_ids`` and ``labels`` (and optional ``position_ids`` for packed rows); other keys are ignored.
+
+    The counts the training step needs are made here, on the CPU, so the step never waits for the device to
+    learn them: ``trained_positions`` (flat indices ``row × width + t`` of the positions whose next-token label is
+    trained, in order), ``n_trained`` (their number) and ``n_tokens`` (non-pad tokens), the last two 0-d tensors.
     """
 
     pad_id: int
@@ -127,7 +131,16 @@ class Collator:
             attention_mask[i, :k] = 1
             if position_ids is not None:
                 position_ids[i, :k] = torch.as_tensor(f["position_ids"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        trained = labels[:, 1:] != IGNORE_INDEX
+        rows, cols = trained.nonzero(as_tuple=True)
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "trained_positions": rows * width + cols,
+            "n_trained": torch.tensor(len(rows)),
+            "n_tokens": attention_mask.sum(),
+        }
         if position_ids is not None:
             batch["position_ids"] = position_ids
         return batch
