@@ -103,7 +103,8 @@ class Collator:
 
     The counts the training step needs are made here, on the CPU, so the step never waits for the device to
     learn them: ``trained_positions`` (flat indices ``row × width + t`` of the positions whose next-token label is
-    trained, in order), ``n_trained`` (their number) and ``n_tokens`` (non-pad tokens), the last two 0-d tensors.
+    trained, in order), ``n_trained`` (their number) and ``n_tokens`` (non-pad tokens), the last two 0-d tensors;
+    ``right_padded`` tells the loss that a causal model needs no padding mask for these rows.
     """
 
     pad_id: int
@@ -140,6 +141,7 @@ class Collator:
             "trained_positions": rows * width + cols,
             "n_trained": torch.tensor(len(rows)),
             "n_tokens": attention_mask.sum(),
+            "right_padded": True,
         }
         if position_ids is not None:
             batch["position_ids"] = position_ids

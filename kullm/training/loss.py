@@ -49,11 +49,17 @@ def model_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, 
 
     A packed batch (``position_ids`` with a 2-D padding mask, as the collator makes it) gets its block-causal
     4-D mask here (or none, for a variable-length kernel): a 2-D mask would let packed examples see each other.
+    A batch the collator marks ``right_padded`` needs no mask at all (the outputs at pad positions differ, and are
+    never trained on).
     """
     mask = batch.get("attention_mask")
     if batch.get("position_ids") is not None and (mask is None or mask.dim() == 2):
         return packed_model_inputs(batch, model)
     kwargs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+    if batch.get("right_padded") and mask is not None and mask.dim() == 2:
+        # causal attention over right-padded rows: no real token ever sees a pad, so the mask changes nothing the
+        # loss reads; without it SDPA runs is_causal, and transformers does not read the mask on the host to decide
+        kwargs.pop("attention_mask")
     kwargs["use_cache"] = False  # a cache makes GPT-NeoX ignore reset position_ids (packed rows leak)
     return kwargs
 
