@@ -61,7 +61,7 @@ class KullmLitModule(L.LightningModule):
 
     def _accumulate(self, buffer: torch.Tensor | None, *values: torch.Tensor) -> torch.Tensor:
         """``buffer + values`` in float64 on the module's device (no host round trip)."""
-        row = torch.stack([v.detach().to(self.device, torch.float64) for v in values])
+        row = torch.stack([torch.as_tensor(v).detach().to(self.device, torch.float64) for v in values])
         return row if buffer is None else buffer.to(self.device) + row
 
     @property
@@ -79,7 +79,7 @@ class KullmLitModule(L.LightningModule):
         if self._engine_scales_grads:
             # Lightning divides by the accumulation and DeepSpeed's engine.backward divides again (scale_wrt_gas):
             # undo Lightning's, so the loss is scaled once and clipping acts on the true gradient norm
-            return loss_sum / n.clamp(min=1) * self.trainer.accumulate_grad_batches
+            return loss_sum / torch.as_tensor(n).clamp(min=1) * self.trainer.accumulate_grad_batches
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer) -> None:
