@@ -281,3 +281,18 @@ def test_train_refuses_a_cuda_only_loss_before_loading(tmp_path):
     cfg = compose("train", ["experiment=smoke", f"output_dir={tmp_path}", "loss.impl=cce"])
     with pytest.raises(ConfigError, match="loss.impl=cce"):
         check_combination(cfg)
+
+
+def test_right_padded_batches_run_without_a_mask_and_give_the_same_outputs(lora_model, batch):
+    """The collator's right-padded rows: causal attention never lets a real token see a pad, so dropping the mask
+    (SDPA's is_causal path, no mask to build or inspect) leaves every real position's logits as they were."""
+    from kullm.training.loss import model_inputs
+
+    assert "attention_mask" not in model_inputs(lora_model, batch)
+    hand_made = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+    assert model_inputs(lora_model, hand_made)["attention_mask"] is batch["attention_mask"]  # no flag: kept
+    with torch.no_grad():
+        fast = lora_model(**model_inputs(lora_model, batch)).logits
+        masked = lora_model(**model_inputs(lora_model, hand_made)).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(fast[real], masked[real], rtol=1e-5, atol=1e-5)

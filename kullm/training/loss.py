@@ -156,6 +156,11 @@ def fused_linear_cross_entropy(
     ``impl``: ``torch`` (:class:`FusedLinearCrossEntropy`, any device), ``liger`` (Liger Kernel's Triton kernel) or
     ``cce`` (Apple's Cut Cross-Entropy): the last two run on CUDA only (see :func:`check_loss_impl`).
     """
+    device_type = h.device.type
+    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    if impl in ("liger", "cce"):  # Triton kernels: one dtype for both operands, as autocast would pick
+        h, weight = h.to(compute), weight.to(compute)
+        bias = bias.to(compute) if bias is not None else None
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -165,8 +170,6 @@ def fused_linear_cross_entropy(
         from cut_cross_entropy import linear_cross_entropy
 
         return linear_cross_entropy(h, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum").float()
-    device_type = h.device.type
-    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     size = max(1, h.shape[0] if not chunk_size or chunk_size <= 0 else int(chunk_size))
     wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias))
     with torch.autocast(device_type, enabled=False):
