@@ -955,7 +955,7 @@ def main(argv: list[str] | None = None) -> None:
     args.shape = model_shape(args)
     args.tokenizer = tokenizer_path()
     args.rows = sum(1 for _ in data.open(encoding="utf-8"))
-    args.data_sources = [str(p) for p in args.data if Path(p).exists()]
+    args.data_sources = [os.path.relpath(p, ROOT) for p in args.data if Path(p).exists()]
     args.prep_data = work / "prep.jsonl"
     prep_rows = prep_workload(data, args.prep_data)
     spec = {
