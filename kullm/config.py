@@ -97,6 +97,7 @@ SCHEMA: dict[str, Any] = {
     "quant.mode": ("none", "int8", "nf4", "fp4"),
     "logger.name": ("wandb", "csv", "none"),
     "loss.head_only": bool,
+    "loss.impl": ("auto", "torch", "liger", "cce"),
     "val_every_n_steps": int,
     "trainer.max_epochs": int,
     "trainer.max_steps": int,

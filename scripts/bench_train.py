@@ -1,6 +1,7 @@
-"""Benchmark kullm's training path against a faithful reimplementation of the seed recipe.
+"""Benchmark kullm's training path against a faithful reimplementation of the seed recipe and TRL's SFTTrainer.
 
-    python scripts/bench_train.py                       # default CPU workload, 3 repeats, writes BENCHMARKS.md
+    python scripts/bench_train.py                       # the head-heavy CPU shape, 3 repeats, writes BENCHMARKS.md
+    python scripts/bench_train.py --shape body          # the body-heavy CPU shape (hidden 1024, 8 layers)
     python scripts/bench_train.py --repeats 5 --steps 12 --variants seed,kullm_packed_head
     python scripts/bench_train.py --device cuda --model polyglot-ko-1.3b --shape-only --steps 30   # a lent GPU
 
@@ -12,10 +13,13 @@ alternating variants inside each repeat, with the same model shape, data, seed a
   prompt+response, append EOS if room, mask by tokenizing the prompt alone), ``DataCollatorForSeq2Seq(
   pad_to_multiple_of=8)``, ``group_by_length`` off / on. The seed's forced 8-bit base is left out (fp32 on CPU,
   bf16 on GPU, for both paths): it would only make the seed slower.
+- ``trl_grouped`` / ``trl_packed``: TRL's ``SFTTrainer`` on the same rows as prompt/completion pairs (the KULLM
+  prompt rendered, the output as completion), completion-only loss, the same LoRA, no gradient checkpointing,
+  fp32 on CPU; padded batches with ``group_by_length``, or ``packing=True`` (best-fit decreasing, padding-free).
 - ``kullm_*``: ``kullm.train.train(cfg)`` with overrides switching one optimisation at a time.
 
 Throughput is measured from the end of the first optimizer step to the end of the last (the first step carries
-one-off start-up costs), over the micro-batches of those steps, identically in both paths: trained tokens (shifted
+one-off start-up costs), over the micro-batches of those steps, identically in every path: trained tokens (shifted
 labels != -100), non-pad tokens (attention mask) and padded slots (tensor size).
 """
 
@@ -38,14 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = [ROOT.parent / "shared/data/kullm/user_oriented_instructions_eval.jsonl", ROOT / "data/sample"]
 IGNORE_INDEX = -100
 
-# A random-init GPT-NeoX with Polyglot-ko's embedding rows (30080) and layout, scaled so that the default workload
-# (6 variants x 3 repeats) finishes in under ~10 minutes on a 2-core CPU.
-BENCH_SHAPE: dict[str, Any] = {
+# Random-init GPT-NeoX shapes with Polyglot-ko's embedding rows (30080) and layout. ``head``: small enough that the
+# default workload finishes in ~15 minutes on a 2-core CPU, with the LM head ~87% of the FLOPs (flatters head-only
+# loss); ``body``: hidden 1024 x 8 layers, the head ~23% of the FLOPs, nearer a 1.3B–12.8B model's balance.
+_COMMON: dict[str, Any] = {
     "vocab_size": 30080,
-    "hidden_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "intermediate_size": 512,
     "rotary_pct": 0.5,
     "max_position_embeddings": 2048,
     "use_parallel_residual": True,
@@ -54,18 +55,34 @@ BENCH_SHAPE: dict[str, Any] = {
     "eos_token_id": 2,
     "pad_token_id": 2,
 }
+SHAPES: dict[str, dict[str, Any]] = {
+    "head": {**_COMMON, "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 512},
+    "body": {
+        **_COMMON,
+        "hidden_size": 1024,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "intermediate_size": 4096,
+    },
+}
+BENCH_SHAPE = SHAPES["head"]
+SHAPE_STEPS = {"head": 6, "body": 3}  # optimizer steps per run (the first untimed)
 
-# variant -> kullm overrides (None: the seed recipe, with group_by_length as given)
+# variant -> kullm overrides (``seed``: the seed recipe; ``trl``: TRL's SFTTrainer)
 VARIANTS: dict[str, dict[str, Any]] = {
     "seed": {"seed": True, "group_by_length": False},
     "seed_grouped": {"seed": True, "group_by_length": True},
+    "trl_grouped": {"trl": True, "packing": False},
+    "trl_packed": {"trl": True, "packing": True},
     "kullm_plain": {"overrides": ["sampler=random", "++data.packing=false", "++loss.head_only=false"]},
     "kullm_grouped": {"overrides": ["sampler=length_grouped", "++data.packing=false", "++loss.head_only=false"]},
     "kullm_head": {"overrides": ["sampler=length_grouped", "++data.packing=false", "++loss.head_only=true"]},
     "kullm_packed": {"overrides": ["sampler=random", "++data.packing=true", "++loss.head_only=false"]},
     "kullm_packed_head": {"overrides": ["sampler=random", "++data.packing=true", "++loss.head_only=true"]},
 }
-DEFAULT_VARIANTS = ["seed", "seed_grouped", "kullm_plain", "kullm_head", "kullm_packed", "kullm_packed_head"]
+DEFAULT_VARIANTS = ["seed", "seed_grouped", "trl_grouped", "trl_packed", "kullm_head", "kullm_packed_head"]
+SEED_BEST, TRL_VARIANTS = "seed_grouped", ("trl_grouped", "trl_packed")
+PREP_ROWS = 5000  # the preprocessing workload: at least this many rows
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
@@ -99,7 +116,7 @@ def tokenizer_path() -> str:
 
 def model_shape(args: argparse.Namespace) -> dict[str, Any]:
     if args.model == "bench":
-        return dict(BENCH_SHAPE)
+        return dict(SHAPES[args.shape])
     from kullm.config import compose
 
     shape = compose("train", ["output_dir=/tmp/unused", f"model={args.model}"]).model.shape
@@ -122,7 +139,8 @@ class Meter:
 
     def batch(self, labels, attention_mask) -> None:
         self.pending[0] += int((labels[:, 1:] != IGNORE_INDEX).sum())
-        self.pending[1] += int(attention_mask.sum()) if attention_mask.dim() == 2 else labels.numel()
+        has_mask = attention_mask is not None and attention_mask.dim() == 2
+        self.pending[1] += int(attention_mask.sum()) if has_mask else labels.numel()  # padding-free: no pad
         self.pending[2] += labels.numel()
         self.shapes.append(list(labels.shape))
 
@@ -176,6 +194,33 @@ def current_rss_mib() -> float:
 # --- (a) the seed recipe --------------------------------------------------------------------------------------
 
 
+def seed_tokenize_fn(tokenizer, prompter, cutoff_len: int, train_on_inputs: bool):
+    """The seed's ``generate_and_tokenize_prompt`` (its ``finetune.py``), one example at a time."""
+
+    def tokenize(prompt: str, add_eos_token: bool = True) -> dict[str, list[int]]:
+        result = tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
+        if (
+            result["input_ids"][-1] != tokenizer.eos_token_id
+            and len(result["input_ids"]) < cutoff_len
+            and add_eos_token
+        ):
+            result["input_ids"].append(tokenizer.eos_token_id)
+            result["attention_mask"].append(1)
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    def generate_and_tokenize_prompt(row: dict[str, str]) -> dict[str, list[int]]:
+        full = tokenize(prompter.render(row["instruction"], row["input"]) + row["output"])
+        if not train_on_inputs:
+            user_len = len(
+                tokenize(prompter.render(row["instruction"], row["input"]), add_eos_token=False)["input_ids"]
+            )
+            full["labels"] = [IGNORE_INDEX] * user_len + full["labels"][user_len:]
+        return full
+
+    return generate_and_tokenize_prompt
+
+
 def run_seed(args: argparse.Namespace, group_by_length: bool, out_dir: Path) -> dict[str, Any]:
     import datasets
     import torch
@@ -198,26 +243,7 @@ def run_seed(args: argparse.Namespace, group_by_length: bool, out_dir: Path) -> 
     prompter = _kullm_prompter(Prompter)
     cutoff_len, train_on_inputs = args.cutoff_len, args.train_on_inputs
 
-    def tokenize(prompt: str, add_eos_token: bool = True) -> dict[str, list[int]]:
-        result = tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
-        if (
-            result["input_ids"][-1] != tokenizer.eos_token_id
-            and len(result["input_ids"]) < cutoff_len
-            and add_eos_token
-        ):
-            result["input_ids"].append(tokenizer.eos_token_id)
-            result["attention_mask"].append(1)
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    def generate_and_tokenize_prompt(row: dict[str, str]) -> dict[str, list[int]]:
-        full = tokenize(prompter.render(row["instruction"], row["input"]) + row["output"])
-        if not train_on_inputs:
-            user_len = len(
-                tokenize(prompter.render(row["instruction"], row["input"]), add_eos_token=False)["input_ids"]
-            )
-            full["labels"] = [IGNORE_INDEX] * user_len + full["labels"][user_len:]
-        return full
+    generate_and_tokenize_prompt = seed_tokenize_fn(tokenizer, prompter, cutoff_len, train_on_inputs)
 
     raw = datasets.load_dataset("json", data_files=str(args.data), split="train")
     t0 = time.perf_counter()
@@ -283,6 +309,87 @@ def run_seed(args: argparse.Namespace, group_by_length: bool, out_dir: Path) -> 
         "prep_rows": len(raw),
         "prep_rows_s": len(raw) / prep_s,
         "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def run_trl(args: argparse.Namespace, packing: bool, out_dir: Path) -> dict[str, Any]:
+    """TRL's ``SFTTrainer`` as a user would set it up for this data: prompt/completion rows, completion-only loss."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from kullm.templates import Prompter
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    prompter = _kullm_prompter(Prompter)
+    raw = datasets.load_dataset("json", data_files=str(args.data), split="train")
+    pairs = raw.map(
+        lambda r: {"prompt": prompter.render(r["instruction"], r["input"]), "completion": r["output"]},
+        remove_columns=raw.column_names,
+    )
+    torch.manual_seed(args.seed)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**args.shape)).to(_dtype(args))
+    model.config.use_cache = False
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query_key_value"], bias="none", task_type="CAUSAL_LM"
+    )
+    meter = Meter(args.device)
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            meter.step_end()
+
+    class MeteredSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            meter.batch(inputs["labels"], inputs.get("attention_mask"))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    targs = SFTConfig(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+        max_steps=args.steps,
+        learning_rate=3e-4,
+        warmup_steps=min(100, args.steps // 10),
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=10**6,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=args.device == "cpu",
+        bf16=args.device == "cuda",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,  # SFTConfig turns it on by default; no other variant recomputes activations
+        max_length=args.cutoff_len,
+        completion_only_loss=True,
+        packing=packing,
+        train_sampling_strategy="random" if packing else "group_by_length",
+    )
+    t0 = time.perf_counter()
+    trainer = MeteredSFTTrainer(
+        model=model,
+        args=targs,
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[StepClock()],
+    )
+    prep_s = time.perf_counter() - t0  # tokenizing (and packing) the dataset, plus wrapping the model
+    rss_before = current_rss_mib()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    return {
+        **meter.result(),
+        **memory(args.device, rss_before),
+        "prep_rows": len(raw),
+        "trl_setup_rows_s": len(raw) / prep_s,
+        "params": sum(p.numel() for p in trainer.model.parameters()),
     }
 
 
@@ -409,6 +516,54 @@ def prep_kullm(cfg) -> dict[str, float]:
     return {"prep_rows": len(rows), "prep_rows_s": len(rows) / encode_s, "preprocess_rows_s": n / seconds}
 
 
+def prep_workload(data: Path, out: Path, rows_wanted: int = PREP_ROWS) -> int:
+    """At least ``rows_wanted`` rows for the preprocessing bench: the workload's rows repeated, each copy's
+    instruction suffixed with its copy number (`` (2)``, `` (3)``, …) so that no two rows are the same text."""
+    base = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    rows, copy = list(base), 1
+    while len(rows) < rows_wanted:
+        copy += 1
+        rows += [{**r, "id": f"{r['id']}~{copy}", "instruction": f"{r['instruction']} ({copy})"} for r in base]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return len(rows)
+
+
+def run_prep(args: argparse.Namespace, rounds: int = 3) -> dict[str, Any]:
+    """Tokenize + mask the preprocessing workload: the seed's per-example ``Dataset.map`` (no cache) against kullm's
+    batched ``encode_batch``, alternating, ``rounds`` times each; medians."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from kullm.data.sft import encode_batch
+    from kullm.templates import Prompter
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    prompter = _kullm_prompter(Prompter)
+    fn = seed_tokenize_fn(tokenizer, prompter, args.cutoff_len, args.train_on_inputs)
+    raw = datasets.load_dataset("json", data_files=str(args.prep_data), split="train")
+    rows = raw.to_list()
+    seed_s, kullm_s = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        raw.map(fn, remove_columns=raw.column_names, load_from_cache_file=False)
+        seed_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        encode_batch(
+            tokenizer,
+            [prompter.render(r["instruction"], r["input"]) for r in rows],
+            [r["output"] for r in rows],
+            cutoff_len=args.cutoff_len,
+            train_on_inputs=args.train_on_inputs,
+        )
+        kullm_s.append(time.perf_counter() - t0)
+    return {
+        "rows": len(rows),
+        "seed_rows_s": len(rows) / statistics.median(seed_s),
+        "kullm_rows_s": len(rows) / statistics.median(kullm_s),
+        "ratios": [a / b for a, b in zip(seed_s, kullm_s, strict=True)],
+    }
+
+
 # --- parent: schedule, aggregate, report ----------------------------------------------------------------------
 
 
@@ -426,6 +581,8 @@ def run_child(args: argparse.Namespace, variant: str, repeat: int, work: Path) -
         "--out-dir",
         str(work / f"{variant}-{repeat}"),
     ]
+    if variant == "prep":
+        cmd = cmd[:-2]  # no output folder
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(work))
     wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
@@ -435,6 +592,8 @@ def run_child(args: argparse.Namespace, variant: str, repeat: int, work: Path) -
         return {"variant": variant, "repeat": repeat, "error": tail[-1] if tail else f"exit {proc.returncode}"}
     res = json.loads(result_path.read_text())
     res.update(variant=variant, repeat=repeat, wall_s=wall, loadavg=(load0, load1))
+    if variant == "prep":
+        return res
     print(
         f"bench: {variant:<18} repeat {repeat}: {res['trained_tok_s']:8.1f} trained tok/s, "
         f"{res['nonpad_tok_s']:8.1f} non-pad tok/s, pad {100 * res['pad_frac']:4.1f}%, "
@@ -461,10 +620,15 @@ def child_env(work: Path) -> dict[str, str]:
 
 
 def summarize(results: list[dict[str, Any]], variants: list[str], baseline: str) -> list[dict[str, Any]]:
-    """Median per variant, and per-repeat ratios to the baseline (paired within a repeat) as min/median/max."""
+    """Median per variant, and per-repeat ratios (paired within a repeat) as min/median/max: to ``baseline`` (the
+    seed's best) and to the faster TRL variant of the same repeat."""
     ok = [r for r in results if "error" not in r]
     by = {v: [r for r in ok if r["variant"] == v] for v in variants}
     base = {r["repeat"]: r for r in by.get(baseline, [])}
+    trl_best: dict[int, float] = {}
+    for r in ok:
+        if r["variant"] in TRL_VARIANTS:
+            trl_best[r["repeat"]] = max(trl_best.get(r["repeat"], 0.0), r["trained_tok_s"])
     rows = []
     for v in variants:
         runs = by[v]
@@ -473,8 +637,8 @@ def summarize(results: list[dict[str, Any]], variants: list[str], baseline: str)
             rows.append({"variant": v, "error": err})
             continue
         row: dict[str, Any] = {"variant": v, "n": len(runs)}
-        keys = ("trained_tok_s", "nonpad_tok_s", "pad_frac", "peak_rss_mib", "cuda_max_alloc_mib", "prep_rows_s")
-        for key in (*keys, "preprocess_rows_s", "trained_tok_cpu_s"):
+        keys = ("trained_tok_s", "nonpad_tok_s", "pad_frac", "peak_rss_mib", "cuda_max_alloc_mib", "trained_tok_cpu_s")
+        for key in (*keys, "trained_tokens", "nonpad_tokens", "slots"):
             vals = [r[key] for r in runs if key in r]
             if vals:
                 row[key] = statistics.median(vals)
@@ -482,6 +646,9 @@ def summarize(results: list[dict[str, Any]], variants: list[str], baseline: str)
             ratios = [r[key] / base[r["repeat"]][key] for r in runs if r["repeat"] in base and key in r]
             if ratios:
                 row[f"{key}_ratio"] = (min(ratios), statistics.median(ratios), max(ratios))
+        vs_trl = [r["trained_tok_s"] / trl_best[r["repeat"]] for r in runs if r["repeat"] in trl_best]
+        if vs_trl:
+            row["trl_ratio"] = (min(vs_trl), statistics.median(vs_trl), max(vs_trl))
         row["steps"] = runs[0]["steps"]
         row["peak_delta_mib"] = statistics.median(r["peak_rss_mib"] - r["rss_before_train_mib"] for r in runs)
         rows.append(row)
@@ -494,11 +661,32 @@ def _ratio(t: tuple[float, float, float] | None) -> str:
 
 def base_params(shape: dict[str, Any]) -> int:
     """N: parameters of the base model of this shape (built on the meta device, no memory)."""
+    return sum(param_split(shape))
+
+
+def param_split(shape: dict[str, Any]) -> tuple[int, int, int]:
+    """(transformer body matmul weights, LM head, input embedding) parameter counts of this shape."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     with torch.device("meta"):
-        return sum(p.numel() for p in GPTNeoXForCausalLM(GPTNeoXConfig(**shape)).parameters())
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**shape))
+    head = sum(p.numel() for p in model.get_output_embeddings().parameters())
+    embed = sum(p.numel() for p in model.get_input_embeddings().parameters())
+    return sum(p.numel() for p in model.parameters()) - head - embed, head, embed
+
+
+def flop_ceiling(shape: dict[str, Any], seed_row: dict[str, Any]) -> float:
+    """How many times fewer FLOPs per trained token than the seed the minimum needs, on the seed's own batches.
+
+    Per token, forward 2·N and the activation-gradient half of backward 2·N (LoRA: no weight gradients for the
+    frozen base; the adapter's own are negligible): 4·N. The seed runs body and head on every tensor slot
+    (padding included: ``slots``); the minimum runs the body on non-pad tokens and the head on trained tokens only.
+    Attention's sequence-quadratic term and the embedding lookup are left out (small at these lengths).
+    """
+    body, head, _ = param_split(shape)
+    slots, nonpad, trained = seed_row["slots"], seed_row["nonpad_tokens"], seed_row["trained_tokens"]
+    return (body + head) * slots / (body * nonpad + head * trained)
 
 
 def peak_flops() -> float | None:
@@ -510,7 +698,9 @@ def peak_flops() -> float | None:
     return tflops * 1e12 if tflops else None
 
 
-def markdown_table(rows: list[dict[str, Any]], device: str, flops_per_token: float | None = None) -> str:
+def markdown_table(
+    rows: list[dict[str, Any]], device: str, flops_per_token: float | None = None, baseline: str = SEED_BEST
+) -> str:
     """The results table; with ``flops_per_token`` (4·N ÷ peak FLOP/s) an MFU column (GPU runs)."""
     if flops_per_token:
         for r in rows:
@@ -519,24 +709,54 @@ def markdown_table(rows: list[dict[str, Any]], device: str, flops_per_token: flo
     mem = "peak CUDA alloc MiB" if device == "cuda" else "peak RSS MiB (Δ in training)"
     mem_key = "cuda_max_alloc_mib" if device == "cuda" else "peak_rss_mib"
     head = (
-        f"| variant | trained tok/s | non-pad tok/s | padding | {mem} | trained tok/s ÷ seed | memory ÷ seed |"
+        f"| variant | trained tok/s | non-pad tok/s | padding | {mem} | trained tok/s ÷ {baseline} "
+        f"| trained tok/s ÷ best TRL | memory ÷ {baseline} |"
         + (" MFU |" if flops_per_token else "")
-        + "\n|---|---:|---:|---:|---:|---:|---:|"
+        + "\n|---|---:|---:|---:|---:|---:|---:|---:|"
         + ("---:|" if flops_per_token else "")
         + "\n"
     )
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:90]} | | | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error'][:90]} | | | | | | |")
             continue
         memory_cell = f"{r[mem_key]:.0f}" + (f" ({r['peak_delta_mib']:+.0f})" if device != "cuda" else "")
         lines.append(
             f"| {r['variant']} | {r['trained_tok_s']:.0f} | {r['nonpad_tok_s']:.0f} | {100 * r['pad_frac']:.1f}% "
-            f"| {memory_cell} | {_ratio(r.get('trained_tok_s_ratio'))} | {_ratio(r.get(mem_key + '_ratio'))} |"
-            + (f" {100 * r['mfu']:.1f}% |" if "mfu" in r else "")
+            f"| {memory_cell} | {_ratio(r.get('trained_tok_s_ratio'))} | {_ratio(r.get('trl_ratio'))} "
+            f"| {_ratio(r.get(mem_key + '_ratio'))} |" + (f" {100 * r['mfu']:.1f}% |" if "mfu" in r else "")
         )
     return head + "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict[str, Any]], ceiling: float | None) -> str:
+    """The issue's targets against this run: kullm's best vs the FLOP ceiling, vs TRL's best, and its memory."""
+    kullm = [r for r in rows if r["variant"].startswith("kullm") and "trained_tok_s_ratio" in r]
+    if not kullm:
+        return ""
+    best = max(kullm, key=lambda r: r["trained_tok_s_ratio"][1])
+    lines = [f"Targets, kullm's best here (`{best['variant']}`), medians of per-repeat ratios:"]
+    speed = best["trained_tok_s_ratio"][1]
+    if ceiling:
+        share = speed / ceiling
+        lines.append(
+            f"- speed over `{SEED_BEST}`: {speed:.2f}× against a FLOP ceiling of {ceiling:.2f}× = {100 * share:.0f}% "
+            f"of it (target ≥ 90%: {'met' if share >= 0.9 else f'missed by {100 * (0.9 - share):.0f} points'})"
+        )
+    if "trl_ratio" in best:
+        trl = best["trl_ratio"][1]
+        lines.append(
+            f"- over TRL's best: {trl:.2f}× (target ≥ 1.5×: {'met' if trl >= 1.5 else f'missed by {1.5 - trl:.2f}'})"
+        )
+    mem = min(kullm, key=lambda r: r.get("peak_rss_mib_ratio", (9, 9, 9))[1])
+    if "peak_rss_mib_ratio" in mem:
+        m = best["peak_rss_mib_ratio"][1]
+        lines.append(
+            f"- peak RSS ÷ `{SEED_BEST}`: {m:.2f} for `{best['variant']}`, lowest {mem['peak_rss_mib_ratio'][1]:.2f} "
+            f"(`{mem['variant']}`) (target ≤ 0.70: {'met' if m <= 0.7 else f'missed by {m - 0.7:.2f}'})"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def machine() -> str:
@@ -569,52 +789,104 @@ def gpu_section(command: str) -> str:
     )
 
 
-def write_report(
-    path: Path, args: argparse.Namespace, rows: list[dict[str, Any]], command: str, elapsed: float
-) -> None:
+def shape_section(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    command: str,
+    elapsed: float,
+    ceiling: float | None,
+    prep: list[dict[str, Any]],
+) -> str:
+    """One shape's results, between markers so that a run of the other shape leaves it in place."""
     shape = ", ".join(f"{k}={v}" for k, v in args.shape.items() if k not in ("bos_token_id", "eos_token_id"))
-    gpu_cmd = "python scripts/bench_train.py --device cuda --model polyglot-ko-1.3b --shape-only --steps 30"
-    body = [
-        "# Benchmarks: kullm vs the seed recipe\n",
-        f"Generated by `scripts/bench_train.py` on {time.strftime('%Y-%m-%d %H:%M')} in {elapsed / 60:.1f} min.\n",
+    body, head, embed = param_split(args.shape)
+    share = head / (body + head)
+    lines = [
+        f"<!-- bench:{args.shape_name} -->",
+        f"## `{args.shape_name}` shape on {args.device}\n",
+        f"Generated by `scripts/bench_train.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC in {elapsed / 60:.1f} min "
+        f"(load average {os.getloadavg()[0]:.1f} at the end):\n",
         f"```\n{command}\n```\n",
-        f"- Machine: {machine()}; device `{args.device}`.",
-        f"- Versions: {versions()}.",
-        f"- Model: random-init GPT-NeoX ({shape}); LoRA r=8, alpha=16, dropout 0.05 on `query_key_value`.",
-        "- Tokenizer: kullm's tiny byte-level BPE (vocab 2000, trained offline on bundled Korean text): no "
-        "Polyglot-ko tokenizer is available offline, and a 30k-vocab BPE trained on ~340 rows would learn "
-        "whole phrases. Ids stay below 30080, so the embedding and LM head have Polyglot-ko's size; "
-        "Korean text is split into more tokens than Polyglot-ko would make.",
+        f"- Model: random-init GPT-NeoX ({shape}): {body / 1e6:.1f} M body + {head / 1e6:.1f} M LM-head parameters "
+        f"(+ {embed / 1e6:.1f} M input embedding): the head is {100 * share:.0f}% of the matmul FLOPs per token. "
+        "LoRA r=8, alpha=16, dropout 0.05 on `query_key_value`; fp32, no gradient checkpointing, every variant.",
         f"- Data: {args.rows} rows ({', '.join(str(p) for p in args.data_sources)}), cutoff_len {args.cutoff_len}, "
         f"train_on_inputs={str(args.train_on_inputs).lower()}; global batch {args.batch_size} = micro-batch "
         f"{args.micro_batch_size} x {args.batch_size // args.micro_batch_size} accumulation; {args.steps} optimizer "
-        f"steps per run (the first untimed), {args.repeats} repeats, variants alternating within each repeat.",
-        "- Columns: trained tok/s counts tokens whose shifted label is not -100; non-pad tok/s counts attention-mask "
-        "tokens; padding = 1 − non-pad ÷ tensor slots. Peak RSS is the whole process (Δ: growth during "
-        "training). Ratios are per repeat against `seed` in the same repeat: median (min–max).\n",
-        "## CPU results\n",
-        markdown_table(rows, args.device, getattr(args, "flops_per_token", None)),
-        "Variants: `seed` = HF Trainer recipe, random order; `seed_grouped` = with `group_by_length`; "
-        "`kullm_plain` = kullm, random order, full logits; `kullm_grouped` = length-grouped sampler; "
-        "`kullm_head` = length-grouped + head-only loss; `kullm_packed` = packing, full logits; "
-        "`kullm_packed_head` = packing + head-only loss.\n",
-        "Preprocessing (rows/s, median): "
-        + ", ".join(f"{r['variant']} {r['prep_rows_s']:.0f}" for r in rows if "prep_rows_s" in r)
-        + " (tokenize + mask only: the seed's per-example `Dataset.map` without its cache vs kullm's batched "
-        "`encode_batch`; kullm's whole `preprocess` — read, validate, split, tokenize, verify, write the cache — "
-        "runs at "
-        + ", ".join(f"{r['preprocess_rows_s']:.0f}" for r in rows if "preprocess_rows_s" in r)
-        + " rows/s). On ~340 rows fixed costs dominate; rerun with a larger data set for a steadier figure.\n",
-        gpu_section(gpu_cmd) if args.device != "cuda" else "",
+        f"steps per run (the first untimed), {args.repeats} repeats, variants interleaved within each repeat.",
     ]
-    path.write_text("\n".join(body), encoding="utf-8")
+    if ceiling:
+        lines.append(
+            f"- FLOP ceiling over `{SEED_BEST}`: **{ceiling:.2f}×** — the seed's FLOPs per trained token (body and "
+            "head on every tensor slot, padding included, counted on its own batches) ÷ the minimum (body on non-pad "
+            "tokens, head on trained tokens only), at 4·N per token (forward + activation gradients; LoRA adds no "
+            "base weight gradients)."
+        )
+    lines += [
+        "",
+        markdown_table(rows, args.device, getattr(args, "flops_per_token", None)),
+        targets(rows, ceiling),
+    ]
+    if prep:
+        ratios = [x for p in prep for x in p["ratios"]]
+        lines.append(
+            f"Preprocessing (tokenize + mask, {prep[0]['rows']} rows: the workload's rows repeated, each copy's "
+            "instruction suffixed with its copy number): seed per-example `Dataset.map` (no cache) "
+            f"{statistics.median(p['seed_rows_s'] for p in prep):.0f} rows/s, kullm batched `encode_batch` "
+            f"{statistics.median(p['kullm_rows_s'] for p in prep):.0f} rows/s: **{statistics.median(ratios):.2f}×** "
+            f"({min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} alternating rounds; target ≥ 5×).\n"
+        )
+    lines.append(f"<!-- /bench:{args.shape_name} -->\n")
+    return "\n".join(lines)
+
+
+def header(args: argparse.Namespace) -> str:
+    gpu_cmd = "python scripts/bench_train.py --device cuda --model polyglot-ko-1.3b --shape-only --steps 30"
+    return "\n".join(
+        [
+            "# Benchmarks: kullm vs the seed recipe and TRL's SFTTrainer\n",
+            "```\npython scripts/bench_train.py                # the head-heavy shape\n"
+            "python scripts/bench_train.py --shape body   # the body-heavy shape\n```\n",
+            f"- Machine: {machine()}; **a shared box** (other jobs ran on the same 2 cores during the runs), so the "
+            "figures are noisy: variants are interleaved within each repeat and every ratio is a median of per-repeat "
+            "ratios (min–max in brackets).",
+            f"- Versions: {versions()}.",
+            "- Tokenizer: kullm's tiny byte-level BPE (vocab 2000, trained offline on bundled Korean text): no "
+            "Polyglot-ko tokenizer is available offline. Ids stay below 30080, so the embedding and LM head have "
+            "Polyglot-ko's size; Korean text is split into more tokens than Polyglot-ko would make.",
+            "- Columns: trained tok/s counts tokens whose shifted label is not -100; non-pad tok/s counts "
+            "attention-mask tokens; padding = 1 − non-pad ÷ tensor slots. Peak RSS is the whole process (Δ: growth "
+            "during training). Ratios are per repeat against the variant named in the column, in the same repeat.",
+            "- Variants: `seed` = HF Trainer recipe, random order; `seed_grouped` = with `group_by_length` (the seed's "
+            "best); `trl_grouped` = TRL SFTTrainer, prompt/completion, completion-only loss, `group_by_length`; "
+            "`trl_packed` = the same with `packing=True` (BFD, padding-free); `kullm_plain` = kullm, random order, "
+            "full logits; `kullm_head` = length-grouped + fused head-only loss; `kullm_packed` = packing, full "
+            "logits; `kullm_packed_head` = packing + fused head-only loss.\n",
+            gpu_section(gpu_cmd) if args.device != "cuda" else "",
+        ]
+    )
+
+
+def write_report(path: Path, args: argparse.Namespace, section: str) -> None:
+    """Put this shape's section into ``path``: replace its previous one, keep the rest (other shape, notes)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    start, end = f"<!-- bench:{args.shape_name} -->", f"<!-- /bench:{args.shape_name} -->\n"
+    if "<!-- bench:" not in text:
+        text = header(args) + "\n" + section
+    elif start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        notes = text.find("\n## Reading the numbers")
+        text = text + "\n" + section if notes < 0 else text[: notes + 1] + section + "\n" + text[notes + 1 :]
+    path.write_text(text, encoding="utf-8")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="head", help="the CPU model shape (with --model bench)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (first untimed); head 6, body 3")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--cutoff-len", type=int, default=512)
@@ -622,9 +894,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
-        "--model", default="bench", help="bench (the small CPU shape) or a model= config, e.g. polyglot-ko-1.3b"
+        "--model", default="bench", help="bench (a CPU shape, see --shape) or a model= config, e.g. polyglot-ko-1.3b"
     )
     p.add_argument("--shape-only", action="store_true", help="random weights in the model's shape (always on here)")
+    p.add_argument("--no-prep", action="store_true", help="skip the preprocessing bench")
     p.add_argument("--data", type=Path, nargs="*", default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -632,15 +905,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.shape_name = args.shape if args.model == "bench" else args.model
+    if args.steps is None:
+        args.steps = SHAPE_STEPS.get(args.shape_name, 6)
+    return args
 
 
 def child_main(args: argparse.Namespace) -> None:
     spec = argparse.Namespace(**json.loads(args.spec.read_text()))
-    spec.data = Path(spec.data)
+    spec.data, spec.prep_data = Path(spec.data), Path(spec.prep_data)
     variant = args.child
-    if VARIANTS[variant].get("seed"):
+    if variant == "prep":
+        res = run_prep(spec)
+    elif VARIANTS[variant].get("seed"):
         res = run_seed(spec, VARIANTS[variant]["group_by_length"], args.out_dir)
+    elif VARIANTS[variant].get("trl"):
+        res = run_trl(spec, VARIANTS[variant]["packing"], args.out_dir)
     else:
         res = run_kullm(spec, variant, args.out_dir)
     args.result.write_text(json.dumps(res))
@@ -655,6 +936,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"bench: unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if any(VARIANTS[v].get("trl") for v in variants):
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            raise SystemExit("bench: the trl_* variants need TRL: pip install -c constraints.txt -e '.[bench]'")
     if args.device == "cuda":
         import torch
 
@@ -669,24 +955,42 @@ def main(argv: list[str] | None = None) -> None:
     args.shape = model_shape(args)
     args.tokenizer = tokenizer_path()
     args.rows = sum(1 for _ in data.open(encoding="utf-8"))
-    args.data_sources = [str(p) for p in args.data if Path(p).exists()]
+    args.data_sources = [os.path.relpath(p, ROOT) for p in args.data if Path(p).exists()]
+    args.prep_data = work / "prep.jsonl"
+    prep_rows = prep_workload(data, args.prep_data)
     spec = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("data", "out", "work")
     }
     spec.update(data=str(data), data_sources=args.data_sources)
     spec.pop("child", None)
     (work / "spec.json").write_text(json.dumps(spec, default=str))
-    print(f"bench: {args.rows} rows, {len(variants)} variants x {args.repeats} repeats, work dir {work}", flush=True)
+    print(
+        f"bench: {args.rows} rows, shape {args.shape_name}, {len(variants)} variants x {args.repeats} repeats, "
+        f"{args.steps} steps, work dir {work}",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    results = [run_child(args, v, rep, work) for rep in range(args.repeats) for v in variants]
+    results, prep = [], []
+    for rep in range(args.repeats):
+        results += [run_child(args, v, rep, work) for v in variants]
+        if not args.no_prep:
+            res = run_child(args, "prep", rep, work)
+            if "error" not in res:
+                prep.append(res)
+                print(
+                    f"bench: prep ({prep_rows} rows) repeat {rep}: seed/kullm time ratios {res['ratios']}", flush=True
+                )
     elapsed = time.perf_counter() - t0
-    (work / "results.json").write_text(json.dumps(results, indent=1))
-    baseline = "seed" if "seed" in variants else variants[0]
+    (work / "results.json").write_text(json.dumps({"train": results, "prep": prep}, indent=1))
+    baseline = SEED_BEST if SEED_BEST in variants else variants[0]
     rows = summarize(results, variants, baseline)
+    seed_row = next((r for r in rows if r["variant"] == SEED_BEST and "slots" in r), None)
+    ceiling = flop_ceiling(args.shape, seed_row) if seed_row else None
     if args.device == "cuda" and peak_flops():
         args.flops_per_token = 4 * base_params(args.shape) / peak_flops()
-    print(markdown_table(rows, args.device, getattr(args, "flops_per_token", None)))
-    write_report(args.out, args, rows, command, elapsed)
+    print(markdown_table(rows, args.device, getattr(args, "flops_per_token", None), baseline))
+    print(targets(rows, ceiling))
+    write_report(args.out, args, shape_section(args, rows, command, elapsed, ceiling, prep))
     print(f"bench: wrote {args.out} ({elapsed / 60:.1f} min)")
 
 

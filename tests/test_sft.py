@@ -142,6 +142,42 @@ def test_collator_pads_right_to_multiple_of_8():
     ].shape == (1, 3)
 
 
+def test_token_ids_from_the_rust_tokenizer_equal_the_tokenizers_own():
+    """The fast path (``encode_batch_fast``) gives exactly ``tokenizer(...)``'s ids; a backend left truncating by
+    an earlier call is not trusted (the slow path honours ``add_special_tokens=False`` and no truncation)."""
+    from kullm.data.sft import _plain_backend, token_ids
+
+    tok = tokenizer()
+    texts = ["고려대학교에 대해서 알려줘", "Hello, 世界! 123", "", "  두 칸  공백\n줄바꿈", "아주 긴 답변입니다. " * 50]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert _plain_backend(tok, tok._tokenizer) and token_ids(tok, texts) == want
+    tok._tokenizer.enable_truncation(max_length=3)
+    try:
+        assert not _plain_backend(tok, tok._tokenizer)
+        assert token_ids(tok, texts) == want
+    finally:
+        tok._tokenizer.no_truncation()
+
+
+def test_collator_counts_trained_positions_on_the_cpu():
+    """Flat indices (row × width + t) of positions whose next-token label is trained, and the two counts the
+    training step reads without waiting for the device."""
+    batch = Collator(pad_id=2)(
+        [
+            {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},  # targets at t = 1, 2
+            {"input_ids": [9, 10, 11], "labels": [9, -100, 11]},  # a gap: only t = 1 (label 11)
+        ]
+    )
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["trained_positions"].tolist() == [1, 2, 9]
+    assert batch["n_trained"].dim() == 0 and int(batch["n_trained"]) == 3
+    assert batch["n_tokens"].dim() == 0 and int(batch["n_tokens"]) == 7
+    shifted = batch["labels"][:, 1:] != -100
+    assert int(batch["n_trained"]) == int(shifted.sum())
+    flat = batch["labels"].reshape(-1)[batch["trained_positions"] + 1].tolist()
+    assert flat == [7, 8, 11]
+
+
 def test_an_over_long_row_is_cut_before_tokenizing_with_the_same_tokens():
     tok = tokenizer()
     """A huge answer is cut to cutoff_len × MAX_CHARS_PER_TOKEN characters first: same ids, bounded cost."""

@@ -34,8 +34,8 @@ def encode_batch(
     if cutoff_len < 2:
         raise ValueError(f"cutoff_len must be at least 2, got {cutoff_len}")
     budget = cutoff_len * MAX_CHARS_PER_TOKEN
-    p_ids = tokenizer([p[:budget] for p in prompts], add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer([r[:budget] for r in responses], add_special_tokens=False)["input_ids"]
+    ids = token_ids(tokenizer, [p[:budget] for p in prompts] + [r[:budget] for r in responses])
+    p_ids, r_ids = ids[: len(prompts)], ids[len(prompts) :]
     eos = [tokenizer.eos_token_id] if add_eos else []
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_len", "response_len", "truncated", "keep")}
     for p, r in zip(p_ids, r_ids, strict=True):
@@ -49,6 +49,36 @@ def encode_batch(
         out["truncated"].append(len(ids) > cutoff_len)
         out["keep"].append(n_prompt < cutoff_len)
     return out
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=False)["input_ids"]``, from the Rust tokenizer directly when that is
+    the same thing.
+
+    A plain ``tokenizers``-backed tokenizer (transformers' ``TokenizersBackend`` with no Python-level override, no
+    truncation or padding set on its backend) gives the same ids from ``encode_batch_fast``, which skips the
+    offsets and the per-example Python conversion. Anything else goes through ``tokenizer(...)``.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if _plain_backend(tokenizer, backend):
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _plain_backend(tokenizer, backend) -> bool:
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    cls = type(tokenizer)
+    return (
+        isinstance(tokenizer, TokenizersBackend)
+        and hasattr(backend, "encode_batch_fast")
+        and all(getattr(cls, m) is getattr(TokenizersBackend, m) for m in ("__call__", "_encode_plus", "encode"))
+        and backend.truncation is None
+        and backend.padding is None
+        and bool(backend.encode_special_tokens) == bool(getattr(tokenizer, "split_special_tokens", False))
+    )
 
 
 def check_example(
@@ -100,6 +130,11 @@ class Collator:
 
     Lengths are rounded up to ``pad_to_multiple_of`` (tensor-core friendly). Works on examples with
     ``input_ids`` and ``labels`` (and optional ``position_ids`` for packed rows); other keys are ignored.
+
+    The counts the training step needs are made here, on the CPU, so the step never waits for the device to
+    learn them: ``trained_positions`` (flat indices ``row × width + t`` of the positions whose next-token label is
+    trained, in order), ``n_trained`` (their number) and ``n_tokens`` (non-pad tokens), the last two 0-d tensors;
+    ``right_padded`` tells the loss that a causal model needs no padding mask for these rows.
     """
 
     pad_id: int
@@ -127,7 +162,17 @@ class Collator:
             attention_mask[i, :k] = 1
             if position_ids is not None:
                 position_ids[i, :k] = torch.as_tensor(f["position_ids"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        trained = labels[:, 1:] != IGNORE_INDEX
+        rows, cols = trained.nonzero(as_tuple=True)
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "trained_positions": rows * width + cols,
+            "n_trained": torch.tensor(len(rows)),
+            "n_tokens": attention_mask.sum(),
+            "right_padded": True,
+        }
         if position_ids is not None:
             batch["position_ids"] = position_ids
         return batch

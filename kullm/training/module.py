@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 
 from kullm.adapter import clean_name
-from kullm.training.loss import lm_loss
+from kullm.training.loss import check_loss_impl, lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,13 @@ class KullmLitModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.optim_cfg = dict(optim)
-        self.loss_cfg = {"head_only": True, "chunk_size": 4096, **dict(loss or {})}
+        self.loss_cfg = {"head_only": True, "chunk_size": 4096, "impl": "auto", **dict(loss or {})}
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.trained_tokens = 0
-        self._window = torch.zeros(3, dtype=torch.float64)  # loss sum, trained tokens, non-pad tokens
-        self._val = torch.zeros(2, dtype=torch.float64)
+        # loss sum, trained tokens, non-pad tokens: accumulated on the device, read once per optimizer step
+        self._window: torch.Tensor | None = None
+        self._val: torch.Tensor | None = None
+        self._loss_impl: str | None = None
         self._clock = time.perf_counter()
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -47,10 +49,21 @@ class KullmLitModule(L.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
-    def _loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._loss_impl is None:
+            self._loss_impl = check_loss_impl(str(self.loss_cfg["impl"]), self.device.type)
         return lm_loss(
-            self.model, batch, head_only=bool(self.loss_cfg["head_only"]), chunk_size=int(self.loss_cfg["chunk_size"])
+            self.model,
+            batch,
+            head_only=bool(self.loss_cfg["head_only"]),
+            chunk_size=int(self.loss_cfg["chunk_size"]),
+            impl=self._loss_impl,
         )
+
+    def _accumulate(self, buffer: torch.Tensor | None, *values: torch.Tensor) -> torch.Tensor:
+        """``buffer + values`` in float64 on the module's device (no host round trip)."""
+        row = torch.stack([torch.as_tensor(v).detach().to(self.device, torch.float64) for v in values])
+        return row if buffer is None else buffer.to(self.device) + row
 
     @property
     def _engine_scales_grads(self) -> bool:
@@ -59,11 +72,15 @@ class KullmLitModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n = self._loss(batch)
-        self._window += torch.tensor([float(loss_sum.detach()), n, float(batch["attention_mask"].sum())])
+        tokens = batch.get("n_tokens")
+        if tokens is None:
+            mask = batch["attention_mask"]
+            tokens = mask.sum() if mask.dim() == 2 else torch.tensor(batch["input_ids"].numel())
+        self._window = self._accumulate(self._window, loss_sum, n, tokens)
         if self._engine_scales_grads:
             # Lightning divides by the accumulation and DeepSpeed's engine.backward divides again (scale_wrt_gas):
             # undo Lightning's, so the loss is scaled once and clipping acts on the true gradient norm
-            return loss_sum / max(n, 1) * self.trainer.accumulate_grad_batches
+            return loss_sum / torch.as_tensor(n).clamp(min=1) * self.trainer.accumulate_grad_batches
         return loss_sum
 
     def _at_step_boundary(self) -> bool:
@@ -77,23 +94,26 @@ class KullmLitModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self._at_step_boundary():  # no collective, no log line per micro-batch: the window keeps adding up
             return
-        window = self._window.to(self.device)
+        window = self._window if self._window is not None else torch.zeros(3, dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             window = self.trainer.strategy.reduce(window, reduce_op="sum")
-        loss_sum, trained, tokens = window.tolist()
-        if not self._engine_scales_grads:
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if not self._engine_scales_grads and grads:
             # Lightning divided each micro-batch loss by accumulate_grad_batches and DDP averaged over ranks
-            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(trained, 1.0)
-            for p in self.trainable_parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / window[1].clamp(min=1.0)
+            torch._foreach_mul_(grads, scale.float())
+        norm = _grad_norm(grads).to(window)
+        if self._sharded_grads and self.trainer.world_size > 1:  # each rank holds a disjoint shard of the gradient
+            norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        # the one host read of the optimizer step: what the loggers print
+        loss_sum, trained, tokens, grad_norm = torch.cat([window, norm[None]]).tolist()
         now = time.perf_counter()
         elapsed, self._clock = now - self._clock, now
         self.trained_tokens += int(trained)
         self.log_dict(
             {
                 "train/loss": loss_sum / max(trained, 1.0),
-                "train/grad_norm": self._grad_norm(),
+                "train/grad_norm": grad_norm,
                 "train/tokens_per_s": tokens / max(elapsed, 1e-9),
                 "train/trained_tokens_per_s": trained / max(elapsed, 1e-9),
                 "train/trained_tokens": float(self.trained_tokens),
@@ -103,14 +123,7 @@ class KullmLitModule(L.LightningModule):
             rank_zero_only=True,
         )
         self.log("loss", loss_sum / max(trained, 1.0), prog_bar=True, logger=False, rank_zero_only=True)
-        self._window.zero_()
-
-    def _grad_norm(self) -> float:
-        grads = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        sq = torch.stack(grads).square().sum() if grads else torch.zeros((), device=self.device)
-        if self._sharded_grads and self.trainer.world_size > 1:  # each rank holds a disjoint shard of the gradient
-            sq = self.trainer.strategy.reduce(sq.to(self.device), reduce_op="sum")
-        return float(sq.sqrt())
+        self._window = None
 
     @property
     def _sharded_grads(self) -> bool:
@@ -125,14 +138,14 @@ class KullmLitModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n = self._loss(batch)
-        self._val += torch.tensor([float(loss_sum), n])
+        self._val = self._accumulate(self._val, loss_sum, n)
 
     def on_validation_epoch_end(self) -> None:
-        total = self._val.to(self.device)
+        total = self._val if self._val is not None else torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
         loss_sum, n = total.tolist()
-        self._val.zero_()
+        self._val = None
         if n == 0:
             return
         val_loss = loss_sum / n
@@ -209,6 +222,14 @@ class KullmLitModule(L.LightningModule):
         if self.trainer.datamodule is not None:
             self.trainer.datamodule.set_epoch(self.trainer.current_epoch)
         self._clock = time.perf_counter()
+
+
+def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads`` (one fused kernel per dtype, no host read), float32."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _numpy_state() -> dict[str, Any]:

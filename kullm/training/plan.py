@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
 from kullm.config import ConfigError
+from kullm.training.loss import check_loss_impl
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
@@ -83,6 +84,9 @@ def check_combination(cfg: DictConfig) -> None:
             f"forward and keeps the copies for backward (+25 GB on 12.8b): use model.dtype={autocast} or "
             f"trainer.precision={'bf16-mixed' if dtype == 'bfloat16' else '16-mixed'}"
         )
+    loss = cfg.get("loss") or {}
+    if loss.get("head_only", True):
+        check_loss_impl(str(loss.get("impl", "auto")), accel)
     if strategy.get("shards_params") and quant != "none":
         raise ConfigError(
             f"strategy={strategy.name} shards the base weights, which bitsandbytes {quant} weights cannot be; "
