@@ -238,3 +238,30 @@ def test_invariant_holds_for_random_conversations(turns, renderer, train_on):
     else:  # independent of check_conversation: each trained run is one answer, verbatim
         want = answers if train_on == "all_assistant" else answers[-1:]
         assert decoded_runs(tok, enc) == want
+
+
+def test_a_split_rendered_by_the_tokenizer_template_drops_and_names_what_it_cannot_render():
+    from kullm.data.records import DataError, Record
+    from kullm.data.turns import encode_split
+
+    tok = tokenizer(LLAMA3)
+    records = [
+        Record("conv", "", "", "", "f.jsonl:1", CONV),
+        Record("flat", "번역하세요", "좋은 아침", "Good morning", "f.jsonl:2"),
+        Record("spaces", "", "", "", "f.jsonl:3", (("user", "질문"), ("assistant", " 답 "))),
+    ]
+    data = {"cutoff_len": 512, "chat_template": "tokenizer", "policy": "skip"}
+    ds, counts, bad = encode_split(records, data, tok, prompter("kullm"), "train")
+    assert ds["id"] == ["conv", "flat"] and counts["kept"] == 2 and counts["dropped_invariant"] == 1
+    assert bad == [
+        "spaces: template_alters_content: turn 1's content is not rendered verbatim "
+        "(the template changes it, e.g. strips spaces)"
+    ]
+    flat = ds[1]
+    assert decoded_runs(tok, {"input_ids": [flat["input_ids"]], "labels": [flat["labels"]]}) == [
+        "Good morning<|eot_id|>"
+    ]
+    user = tok.decode(flat["input_ids"], skip_special_tokens=False)
+    assert "<|start_header_id|>user<|end_header_id|>\n\n번역하세요\n\n좋은 아침<|eot_id|>" in user
+    with pytest.raises(DataError, match=r"f\.jsonl:3: id spaces: template_alters_content"):
+        encode_split(records, {**data, "policy": "strict"}, tok, prompter("kullm"), "train")
