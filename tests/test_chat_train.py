@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from kullm.config import compose
 from kullm.data.sft import IGNORE_INDEX
+from kullm.inference.merging import merge
 from kullm.prepare import prepare
 from kullm.train import train
 
@@ -73,6 +74,9 @@ def test_smoke_trains_on_a_multi_turn_file(tmp_path, name):
     assert "kullm template kullm" in served.chat_template
     for split in ("train", "validation"):
         assert_exact_masks(processed.dataset[split], served, conversations())
+    if name == "messages.jsonl":  # and so does a merged checkpoint's
+        merged = merge(compose("merge", [f"adapter={result['adapter']}", f"out={tmp_path / 'merged'}"]))
+        assert AutoTokenizer.from_pretrained(str(merged)).chat_template == served.chat_template
 
 
 @pytest.mark.timeout(300)
