@@ -102,7 +102,7 @@ def test_prepare_reads_both_layouts_to_the_same_examples_and_names_bad_turns(tmp
     b = datasets.load_from_disk(str(tmp_path / "b" / "dataset"))
     for split in ("train", "validation"):
         assert a[split]["input_ids"] == b[split]["input_ids"] and a[split]["labels"] == b[split]["labels"]
-    assert share["read"]["records"] == 17
+    assert share["read"]["records"] == share["read"]["conversations"] == 17
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "b" / "tokenizer"))
     convs = conversations()
     for ex in b["train"]:  # train_on=last: only the last answer is trained

@@ -265,3 +265,21 @@ def test_a_split_rendered_by_the_tokenizer_template_drops_and_names_what_it_cann
     assert "<|start_header_id|>user<|end_header_id|>\n\n번역하세요\n\n좋은 아침<|eot_id|>" in user
     with pytest.raises(DataError, match=r"f\.jsonl:3: id spaces: template_alters_content"):
         encode_split(records, {**data, "policy": "strict"}, tok, prompter("kullm"), "train")
+
+
+def test_a_tokenizer_merging_across_a_turn_boundary_is_reported():
+    """Turn-by-turn pieces keep masks exact; a server tokenizing the history whole would merge '안녕'+'하세요'."""
+    tok = tokenizer()
+    p = Prompter(
+        "merge", "{instruction} {input}\n안녕", "{instruction}\n안녕", "안녕", prompt_turn="\n{instruction}\n안녕"
+    )
+    two = rec(("user", "a"), ("assistant", "하세요"), ("user", "b"), ("assistant", "하세요"))
+    one = rec(("user", "a"), ("assistant", "하세요"))
+    calm = rec(*CONV)
+    rendered = [render_with_prompter(q, tok, r) for q, r in ((p, two), (p, one), (prompter("kullm"), calm))]
+    enc = encode_conversations(tok, rendered, cutoff_len=512)
+    assert enc["served_differs"] == [True, False, False]
+    assert all(
+        check_conversation(tok, x, y, s) == ""
+        for x, y, s in zip(*(enc[k] for k in ("input_ids", "labels", "spans")), strict=True)
+    )

@@ -103,6 +103,7 @@ class ReadReport:
     rejects: list[Reject] = field(default_factory=list)
     duplicates: int = 0  # exact duplicate rows dropped (drop_duplicates)
     hidden_files: int = 0  # files under hidden folders (or hidden themselves) not read
+    conversations: int = 0  # records that are conversations (messages / ShareGPT)
     renamed: list[tuple[str, str, str]] = field(default_factory=list)  # (source, id, new id) for colliding ids
 
     @property
@@ -113,6 +114,7 @@ class ReadReport:
         return {
             "rows": self.rows,
             "records": self.records,
+            "conversations": self.conversations,
             "rejected": dict(self.rejected),
             "repaired": dict(self.repaired),
             "duplicates_dropped": self.duplicates,
@@ -218,6 +220,7 @@ def read_records(
             ids[rec.id] = rec.source
             records.append(rec)
     report.records = len(records)
+    report.conversations = sum(1 for r in records if r.turns)
     if report.duplicates:
         log.info("%d exact duplicate row(s) dropped (same instruction, input and output)", report.duplicates)
     if report.renamed:

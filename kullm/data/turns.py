@@ -126,7 +126,9 @@ def encode_conversations(
     """Token ids, labels and per-example facts for rendered conversations (pieces tokenized one by one).
 
     ``spans`` holds, per example, the texts the trained assistant runs must decode to (empty for ``all``);
-    ``text`` the whole rendering; ``keep`` is False when no assistant token survives the cut.
+    ``text`` the whole rendering; ``keep`` is False when no assistant token survives the cut; ``served_differs``
+    is True when tokenizing the text before the last answer in one piece (as a server does) gives other ids than
+    the pieces did (a tokenizer merging across a turn boundary: the example still trains, on slightly other ids).
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
@@ -138,8 +140,10 @@ def encode_conversations(
     flat = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     eot_ids = dict(zip(eots, tokenizer(eots, add_special_tokens=False)["input_ids"], strict=True)) if eots else {}
     out: dict[str, list] = {
-        k: [] for k in ("input_ids", "labels", "prompt_len", "response_len", "truncated", "keep", "spans", "text")
+        k: []
+        for k in ("input_ids", "labels", "prompt_len", "response_len", "truncated", "keep", "spans", "text")
     }
+    contexts: list[tuple[int, str, int]] = []  # (example, text before the last answer, its token count)
     k = 0
     for pieces in rendered:
         last = max(j for j, p in enumerate(pieces) if p.assistant)
@@ -153,6 +157,8 @@ def encode_conversations(
             k += 1
             if p.assistant and first_assistant is None:
                 first_assistant = len(ids)
+            if j == last and first_assistant != len(ids):  # an earlier answer sits inside this turn's context
+                contexts.append((len(out["input_ids"]), "".join(q.text + q.eot for q in pieces[:j]), len(ids)))
             trained = train_on == "all" or (p.assistant and (train_on == "all_assistant" or j == last))
             if p.assistant and trained:
                 n_response += len(t)
@@ -169,6 +175,12 @@ def encode_conversations(
         out["keep"].append(trained_kept and first_assistant is not None and first_assistant < cutoff_len)
         out["spans"].append(spans)
         out["text"].append("".join(p.text + p.eot for p in pieces))
+    out["served_differs"] = [False] * len(rendered)
+    if contexts:
+        whole = tokenizer([c[1][:budget] for c in contexts], add_special_tokens=False)["input_ids"]
+        for (n, _, length), served in zip(contexts, whole, strict=True):
+            full = out["input_ids"][n] if length <= cutoff_len else None
+            out["served_differs"][n] = full is not None and served != full[:length]
     return out
 
 
@@ -275,6 +287,15 @@ def encode_split(records: list, data: Mapping[str, Any], tokenizer, prompter, na
     enc = encode_conversations(tokenizer, rendered, cutoff_len=cutoff, train_on=train_on)
     rows: dict[str, list] = {c: [] for c in COLUMNS}
     truncated = dropped = 0
+    differs = [rid for rid, d in zip(ids, enc["served_differs"], strict=True) if d]
+    if differs:
+        log.warning(
+            "%s: %d conversation(s) tokenize differently as one string (as served) than turn by turn (as trained): "
+            "the tokenizer merges across a turn boundary, e.g. id %s",
+            name,
+            len(differs),
+            differs[0],
+        )
     for n, rid in enumerate(ids):
         if not enc["keep"][n]:
             dropped += 1
@@ -306,6 +327,7 @@ def encode_split(records: list, data: Mapping[str, Any], tokenizer, prompter, na
         "truncated": int(truncated),
         "dropped_prompt_too_long": dropped,
         "dropped_invariant": len(bad),
+        "served_context_differs": len(differs),
     }
     ds = datasets.Dataset.from_dict(rows) if rows["id"] else empty
     return ds, counts, bad
