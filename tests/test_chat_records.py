@@ -154,3 +154,18 @@ def test_duplicate_conversations_are_dropped_and_colliding_ids_renamed(tmp_path)
     recs, report = read_records(path, drop_duplicates=True)
     assert report.duplicates == 1
     assert recs[0].id == "a" and recs[1].id.startswith("a#") and recs[1].turns == tuple(TURNS[:3])
+
+
+def test_a_hub_style_load_reads_conversations_and_a_nested_saved_dataset_is_refused(tmp_path):
+    """source=hub goes through datasets.load_dataset (here on a local folder: no network in tests)."""
+    import datasets
+
+    folder = tmp_path / "hubby"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"id": "h1", "conversations": sharegpt(CONV)}])
+    recs, _ = read_records(folder, source="hub")
+    assert [(r.id, r.turns) for r in recs] == [("h1", TURNS)] and recs[0].source.endswith("[train]:1")
+    datasets.Dataset.from_list([{"messages": CONV}]).save_to_disk(str(tmp_path / "mixed" / "saved"))
+    write_jsonl(tmp_path / "mixed" / "a.jsonl", [{"messages": CONV}])
+    with pytest.raises(DataError, match=r"saved: a save_to_disk dataset inside the data folder .*point data\.path"):
+        read_records(tmp_path / "mixed")

@@ -348,7 +348,11 @@ def data_files(path: Path) -> list[Path]:
         return [path]
     if is_saved_dataset(path):
         return sorted(f for f in path.rglob("*") if f.is_file())
-    return sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file() and not _hidden(f, path))
+    files = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file() and not _hidden(f, path))
+    nested = next((f.parent for f in files if f.name in SAVED_DATASET), None)
+    if nested is not None:  # its dataset_info.json / state.json are metadata, not rows
+        raise DataError(f"{nested}: a save_to_disk dataset inside the data folder {path}: point data.path at it alone")
+    return files
 
 
 def hidden_files(path: Path) -> list[Path]:
