@@ -108,3 +108,15 @@ def test_prepare_reads_both_layouts_to_the_same_examples_and_names_bad_turns(tmp
     for ex in b["train"]:  # train_on=last: only the last answer is trained
         got = [tok.decode(r, skip_special_tokens=False) for r in runs(ex["input_ids"], ex["labels"])]
         assert got == [convs[ex["id"]][-1][1] + tok.eos_token]
+
+
+@pytest.mark.timeout(300)
+def test_role_names_and_train_on_are_set_from_the_command_line(tmp_path):
+    conv = [{"from": "Q", "value": "안녕?"}, {"from": "A", "value": "네, 안녕하세요!"}]
+    path = tmp_path / "custom.jsonl"
+    path.write_text(json.dumps({"id": "x", "conversations": conv}, ensure_ascii=False) + "\n", encoding="utf-8")
+    args = [f"output_dir={tmp_path / 'out'}", f"data.path={path}", f"data.cache_dir={tmp_path}/cache"]
+    stats = prepare(compose("prepare", [*args, "data.val_set_size=0", "data.roles={Q: user, A: assistant}"]))
+    assert stats["read"]["conversations"] == 1 and stats["encoded"]["train"]["kept"] == 1
+    with pytest.raises(Exception, match=r"data\.train_on='everything': must be one of all_assistant, last, all"):
+        prepare(compose("prepare", [*args, "data.train_on=everything"]))
