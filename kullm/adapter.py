@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kullm.atomic import clean_stale, replace
+from kullm.chat_template import served_prompter, serving
 from kullm.redaction import redact
 from kullm.templates import Prompter
 
@@ -99,8 +100,9 @@ def save_adapter(
     # PEFT picks the adapter's weights by walking the module tree; under FSDP that tree's names carry wrapper
     # segments, so a sharded strategy passes the weights under those names and they are renamed here
     _clean_weight_names(model, tmp / WEIGHTS_FILE)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
+    if tokenizer is not None:  # carrying the chat_template of the prompt it was trained on (kullm.chat_template)
+        with serving(tokenizer, served_prompter(prompter, (config or {}).get("data"))):
+            tokenizer.save_pretrained(str(tmp))
     if prompter is not None:
         prompter.save(tmp / TEMPLATE_FILE)
     if config is not None:

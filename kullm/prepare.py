@@ -20,6 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from kullm.chat_template import served_prompter, serving
 from kullm.config import CONF_DIR, ConfigError, exit_on_version, fail, print_redacted_cfg, validate
 from kullm.data.preprocess import preprocess, save_processed
 from kullm.data.records import DataError, check_source
@@ -46,7 +47,8 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         for name, ds in processed.dataset.items()
     }
     save_processed(processed.dataset, out / "dataset")
-    tokenizer.save_pretrained(str(out / "tokenizer"))
+    with serving(tokenizer, served_prompter(prompter, cfg.data)):
+        tokenizer.save_pretrained(str(out / "tokenizer"))
     prompter.save(out / "template.yaml")
     if processed.rejects_path.exists():
         shutil.copyfile(processed.rejects_path, out / "rejects.jsonl")

@@ -13,3 +13,20 @@ user_text = st.lists(
     ),
     max_size=8,
 ).map("".join)
+
+# conversation turns: user text plus the markers of the chat templates under test (kullm, ChatML, EOS itself)
+CHAT_PIECES = ["### 명령어:", "### User:", "### Assistant:", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "\n"]
+turn_text = st.lists(st.one_of(user_text, st.sampled_from(CHAT_PIECES)), min_size=1, max_size=3).map("".join).filter(
+    str.strip
+)
+
+
+@st.composite
+def conversations(draw, min_turns: int = 1, max_turns: int = 8, system=st.none() | turn_text):
+    """(role, content) turns: an optional system turn, then 1–8 user/assistant exchanges."""
+    n = draw(st.integers(min_turns, max_turns))
+    sys_text = draw(system)
+    turns = [("system", sys_text)] if sys_text is not None else []
+    for _ in range(n):
+        turns += [("user", draw(turn_text)), ("assistant", draw(turn_text))]
+    return tuple(turns)

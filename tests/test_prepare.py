@@ -43,6 +43,7 @@ def test_prepare_on_unseen_data_writes_dataset_stats_tokenizer_and_rejects(tmp_p
     assert stats["read"] == {
         "rows": 33,
         "records": 31,
+        "conversations": 0,
         "rejected": {"empty_output": 1},
         "repaired": {},
         "duplicates_dropped": 1,

@@ -21,6 +21,7 @@ from kullm.atomic import clean_stale, replace
 from kullm.data.contamination import check_overlap, eval_overlap
 from kullm.data.records import DataError, Fields, Record, data_files, read_records, write_rejects
 from kullm.data.sft import check_example, encode_batch
+from kullm.data.turns import chat_settings, encode_split
 from kullm.modeling import cache_root, tokenizer_fingerprint
 from kullm.templates import Prompter
 
@@ -80,8 +81,10 @@ def preprocess(
     splits = {}
     counts: dict[str, dict[str, int]] = {}
     violations: list[str] = []
+    # conversations (and anything rendered by the tokenizer's own chat template) take the per-turn path
+    encode = encode_split if _chat(data, records) else _encode
     for name, recs in (("train", train_recs), ("validation", val_recs)):
-        ds, c, bad = _encode(recs, data, tokenizer, prompter, name)
+        ds, c, bad = encode(recs, data, tokenizer, prompter, name)
         splits[name], counts[name] = ds, c
         violations += bad
     if violations:  # dropped under policy=skip (policy=strict stopped at the first): never trained on
@@ -117,7 +120,13 @@ def _read(data: Mapping[str, Any]):
         revision=data.get("revision"),
         source=data.get("source", "auto"),
         drop_duplicates=bool(data.get("drop_duplicates", True)),
+        format=data.get("format") or "auto",
+        roles=dict(data.get("roles") or {}),
     )
+
+
+def _chat(data: Mapping[str, Any], records: list[Record]) -> bool:
+    return data.get("chat_template") == "tokenizer" or any(r.turns for r in records)
 
 
 def _eval_set(data: Mapping[str, Any]) -> str | None:
@@ -168,6 +177,7 @@ def cache_key(data: Mapping[str, Any], tokenizer, prompter: Prompter) -> str:
         "source": source_fingerprint(data),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": _settings(data, prompter),
+        "chat": chat_settings(data, tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -1,12 +1,15 @@
 """Read instruction data and validate every row.
 
-Two layouts are understood, each with configurable field names:
+Four layouts are understood, each with configurable field names:
 
 * flat (KULLM v2): ``{"id"?, "instruction", "input"?, "output"}``
 * self-instruct (KULLM v1, the evaluation set): ``{"id", "instruction", "instances": [{"input", "output"}, ...]}``,
   one record per instance.
+* OpenAI ``messages`` and ShareGPT ``conversations`` (see :mod:`kullm.data.chat`): one record per conversation.
 
-Sources are a ``.jsonl`` / ``.json`` file, a folder of them, or a hub dataset id (through ``datasets``).
+The layout is detected per file from its first row (``format="auto"``) or given. Sources are a ``.jsonl`` /
+``.json`` (one array) / ``.csv`` / ``.parquet`` file, a folder of them, a ``datasets`` ``save_to_disk`` folder, or a
+hub dataset id (through ``datasets``).
 Under ``policy="skip"`` bad rows are counted by reason and written to a rejects file with ``file:line``;
 under ``policy="strict"`` the first bad row raises :class:`DataError` naming ``file:line: field: reason``.
 Harmless encoding quirks (a byte-order mark, CRLF line ends) are repaired and counted, never rejected.
@@ -27,10 +30,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kullm.data.chat import FORMATS, Turn, detect_format, parse_turns
+from kullm.data.chat import BadTurn as _BadTurn
+
 log = logging.getLogger(__name__)
 
 BOM = "\ufeff"
-SUFFIXES = (".jsonl", ".json")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SAVED_DATASET = ("dataset_dict.json", "state.json")  # a folder holding either is a ``save_to_disk`` dataset
 
 
 class DataError(ValueError):
@@ -39,13 +46,23 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One instruction example, ready for a prompt template."""
+    """One instruction example or one conversation, ready for a prompt template.
+
+    A conversation keeps its checked ``turns`` ((role, content) pairs); its ``instruction`` is the first user turn
+    and its ``output`` the last assistant turn (what overlap checks and previews look at).
+    """
 
     id: str
     instruction: str
     input: str
     output: str
     source: str = ""  # "file:line" (or "file:line#k" for the k-th instance) where it was read
+    turns: tuple[Turn, ...] = ()
+
+    @property
+    def content(self) -> tuple:
+        """What makes two records the same example (duplicates, colliding ids)."""
+        return self.turns or (self.instruction, self.input, self.output)
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,8 @@ class Fields:
     input: str = "input"
     output: str = "output"
     instances: str = "instances"
+    messages: str = "messages"  # OpenAI layout: a list of {role, content}
+    conversations: str = "conversations"  # ShareGPT layout: a list of {from, value}
 
 
 @dataclass
@@ -84,6 +103,7 @@ class ReadReport:
     rejects: list[Reject] = field(default_factory=list)
     duplicates: int = 0  # exact duplicate rows dropped (drop_duplicates)
     hidden_files: int = 0  # files under hidden folders (or hidden themselves) not read
+    conversations: int = 0  # records that are conversations (messages / ShareGPT)
     renamed: list[tuple[str, str, str]] = field(default_factory=list)  # (source, id, new id) for colliding ids
 
     @property
@@ -94,6 +114,7 @@ class ReadReport:
         return {
             "rows": self.rows,
             "records": self.records,
+            "conversations": self.conversations,
             "rejected": dict(self.rejected),
             "repaired": dict(self.repaired),
             "duplicates_dropped": self.duplicates,
@@ -131,6 +152,8 @@ def read_records(
     allow_empty_output: bool = False,
     drop_duplicates: bool = False,
     content_ids: bool = False,
+    format: str = "auto",
+    roles: Mapping[str, str] | None = None,
 ) -> tuple[list[Record], ReadReport]:
     """Read and validate every row of ``path``; return the good records and a report.
 
@@ -146,21 +169,35 @@ def read_records(
     :param drop_duplicates: drop (and count) records whose instruction, input and output repeat an earlier one.
     :param content_ids: rows without an id get ``sha:<hash of instruction and input>`` instead of ``<file>:<line>``
         (generation keys its resumption on ids: inserting a row above must not shift the others' ids).
+    :param format: ``"auto"`` (each file's layout from its first row), ``"instruction"`` (flat or self-instruct),
+        ``"messages"`` (OpenAI) or ``"sharegpt"``.
+    :param roles: extra role names for conversations, e.g. ``{"User": "user", "Bot": "assistant"}``.
     """
     if policy not in ("skip", "strict"):
         raise ValueError(f"policy must be 'skip' or 'strict', got {policy!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     fields = _fields(fields)
     output_rule = (require_output, allow_empty_output)
     report = ReadReport()
     records: list[Record] = []
     ids: dict[str, str] = {}  # id -> where it was first used
-    contents: set[tuple[str, str, str]] = set()
+    contents: set[tuple] = set()
+    formats: dict[str, str] = {}  # file -> the layout its first row showed
     for row in _rows(path, split, revision, source, report):
         report.rows += 1
         try:
             if row.bad is not None:
                 raise row.bad
-            made = _to_records(row.obj, row.source, fields, output_rule, "" if content_ids else row.default_id)
+            fmt = format
+            if fmt == "auto":
+                file = row.source.rsplit(":", 1)[0]
+                fmt = formats.setdefault(file, detect_format(row.obj, fields.messages, fields.conversations))
+            default_id = "" if content_ids else row.default_id
+            if fmt == "instruction":
+                made = _to_records(row.obj, row.source, fields, output_rule, default_id)
+            else:
+                made = [_to_conversation(row.obj, row.source, fields, fmt, roles, default_id)]
             if content_ids and isinstance(row.obj, dict) and row.obj.get(fields.id) is None:
                 made = [replace(r, id=f"sha:{_digest(r.instruction, r.input)[:12]}") for r in made]
         except _Bad as bad:
@@ -171,7 +208,7 @@ def read_records(
             report.rejects.append(reject)
             continue
         for rec in made:
-            content = (rec.instruction, rec.input, rec.output)
+            content = rec.content
             if drop_duplicates and content in contents:
                 report.duplicates += 1
                 continue
@@ -183,6 +220,7 @@ def read_records(
             ids[rec.id] = rec.source
             records.append(rec)
     report.records = len(records)
+    report.conversations = sum(1 for r in records if r.turns)
     if report.duplicates:
         log.info("%d exact duplicate row(s) dropped (same instruction, input and output)", report.duplicates)
     if report.renamed:
@@ -214,7 +252,8 @@ def _digest(*parts: str) -> str:
 def _unique_id(rec: Record, ids: Mapping[str, str]) -> str:
     """``<id>#<8 hex of the content hash>``: the same row gets the same id on every read, whatever the order (a
     repeat of the very same content under the same id gets a counter)."""
-    new = f"{rec.id}#{_digest(rec.instruction, rec.input, rec.output)[:8]}"
+    parts = [f"{role}\x01{text}" for role, text in rec.turns] or [rec.instruction, rec.input, rec.output]
+    new = f"{rec.id}#{_digest(*parts)[:8]}"
     k = 2
     while (candidate := new if k == 2 else f"{new}~{k - 1}") in ids:
         k += 1
@@ -253,9 +292,12 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
             raise DataError(f"{path}: no such file or folder")
         yield from _hub_rows(str(path), split, revision)
         return
+    if is_saved_dataset(p):
+        yield from _saved_rows(p, split)
+        return
     files = data_files(p)
     if not files:
-        raise DataError(f"{p}: folder holds no .jsonl or .json file")
+        raise DataError(f"{p}: folder holds no {', '.join(SUFFIXES)} file")
     root = p if p.is_dir() else p.parent
     skipped = hidden_files(p)
     if skipped:
@@ -263,8 +305,14 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
         log.warning("%d hidden file(s) under %s skipped, e.g. %s", len(skipped), p, skipped[0])
     for f in files:
         try:
-            array = f.suffix == ".json" and _looks_like_array(f)
-            rows = _json_array_rows(f, report) if array else _jsonl_rows(f, report)
+            if f.suffix == ".csv":
+                rows = _csv_rows(f, report)
+            elif f.suffix == ".parquet":
+                rows = _parquet_rows(f)
+            elif f.suffix == ".json" and _looks_like_array(f):
+                rows = _json_array_rows(f, report)
+            else:
+                rows = _jsonl_rows(f, report)
             rel = f.relative_to(root).as_posix()
             for row in rows:
                 row.default_id = f"{rel}:{row.source.rsplit(':', 1)[1]}"
@@ -287,12 +335,24 @@ def check_source(path: str | Path, source: str = "auto", hint: str | None = None
         raise DataError(f"{path}: no such file or folder" + (f"; {hint}" if hint else ""))
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder ``datasets``' ``save_to_disk`` wrote (a ``Dataset`` or a ``DatasetDict``)."""
+    return path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET)
+
+
 def data_files(path: Path) -> list[Path]:
-    """The files a local source reads: the file itself, or every .jsonl/.json file under a folder, sorted —
-    without hidden files and folders (``.ipynb_checkpoints/``, editor backups: see :func:`hidden_files`)."""
+    """The files a local source reads: the file itself, or every data file (.jsonl/.json/.csv/.parquet) under a
+    folder, sorted — without hidden files and folders (``.ipynb_checkpoints/``, editor backups: see
+    :func:`hidden_files`). A ``save_to_disk`` folder's files are all of its files (what its content hashes over)."""
     if not path.is_dir():
         return [path]
-    return sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file() and not _hidden(f, path))
+    if is_saved_dataset(path):
+        return sorted(f for f in path.rglob("*") if f.is_file())
+    files = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file() and not _hidden(f, path))
+    nested = next((f.parent for f in files if f.name in SAVED_DATASET), None)
+    if nested is not None:  # its dataset_info.json / state.json are metadata, not rows
+        raise DataError(f"{nested}: a save_to_disk dataset inside the data folder {path}: point data.path at it alone")
+    return files
 
 
 def hidden_files(path: Path) -> list[Path]:
@@ -377,6 +437,80 @@ def _json_array_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
             i += 1
 
 
+def _csv_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
+    """One row per CSV record, keyed by its first line (a quoted cell may span lines); empty cells are absent."""
+    import csv
+    import io
+
+    data = f.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{f}:{line}: <file>: invalid_utf8: {e.reason}") from None
+    if text.startswith(BOM):
+        report.repaired["bom"] += 1
+        text = text[1:]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DataError(f"{f}:1: <header>: malformed_csv: {e}") from None
+    line = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{f}:{line}: <row>: malformed_csv: {e}") from None
+        start, line = line, reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue
+        src = f"{f}:{start}"
+        raw = json.dumps(cells, ensure_ascii=False)
+        if len(cells) != len(header):
+            message = f"{len(cells)} cells, the header has {len(header)}"
+            yield _Row(src, raw, bad=_Bad("malformed_csv", "<row>", message))
+            continue
+        obj = {k: v.replace("\r\n", "\n") for k, v in zip(header, cells, strict=True) if v != ""}
+        yield _Row(src, json.dumps(obj, ensure_ascii=False), obj)
+
+
+def _parquet_rows(f: Path) -> Iterator[_Row]:
+    """One row per Parquet row; its "line" is the row's 1-based index."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a file that is not Parquet
+        raise DataError(f"{f}: <file>: not_parquet: {e}") from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            i += 1
+            yield _Row(f"{f}:{i}", json.dumps(obj, ensure_ascii=False, default=str), obj)
+
+
+def _saved_rows(p: Path, split: str) -> Iterator[_Row]:
+    """The rows of a ``save_to_disk`` folder (``split`` of a ``DatasetDict``); sources are ``<folder>[split]:i``."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # a damaged or foreign folder
+        raise DataError(f"{p}: cannot load it as a save_to_disk dataset: {type(e).__name__}: {e}") from None
+    name = str(p)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{p}: no split {split!r} in this saved dataset (it has {', '.join(ds)}): set data.split")
+        ds, name = ds[split], f"{p}[{split}]"
+    for i, obj in enumerate(ds, start=1):
+        yield _Row(f"{name}:{i}", json.dumps(obj, ensure_ascii=False, default=str), obj, default_id=f"{split}:{i}")
+
+
 def _hub_rows(name: str, split: str, revision: str | None) -> Iterator[_Row]:
     import datasets
 
@@ -438,6 +572,24 @@ def _to_records(
         return out
     inp, output = _one(obj, f, output_rule)
     return [Record(base_id, instruction, inp, output, src)]
+
+
+def _to_conversation(
+    obj: Any, src: str, f: Fields, fmt: str, roles: Mapping[str, str] | None, default_id: str
+) -> Record:
+    if not isinstance(obj, dict):
+        raise _Bad("not_an_object", "<row>", f"expected a JSON object, got {type(obj).__name__}")
+    rid = obj.get(f.id)
+    if rid is not None and not isinstance(rid, (str, int)):
+        raise _Bad("not_a_string", f.id, f"expected a string or integer id, got {type(rid).__name__}")
+    key = f.messages if fmt == "messages" else f.conversations
+    try:
+        turns = parse_turns(obj, fmt, key=key, roles=roles)
+    except _BadTurn as bad:
+        raise _Bad(bad.reason, bad.field, bad.message) from None
+    first_user = next(text for role, text in turns if role == "user")
+    base_id = str(rid) if rid is not None else default_id or src.rsplit("/", 1)[-1]
+    return Record(base_id, first_user, "", turns[-1][1], src, turns)
 
 
 def _one(obj: Mapping[str, Any], f: Fields, output_rule: tuple[bool, bool]) -> tuple[str, str]:

@@ -61,6 +61,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     read = stats["read"]
     lines = [f"data: {stats['source']}  (cache {'hit' if stats['cache']['hit'] else 'miss'}: {stats['cache']['dir']})"]
     rows: list[tuple[str, Any]] = [("rows read", read["rows"]), ("records", read["records"])]
+    if read.get("conversations"):
+        rows.append(("  of which conversations", read["conversations"]))
     rows += [(f"rejected: {k}", v) for k, v in sorted(read["rejected"].items())]
     rows += [(f"repaired: {k}", v) for k, v in sorted(read["repaired"].items())]
     rows += [("exact duplicates dropped", read.get("duplicates_dropped", 0))]

@@ -1,0 +1,128 @@
+"""Conversation records: OpenAI ``messages`` and ShareGPT ``conversations``, read into checked turns.
+
+* OpenAI: ``{"id"?, "messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
+* ShareGPT: ``{"id"?, "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}`` — the role names
+  are configurable (``data.roles``), mapped onto ``system``/``user``/``assistant``.
+
+A conversation is an optional system turn first, then user and assistant turns alternating, starting with a user
+turn and ending with an assistant turn. Everything else is a named reason (``unknown_role``, ``empty_turn``,
+``system_not_first``, ``alternation``, ``not_ending_in_assistant``, ...) raised on the field that breaks it,
+e.g. ``messages[3].role``; :mod:`kullm.data.records` counts and reports it like any other bad row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+FORMATS = ("auto", "instruction", "messages", "sharegpt")
+# ShareGPT's role names seen in the wild (Vicuna, ShareGPT dumps) → the three roles; extend with data.roles
+SHAREGPT_ROLES: dict[str, str] = {
+    "system": SYSTEM,
+    "human": USER,
+    "user": USER,
+    "gpt": ASSISTANT,
+    "assistant": ASSISTANT,
+    "chatgpt": ASSISTANT,
+    "bing": ASSISTANT,
+    "bard": ASSISTANT,
+}
+OPENAI_ROLES: dict[str, str] = {SYSTEM: SYSTEM, "developer": SYSTEM, USER: USER, ASSISTANT: ASSISTANT}
+
+Turn = tuple[str, str]  # (role, content)
+
+
+class BadTurn(Exception):
+    """A conversation that breaks a rule: ``reason`` (a short name), ``field`` (where) and a message."""
+
+    def __init__(self, reason: str, field: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.field, self.message = reason, field, message
+
+
+def detect_format(obj: Any, messages_key: str = "messages", conversations_key: str = "conversations") -> str:
+    """``messages``, ``sharegpt`` or ``instruction``: which layout a row is in (by the key that holds its turns)."""
+    if isinstance(obj, Mapping):
+        if obj.get(messages_key) is not None:
+            return "messages"
+        if obj.get(conversations_key) is not None:
+            return "sharegpt"
+    return "instruction"
+
+
+def parse_turns(
+    obj: Mapping[str, Any],
+    fmt: str,
+    *,
+    key: str,
+    roles: Mapping[str, str] | None = None,
+) -> tuple[Turn, ...]:
+    """The checked turns of one row in ``fmt`` (``messages`` or ``sharegpt``) held under ``key``.
+
+    A turns field given as a JSON string (a CSV cell) is parsed first.
+    """
+    if fmt == "messages":
+        role_key, content_key, names = "role", "content", {**OPENAI_ROLES, **(roles or {})}
+    elif fmt == "sharegpt":
+        role_key, content_key, names = "from", "value", {**SHAREGPT_ROLES, **(roles or {})}
+    else:
+        raise ValueError(f"not a conversation format: {fmt!r}")
+    value = obj.get(key)
+    if value is None:
+        raise BadTurn("missing_field", key, f"no {key!r} field")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BadTurn("malformed_json", key, f"column {e.colno}: {e.msg}") from None
+    if not isinstance(value, list):
+        raise BadTurn("bad_turns", key, f"expected a list of turns, got {type(value).__name__}")
+    if not value:
+        raise BadTurn("empty_conversation", key, "the conversation has no turn")
+    turns: list[Turn] = []
+    for k, item in enumerate(value):
+        where = f"{key}[{k}]"
+        if not isinstance(item, Mapping):
+            raise BadTurn("bad_turns", where, f"expected an object, got {type(item).__name__}")
+        name = item.get(role_key)
+        if not isinstance(name, str):
+            raise BadTurn("missing_field" if name is None else "not_a_string", f"{where}.{role_key}", "no role")
+        role = names.get(name, names.get(name.lower()))
+        if role is None:
+            known = ", ".join(sorted(names))
+            raise BadTurn("unknown_role", f"{where}.{role_key}", f"role {name!r} is none of {known} (data.roles)")
+        content = item.get(content_key)
+        if content is None:
+            raise BadTurn("missing_field", f"{where}.{content_key}", f"no {content_key!r} field")
+        if not isinstance(content, str):
+            raise BadTurn("not_a_string", f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
+        content = content.replace("\r\n", "\n")
+        if not content.strip():
+            raise BadTurn("empty_turn", f"{where}.{content_key}", f"the {role} turn is empty")
+        turns.append((role, content))
+    check_turns(turns, key)
+    return tuple(turns)
+
+
+def check_turns(turns: list[Turn] | tuple[Turn, ...], key: str = "messages") -> None:
+    """Raise :class:`BadTurn` unless ``turns`` is [system], user, assistant, user, assistant, ..., assistant."""
+    start = 1 if turns and turns[0][0] == SYSTEM else 0
+    for k, (role, _) in enumerate(turns):
+        if role == SYSTEM and k > 0:
+            raise BadTurn("system_not_first", f"{key}[{k}]", f"a system turn at position {k}: only the first may be")
+    if start == len(turns):
+        raise BadTurn("not_ending_in_assistant", key, "the conversation has only a system turn")
+    for k in range(start, len(turns)):
+        want = USER if (k - start) % 2 == 0 else ASSISTANT
+        if turns[k][0] != want:
+            prev = turns[k - 1][0] if k > start else "the start"
+            raise BadTurn("alternation", f"{key}[{k}]", f"a {turns[k][0]} turn after {prev}: expected {want}")
+    if turns[-1][0] != ASSISTANT:
+        raise BadTurn("not_ending_in_assistant", f"{key}[{len(turns) - 1}]", "the last turn is not an assistant turn")
+
+
+def as_messages(turns: tuple[Turn, ...] | list[Turn]) -> list[dict[str, str]]:
+    """Turns as OpenAI messages (what ``apply_chat_template`` takes)."""
+    return [{"role": role, "content": content} for role, content in turns]
