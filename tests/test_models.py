@@ -87,3 +87,25 @@ def test_warm_start_from_an_adapter_trains_on_from_its_weights(tmp_path):
     assert any(not torch.equal(second[k], saved[k]) for k in saved)  # it trained on
     with pytest.raises(ConfigError, match=r"init_adapter=.* has another LoRA shape \(r: adapter 16, lora.r 8"):
         build_peft_model(cfg.model, cfg_for(tmp_path, "lora.r=8").lora, cfg.quant, init_adapter=str(first))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_chat_model_trains_on_conversations_with_its_own_template_and_serves_it(tmp_path, arch):
+    """Multi-turn messages rendered by the model's own chat template: one trained span per assistant turn (its
+    content + the family's end-of-turn token), prompts exactly as apply_chat_template serves them, and the adapter
+    and the merged checkpoint keep that template."""
+    from test_chat_train import CHAT, assert_exact_masks, conversations
+
+    cfg = cfg_for(tmp_path / "run", f"model=tiny-{arch}", f"data.path={CHAT / 'messages.jsonl'}",
+                  "data.chat_template=tokenizer", "data.cutoff_len=1024", "data.val_set_size=4",
+                  "trainer.max_epochs=1", "callbacks.samples.num=0")  # fmt: skip
+    result = train(cfg)
+    processed = result["trainer"].datamodule.processed
+    assert processed.stats["invariant_violations"] == 0 and processed.stats["encoded"]["train"]["kept"] == 13
+    served = AutoTokenizer.from_pretrained(result["adapter"])
+    assert served.chat_template == FAMILIES[arch]["chat_template"] and served.eos_token == FAMILY_EOS[arch]
+    for split in ("train", "validation"):
+        assert_exact_masks(processed.dataset[split], served, conversations())
+    merged = merge(compose("merge", [f"adapter={result['adapter']}", f"out={tmp_path / 'merged'}"]))
+    assert AutoTokenizer.from_pretrained(merged).chat_template == served.chat_template
