@@ -109,3 +109,21 @@ def test_a_chat_model_trains_on_conversations_with_its_own_template_and_serves_i
         assert_exact_masks(processed.dataset[split], served, conversations())
     merged = merge(compose("merge", [f"adapter={result['adapter']}", f"out={tmp_path / 'merged'}"]))
     assert AutoTokenizer.from_pretrained(merged).chat_template == served.chat_template
+
+    # the terminal chat keeps the conversation: the second answer is generated after the first exchange
+    from kullm.inference.generation import Generator, chat
+
+    gen_cfg = compose("generate", [f"adapter={result['adapter']}", "generation=greedy",
+                                   "generation.max_new_tokens=6"])  # fmt: skip
+    generator = Generator.from_config(gen_cfg)
+    prompts: list[str] = []
+    encode = generator.encode
+    generator.encode = lambda prompt: (prompts.append(prompt), encode(prompt))[1]
+    shown: list[str] = []
+    chat(generator, ["안녕하세요", "한국의 수도는?"], shown.append)
+    assert "keeps the conversation" in shown[0] and len(prompts) == 2
+    first = [{"role": "user", "content": "안녕하세요"}]
+    assert prompts[0] == served.apply_chat_template(first, add_generation_prompt=True, tokenize=False)
+    answer = prompts[1].removeprefix(prompts[0]).split(FAMILY_EOS[arch])[0]
+    assert prompts[1].startswith(prompts[0]) and "한국의 수도는?" in prompts[1]
+    assert answer and answer in "".join(shown)  # the first answer, as streamed, is in the second prompt

@@ -24,6 +24,7 @@ from kullm.templates import Prompter
 log = logging.getLogger(__name__)
 
 Item = Record | Mapping[str, Any] | tuple[str, str] | str
+Messages = list[dict[str, str]]  # a conversation: [{"role": "user" | "assistant" | "system", "content": ...}, ...]
 BatchCallback = Callable[[list[int], list[str]], None]
 # settings that may change between a run and its resumption without changing the answers
 RESUMABLE_KEYS = ("batch_size",)
@@ -57,8 +58,11 @@ class Generator:
     def device(self):
         return self.model.device
 
-    def render(self, item: Item) -> str:
-        """The prompt for one item."""
+    def render(self, item: Item | Messages) -> str:
+        """The prompt for one item, or for the next answer of a conversation (through the tokenizer's
+        ``chat_template``: an adapter's renders the template it was trained on)."""
+        if isinstance(item, list):
+            return self.tokenizer.apply_chat_template(item, add_generation_prompt=True, tokenize=False)
         instruction, input_ = item_text(item)
         return self.prompter.render(instruction, input_)
 
@@ -118,7 +122,7 @@ class Generator:
         new = out[:, input_ids.shape[1] :].tolist()
         return [until_eos(row[:b], self.eos_ids) for row, b in zip(new, budgets, strict=True)]
 
-    def stream(self, item: Item) -> Iterator[str]:
+    def stream(self, item: Item | Messages) -> Iterator[str]:
         """Yield the answer to one item in pieces as tokens are generated (beam search falls back to one beam)."""
         import torch
         from transformers import TextIteratorStreamer
@@ -396,19 +400,38 @@ def seed_everything(seed: int | None) -> None:
 
 
 def chat(generator: Generator, lines: Iterable[str] | None = None, write: Callable[[str], Any] | None = None) -> None:
-    """Answer one instruction per line, streaming tokens; an empty line, ``/exit`` or end of input quits.
+    """A terminal chat, streaming tokens; an empty line, ``/exit`` or end of input quits.
 
-    Each turn is answered on its own: the KULLM template is single-turn.
+    The conversation so far is rendered through the tokenizer's ``chat_template`` (an adapter's renders the template
+    it was trained on, turns included); without one, or with a single-turn template, each line is answered alone.
     """
+    from jinja2 import TemplateError
+
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    write(f"kullm chat with {generator.label} (an empty line or /exit quits)\n")
+    multi_turn = bool(getattr(generator.tokenizer, "chat_template", None))
+    how = "keeps the conversation" if multi_turn else "answers each line alone (the tokenizer has no chat template)"
+    write(f"kullm chat with {generator.label}: {how} (an empty line or /exit quits)\n")
     source = iter(lines) if lines is not None else None
+    history: Messages = []
     while True:
         write("\n>>> ")
         line = next(source, None) if source is not None else sys.stdin.readline()
         if not line or not line.strip() or line.strip() == "/exit":
             break
-        for piece in generator.stream(line.strip()):
-            write(piece)
+        turn = [*history, {"role": "user", "content": line.strip()}]
+        if multi_turn:
+            try:
+                generator.render(turn)
+            except TemplateError as e:  # a single-turn template refuses a second exchange
+                write(f"(the template is single-turn, {e}: answering this line on its own)\n")
+                multi_turn, turn = False, turn[-1:]
+        answer = "".join(_echo(generator.stream(turn if multi_turn else line.strip()), write))
+        history = [*turn, {"role": "assistant", "content": answer}] if multi_turn else []
         write("\n")
     write("\n")
+
+
+def _echo(pieces: Iterable[str], write: Callable[[str], Any]) -> Iterator[str]:
+    for piece in pieces:
+        write(piece)
+        yield piece
