@@ -88,10 +88,13 @@ def test_block_causal_mask_exact():
 def lora_model():
     from peft import LoraConfig, get_peft_model
 
-    from kullm.modeling import load_model
+    from kullm.modeling import TINY, TINY_SHAPE, load_model
 
     torch.manual_seed(0)
-    base = load_model({"name_or_path": "kullm:tiny", "dtype": "float32", "attn_implementation": "sdpa"})
+    shape = {k: v for k, v in TINY_SHAPE.items() if k not in ("tokenizer_vocab", "seed", "warmup_steps")}
+    # random weights in the tiny model's shape: no tokenizer or warm-up needed to compare packed with one by one
+    base = load_model({"name_or_path": TINY, "shape_only": True, "shape": shape, "dtype": "float32",
+                       "attn_implementation": "sdpa"})  # fmt: skip
     lora = LoraConfig(
         r=4,
         lora_alpha=8,
