@@ -9,7 +9,6 @@ applied. Fast (a few seconds in all), so mutation testing can run them per mutan
 
 from __future__ import annotations
 
-import copy
 import time
 
 import lightning as L
@@ -36,8 +35,9 @@ def tiny_lora() -> torch.nn.Module:
 
     torch.manual_seed(0)
     base = load_model({"name_or_path": "tiny-random", "shape_only": True, "shape": SHAPE, "dtype": "float32"})
+    # init_lora_weights=False: B != 0, so A and B both get gradients
     lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["query_key_value", "dense_4h_to_h"],
-                      init_lora_weights=False)  # fmt: skip  (B != 0: A and B both get gradients)
+                      init_lora_weights=False)  # fmt: skip
     return get_peft_model(base, lora)
 
 
