@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from transformers import GPTNeoXForCausalLM  # noqa: F401  (imported here, once: mutation runs fork after collection)
 
 from kullm.data.packing import (
     PACKED_COLUMNS,
@@ -18,6 +20,7 @@ from kullm.data.packing import (
     varlen_attn_implementation,
 )
 from kullm.data.sft import IGNORE_INDEX, Collator
+from kullm.modeling import TINY, TINY_SHAPE, load_model
 from kullm.training.loss import full_loss, head_only_loss
 
 NEG = torch.finfo(torch.float32).min
@@ -205,10 +208,6 @@ def test_the_variable_length_kernel_needs_flash_attn_and_cuda(monkeypatch, insta
 
 @pytest.fixture(scope="module")
 def lora_model():
-    from peft import LoraConfig, get_peft_model
-
-    from kullm.modeling import TINY, TINY_SHAPE, load_model
-
     torch.manual_seed(0)
     shape = {k: v for k, v in TINY_SHAPE.items() if k not in ("tokenizer_vocab", "seed", "warmup_steps")}
     # random weights in the tiny model's shape: no tokenizer or warm-up needed to compare packed with one by one
