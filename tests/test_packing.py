@@ -2,6 +2,7 @@
 
 import random
 
+import datasets
 import pytest
 import torch
 from hypothesis import given, settings
@@ -58,8 +59,6 @@ def test_fill_rate_coverage_and_determinism():
 
 
 def test_pack_dataset_columns():
-    import datasets
-
     ds = datasets.Dataset.from_dict(
         {"id": ["a", "b", "c"], "input_ids": [[1, 2], [3, 4, 5], [6]], "labels": [[1, 2], [3, 4, 5], [6]]}
     )
