@@ -211,6 +211,7 @@ def test_every_step_applies_the_gradient_of_the_mean_loss_per_trained_token_of_t
     assert series(run, "train/grad_norm") == pytest.approx(expected["grad_norm"], rel=1e-4)
     assert series(run, "train/trained_tokens") == [38.0, 80.0, 81.0]
     assert series(run, "lr") == [LR, LR, LR]
+    assert run["trainer"].progress_bar_metrics.keys() == {"loss"}  # the bar shows one number: the last step's loss
     assert float(run["trainer"].progress_bar_metrics["loss"]) == pytest.approx(expected["loss"][-1], rel=1e-5)
     assert run["module"].trained_tokens == 81
     # throughput: every real (non-padding) token, and the trained ones, per second of the step
@@ -244,6 +245,7 @@ def test_one_micro_batch_per_step_needs_no_accumulation_factor():
     ref, res = reference(steps), fit(steps, accumulate=1)
     assert_params(res["params"], ref["params"])
     assert series(res, "train/grad_norm") == pytest.approx(ref["grad_norm"], rel=1e-4)
+    assert float(res["trainer"].progress_bar_metrics["loss"]) == pytest.approx(ref["loss"][-1], rel=1e-5)
 
 
 def test_under_deepspeed_each_micro_batch_is_a_token_mean_scaled_once():
