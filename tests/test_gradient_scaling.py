@@ -261,3 +261,11 @@ def test_under_deepspeed_each_micro_batch_is_a_token_mean_scaled_once():
             summed = reference([[batch]])["loss"][0] * n if n else 0.0
             want = summed if strategy == "auto" else summed / max(n, 1) * 4
             assert loss == pytest.approx(want, rel=1e-5, abs=1e-7), (strategy, n)
+
+
+def test_the_grad_norm_is_zero_when_no_parameter_holds_a_gradient():
+    """DeepSpeed ZeRO keeps the gradients inside its engine (``p.grad`` stays None): the norm logged is 0, no crash."""
+    module = KullmLitModule(tiny_lora(), optim={}, loss={})
+    assert module._grad_norm() == 0.0
+    module.trainable_parameters()[0].grad = torch.full_like(module.trainable_parameters()[0], 2.0)
+    assert module._grad_norm() == pytest.approx(2.0 * module.trainable_parameters()[0].numel() ** 0.5)
