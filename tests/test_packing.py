@@ -93,6 +93,9 @@ def test_block_causal_mask_exact():
     att = torch.tensor([[1, 1, 1, 0]])
     assert torch.equal(block_causal_mask(pos, torch.float32, attention_mask=att), m)
     assert segment_ids(pos, attention_mask=att).tolist() == [[0, 0, 1, -1]]
+    # the padding mask is honoured even where padded positions continue instead of restarting at 0
+    cont = block_causal_mask(torch.tensor([[0, 1, 2, 3]]), torch.float32, attention_mask=torch.tensor([[1, 1, 0, 0]]))
+    assert torch.equal(cont[0, 0] == 0, torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).bool())
 
 
 def _unpack(packed: dict[str, list]) -> list[tuple[list[int], list[int], list[int]]]:
