@@ -2,8 +2,13 @@
 
 import random
 
+import datasets
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from transformers import GPTNeoXForCausalLM  # noqa: F401  (imported here, once: mutation runs fork after collection)
 
 from kullm.data.packing import (
     PACKED_COLUMNS,
@@ -13,8 +18,10 @@ from kullm.data.packing import (
     pack_examples,
     packed_model_inputs,
     segment_ids,
+    varlen_attn_implementation,
 )
 from kullm.data.sft import IGNORE_INDEX, Collator
+from kullm.modeling import TINY, TINY_SHAPE, load_model
 from kullm.training.loss import full_loss, head_only_loss
 
 NEG = torch.finfo(torch.float32).min
@@ -51,16 +58,23 @@ def test_fill_rate_coverage_and_determinism():
         pack_bins([513], 512)
 
 
-def test_pack_dataset_columns():
-    import datasets
-
+def test_pack_dataset_columns(caplog):
     ds = datasets.Dataset.from_dict(
-        {"id": ["a", "b", "c"], "input_ids": [[1, 2], [3, 4, 5], [6]], "labels": [[1, 2], [3, 4, 5], [6]]}
+        {"id": ["a", "b", "c"], "input_ids": [[1, 2], [3, 4, 5], [6]], "labels": [[1, 2], [3, 4, 5], [-100]]}
     )
-    packed, stats = pack_dataset(ds, cutoff_len=4)
+    with caplog.at_level("INFO", logger="kullm.data.packing"):
+        packed, stats = pack_dataset(ds, cutoff_len=4)
     assert packed.column_names == PACKED_COLUMNS
     assert packed["length"] == [4, 2] and stats.fill_rate == pytest.approx(6 / 8)
     assert sorted(t for row in packed["input_ids"] for t in row) == [1, 2, 3, 4, 5, 6]
+    assert {k: str(packed.features[k].feature.dtype) for k in PACKED_COLUMNS[:4]} == dict.fromkeys(
+        PACKED_COLUMNS[:4], "int32"
+    ) and str(packed.features["length"].dtype) == "int32"  # int32 on disk: half the cache of int64
+    assert "packed 3 examples into 2 rows of <= 4 tokens (fill rate 75.0%)" in caplog.messages
+    # the seed reaches the bin packing: equal lengths are shared out differently
+    ties = datasets.Dataset.from_dict({"input_ids": [[i] * 2 for i in range(8)], "labels": [[i] * 2 for i in range(8)]})
+    rows = {tuple(map(tuple, pack_dataset(ties, 4, seed=s)[0]["input_ids"])) for s in range(4)}
+    assert len(rows) > 1 and pack_dataset(ties, 4)[0]["input_ids"] == pack_dataset(ties, 4, seed=0)[0]["input_ids"]
 
 
 def test_block_causal_mask_exact():
@@ -79,6 +93,125 @@ def test_block_causal_mask_exact():
     att = torch.tensor([[1, 1, 1, 0]])
     assert torch.equal(block_causal_mask(pos, torch.float32, attention_mask=att), m)
     assert segment_ids(pos, attention_mask=att).tolist() == [[0, 0, 1, -1]]
+    # the padding mask is honoured even where padded positions continue instead of restarting at 0
+    cont = block_causal_mask(torch.tensor([[0, 1, 2, 3]]), torch.float32, attention_mask=torch.tensor([[1, 1, 0, 0]]))
+    assert torch.equal(cont[0, 0] == 0, torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).bool())
+
+
+def _unpack(packed: dict[str, list]) -> list[tuple[list[int], list[int], list[int]]]:
+    """Cut every packed row back into its examples: (input_ids, labels, position_ids) per example, row by row."""
+    out = []
+    for r, lens in enumerate(packed["seq_lens"]):
+        at = 0
+        for n in lens:
+            out.append(tuple(packed[k][r][at : at + n] for k in ("input_ids", "labels", "position_ids")))
+            at += n
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 16), max_size=30),
+    cutoff=st.integers(16, 24),
+    seed=st.integers(0, 3),
+    prompt=st.integers(0, 3),
+)
+def test_packing_properties(lengths, cutoff, seed, prompt):
+    """Any lengths: rows within cutoff_len, every non-empty example exactly once and intact, positions restarting,
+    only each later example's first label hidden, no two rows that would fit in one, the same rows for the same seed."""
+    ids = [[1000 * i + t for t in range(n)] for i, n in enumerate(lengths)]
+    labels = [[IGNORE_INDEX] * min(prompt, n) + x[prompt:] for x, n in zip(ids, lengths, strict=True)]
+    packed, stats = pack_examples(ids, labels, cutoff, seed=seed)
+    assert all(0 < n <= cutoff for n in packed["length"])
+    assert [len(r) for r in packed["input_ids"]] == packed["length"] == [sum(s) for s in packed["seq_lens"]]
+    examples = _unpack(packed)
+    by_id = {x[0][0] // 1000: x for x in examples}
+    assert sorted(by_id) == [i for i, n in enumerate(lengths) if n > 0] and len(examples) == len(by_id)
+    first_of_row = {packed["input_ids"][r][0] // 1000 for r in range(len(packed["length"]))}
+    for i, (x, lab, pos) in by_id.items():
+        assert x == ids[i] and pos == list(range(lengths[i]))
+        expected = list(labels[i]) if i in first_of_row else [IGNORE_INDEX, *labels[i][1:]]
+        assert lab == expected
+    rows = sorted(packed["length"])
+    assert len(rows) < 2 or rows[0] + rows[1] > cutoff  # best fit: no two rows could have been one
+    assert (stats.examples, stats.rows, stats.tokens) == (len(by_id), len(rows), sum(lengths))
+    assert stats.fill_rate == (sum(lengths) / (len(rows) * cutoff) if rows else 1.0)
+    assert pack_examples(ids, labels, cutoff, seed=seed) == (packed, stats)
+
+
+def test_cutoff_boundaries_and_refusals():
+    assert pack_bins([6, 6, 5, 1], 6) == [[0], [1], [2, 3]]  # exactly cutoff_len fits
+    assert pack_bins([1, 1], 1) == [[0], [1]]
+    with pytest.raises(ValueError, match="example 1 has 9 tokens, more than cutoff_len=6"):
+        pack_bins([3, 9, 8], 6)  # the first example too long is named
+    with pytest.raises(ValueError, match="capacity must be positive, got 0"):
+        pack_bins([], 0)
+    with pytest.raises(ValueError, match="example 1: 3 input ids but 2 labels"):
+        pack_examples([[1], [2, 3, 4]], [[1], [2, 3]], 8)
+    packed, stats = pack_examples([[], [7], []], [[], [7], []], 4)
+    assert packed["input_ids"] == [[7]] and (stats.examples, stats.rows, stats.fill_rate) == (1, 1, 0.25)
+    packed, stats = pack_examples([], [], 4)
+    assert packed == {k: [] for k in PACKED_COLUMNS} and (stats.rows, stats.fill_rate) == (0, 1.0)
+
+
+def test_ties_are_ordered_by_the_seed():
+    lengths = [3] * 8
+    orders = {tuple(i for b in pack_bins(lengths, 6, seed=s) for i in b) for s in range(4)}
+    assert len(orders) > 1  # equal lengths: the seed decides which examples share a row
+    assert pack_bins(lengths, 6, seed=2) == pack_bins(lengths, 6, seed=2)
+
+
+def test_segment_ids_from_any_input():
+    assert segment_ids(torch.tensor([0, 1, 2, 0, 1])).tolist() == [[0, 0, 0, 1, 1]]  # 1-D position_ids
+    assert segment_ids([[2, 3], [1]]).tolist() == [[0, 0, 1, 1, 1], [0, -1, -1, -1, -1]]  # width: the longest row
+    assert segment_ids([[2, 3]], length=6).tolist() == [[0, 0, 1, 1, 1, -1]]
+    with pytest.raises(ValueError, match="row 1 holds 5 tokens, more than length=4"):
+        segment_ids([[1], [2, 3]], length=4)
+
+
+def test_mask_in_half_precision_uses_that_dtype_and_its_minimum():
+    m = block_causal_mask([[1, 1]], torch.bfloat16)
+    assert m.dtype == torch.bfloat16
+    assert m[0, 0].tolist() == [[0.0, torch.finfo(torch.bfloat16).min], [torch.finfo(torch.bfloat16).min, 0.0]]
+
+
+def test_mask_dtype_follows_autocast_then_the_weights():
+    batch = Collator(pad_id=2)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 0]}])
+    model = torch.nn.Linear(2, 2)
+    assert packed_model_inputs(batch, model)["attention_mask"].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_model_inputs(batch, model)["attention_mask"].dtype == torch.bfloat16
+    assert packed_model_inputs(batch, model.to(torch.float16))["attention_mask"].dtype == torch.float16
+    quantized = torch.nn.Module()
+    quantized.weight = torch.nn.Parameter(torch.zeros(2, dtype=torch.int8), requires_grad=False)
+    assert packed_model_inputs(batch, quantized)["attention_mask"].dtype == torch.float32  # int8 storage: float32
+
+
+def test_flex_attention_is_refused_and_a_variable_length_kernel_gets_no_mask(lora_model):
+    batch = Collator(pad_id=2)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 0]}])
+    base = lora_model.get_base_model()
+    try:
+        base.config._attn_implementation = "flex_attention"
+        with pytest.raises(ValueError, match="flex_attention is not supported"):
+            packed_model_inputs(batch, lora_model)
+        base.config._attn_implementation = "flash_attention_2"
+        assert packed_model_inputs(batch, lora_model).keys() == {"input_ids", "position_ids", "use_cache"}
+    finally:
+        base.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize(("installed", "cuda", "expected"), [(True, True, "flash_attention_2"), (True, False, None),
+                                                              (False, True, None)])  # fmt: skip
+def test_the_variable_length_kernel_needs_flash_attn_and_cuda(monkeypatch, installed, cuda, expected):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: (real("torch") if installed else None) if name == "flash_attn"
+        else real(name, *a)
+    )  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert varlen_attn_implementation() == expected
 
 
 # --- equivalence on the tiny model with LoRA -------------------------------------------------------------------
@@ -86,12 +219,11 @@ def test_block_causal_mask_exact():
 
 @pytest.fixture(scope="module")
 def lora_model():
-    from peft import LoraConfig, get_peft_model
-
-    from kullm.modeling import load_model
-
     torch.manual_seed(0)
-    base = load_model({"name_or_path": "kullm:tiny", "dtype": "float32", "attn_implementation": "sdpa"})
+    shape = {k: v for k, v in TINY_SHAPE.items() if k not in ("tokenizer_vocab", "seed", "warmup_steps")}
+    # random weights in the tiny model's shape: no tokenizer or warm-up needed to compare packed with one by one
+    base = load_model({"name_or_path": TINY, "shape_only": True, "shape": shape, "dtype": "float32",
+                       "attn_implementation": "sdpa"})  # fmt: skip
     lora = LoraConfig(
         r=4,
         lora_alpha=8,

@@ -45,3 +45,13 @@ def test_hand_computed_points():
     assert lr_factor(900, warmup=100, total=1100, schedule="constant") == 1.0
     with pytest.raises(ValueError, match="cosine, linear or constant"):
         lr_factor(200, warmup=100, total=1100, schedule="step")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize(("warmup", "total"), [(0, 10), (9, 10)])
+def test_the_decay_ends_at_the_floor_and_stays_there(schedule, warmup, total):
+    """At the last step (also right after a one-step decay) and past it (a run longer than estimated): the floor."""
+    for step in (total, total + 5):
+        assert lr_factor(step, warmup=warmup, total=total, schedule=schedule, floor=0.1) == pytest.approx(0.1)
+    # halfway through the decay: floor + (1 - floor) / 2
+    assert lr_factor(50, warmup=0, total=100, schedule=schedule, floor=0.1) == pytest.approx(0.55)
