@@ -48,6 +48,7 @@ from kullm.training.checkpointing import (
 )
 from kullm.training.loggers import build_loggers, finish_wandb
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
+from kullm.training.sweep import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     module = KullmLitModule(model, optim=cfg.optim, loss=cfg.get("loss"))
     loggers = build_loggers(cfg, out, model)
     stopper = GracefulStop()
+    record = RunRecord(out)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         accumulate_grad_batches=accumulate,
@@ -130,6 +132,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
             *build_callbacks(cfg, out, tokenizer, prompter, has_val),
             stopper,
             RunIdentity(cfg),
+            record,
             *extra_callbacks,
         ],
         plugins=[AtomicCheckpointIO()],
@@ -149,6 +152,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if stopper.signum is not None:  # no final adapter for an unfinished run: resume it from last
+        record.write(trainer, "interrupted")
         if trainer.is_global_zero:
             finish_wandb(loggers)
         raise Interrupted(stopper.signum, trainer.global_step, _last_checkpoint(trainer))
@@ -162,6 +166,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         export_adapter(trainer, adapter, tokenizer=tokenizer, prompter=prompter, config=cfg)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics["global_step"] = trainer.global_step
+    record.write(trainer, "finished", adapter)
     if trainer.is_global_zero:
         source = f" (the best checkpoint, {best.name})" if best is not None else ""
         rank_zero_info(f"kullm-train: adapter saved to {adapter}{source}")
