@@ -33,6 +33,26 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+def expose_hydra_plugins() -> None:
+    """Make kullm's own Hydra plugins (``hydra_plugins/kullm_sweeper``) visible to Hydra's plugin scan.
+
+    Hydra lists plugins by walking the ``hydra_plugins`` namespace folders; a setuptools editable install maps the
+    package through an import hook that such a walk cannot list, so the plugin would import but never be found."""
+    import importlib.util
+
+    try:
+        import hydra_plugins
+
+        spec = importlib.util.find_spec("hydra_plugins.kullm_sweeper")
+    except ImportError:
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    folder = str(Path(next(iter(spec.submodule_search_locations))).parent)
+    if folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
+
+
 def exit_on_version(prog: str, argv: Sequence[str]) -> None:
     """``--version``: print kullm's version (not Hydra's) and exit."""
     if "--version" in argv or "-V" in argv:

@@ -30,6 +30,7 @@ from kullm.config import (
     ConfigError,
     check_overrides,
     exit_on_version,
+    expose_hydra_plugins,
     fail,
     print_redacted_cfg,
     validate,
@@ -230,6 +231,7 @@ def main() -> None:
     except ConfigError as e:
         raise SystemExit(f"kullm-train: {e}") from None
     if not print_redacted_cfg("train", sys.argv[1:]):
+        expose_hydra_plugins()
         _hydra_main()
 
 

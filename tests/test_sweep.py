@@ -2,8 +2,11 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
@@ -64,13 +67,81 @@ def test_a_failed_job_records_its_error_on_one_line_without_secrets(tmp_path):
     (folder / "result.json").write_text('{"status": "finished"}')  # left by an earlier attempt in this folder
     callback.on_job_start(config)
     assert not (folder / "result.json").exists()
-    error = JobFailed("kullm-train: the judge refused key sk-SECRET123\n  (HTTP 401)")
-    ret = JobReturn(overrides=["optim.lr=1e-3"], hydra_cfg=hydra_cfg, status=JobStatus.FAILED, _return_value=error)
+    error = JobFailed("kullm-train: the judge refused key sk-SECRET123 and token hf_TOK\n  (HTTP 401)")
+    overrides = ["optim.lr=1e-3", "+hf_token=hf_TOK"]
+    ret = JobReturn(overrides=overrides, hydra_cfg=hydra_cfg, status=JobStatus.FAILED, _return_value=error)
     callback.on_job_end(config, ret)
     result = read_result(folder)
-    assert result["status"] == "failed" and result["job"] == 4 and result["overrides"] == ["optim.lr=1e-3"]
-    assert result["error"] == "kullm-train: the judge refused key <redacted> (HTTP 401)"
+    assert result["status"] == "failed" and result["job"] == 4
+    assert result["overrides"] == ["optim.lr=1e-3", "+hf_token=<redacted>"]
+    assert result["error"] == "kullm-train: the judge refused key <redacted> and token <redacted> (HTTP 401)"
     ret = JobReturn(overrides=[], hydra_cfg=hydra_cfg, status=JobStatus.FAILED, _return_value=KeyError("x"))
     callback.on_job_end(config, ret)
     assert read_result(folder)["error"] == "KeyError: 'x'"
     assert (tmp_path / "sweep" / "sweep_summary.md").is_file()  # refreshed after each job of a multirun
+
+
+SHORT = [
+    "experiment=smoke", "logger=csv", "callbacks.samples.num=0", "trainer.max_steps=2", "val_every_n_steps=2",
+]  # fmt: skip
+
+
+def kullm_train(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kullm.train", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def summary_rows(sweep: Path) -> list[dict]:
+    with open(sweep / "sweep_summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_optuna_search_names_the_best_trial_and_continues_its_stored_study(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    sweep = tmp_path / "optuna"
+    common = ["-m", *SHORT, "hparams_search=lora_optuna", f"hydra.sweep.dir={sweep}",
+              f"data.cache_dir={tmp_path}/cache", "+notes.api_key=sk-SWEEPSECRET"]  # fmt: skip
+    res = kullm_train(*common, "hydra.sweeper.n_trials=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name="lora", storage=f"sqlite:///{sweep}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    rows = summary_rows(sweep)
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
+    best = study.best_trial
+    assert rows[0]["job"] == str(best.number) and float(rows[0]["val_loss"]) == pytest.approx(best.value)
+    assert f"best: job {best.number} (" in res.stdout
+    for name, value in best.params.items():  # the summary names the trial's parameters
+        assert f"{name}=" in rows[0]["overrides"]
+        assert str(value) in rows[0]["overrides"] or f"{name}={value}" in rows[0]["overrides"]
+    for row in rows:  # each job's val/loss is the one its run logged, and what Optuna was told
+        logged = csv.DictReader(open(sweep / row["job"] / "csv" / "metrics.csv"))
+        last = [float(r["val/loss"]) for r in logged if r.get("val/loss")][-1]
+        assert float(row["val_loss"]) == pytest.approx(last)
+        assert study.trials[int(row["job"])].value == pytest.approx(last)
+
+    # the same command with a larger budget continues the stored study: two more trials, in new folders
+    before = {j: (sweep / j / "result.json").read_text() for j in "0123"}
+    res = kullm_train(*common, "hydra.sweeper.n_trials=6")
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name="lora", storage=f"sqlite:///{sweep}/optuna.db")
+    assert len(study.trials) == 6
+    assert {j: (sweep / j / "result.json").read_text() for j in "0123"} == before
+    assert sorted(r["job"] for r in summary_rows(sweep)) == ["0", "1", "2", "3", "4", "5"]
+    leaks = [p for p in sweep.rglob("*") if p.is_file() and b"sk-SWEEPSECRET" in p.read_bytes()]
+    assert leaks == []
+
+
+def test_hydra_finds_the_resumable_optuna_sweeper():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    from kullm.config import CONF_DIR, expose_hydra_plugins
+
+    expose_hydra_plugins()
+    found = {f"{p.__module__}.{p.__name__}" for p in Plugins.instance().discover(Sweeper)}
+    target = "hydra_plugins.kullm_sweeper.resumable_optuna.ResumableOptunaSweeper"
+    assert target in found and f"_target_: {target}" in (CONF_DIR / "hparams_search" / "lora_optuna.yaml").read_text()

@@ -121,6 +121,8 @@ class SweepSummary(Callback):
         from hydra.core.utils import JobStatus
         from hydra.types import RunMode
 
+        from kullm.redaction import redact_args
+
         folder = _job_folder(config)
         if folder is None or _rank() != 0:
             return
@@ -128,14 +130,14 @@ class SweepSummary(Callback):
         hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
         num = hydra_cfg.job.get("num") if hydra_cfg is not None else None
         record["job"] = int(num) if num is not None else None
-        record["overrides"] = list(job_return.overrides or [])
+        record["overrides"] = redact_args(list(job_return.overrides or []))
         record.setdefault("pid", os.getpid())
         record.setdefault("output_dir", str(folder))
         if job_return.status == JobStatus.COMPLETED:
             record.setdefault("status", "finished")
         else:
             record["status"] = "failed"
-            record["error"] = _one_line(job_return._return_value, config, record["overrides"])
+            record["error"] = _one_line(job_return._return_value, config, list(job_return.overrides or []))
         _write_json(folder / RESULT_FILE, record)
         if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
             sweep_dir = Path(str(hydra_cfg.sweep.dir))
