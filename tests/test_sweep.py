@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,47 @@ def test_hydra_finds_the_resumable_optuna_sweeper():
     found = {f"{p.__module__}.{p.__name__}" for p in Plugins.instance().discover(Sweeper)}
     target = "hydra_plugins.kullm_sweeper.resumable_optuna.ResumableOptunaSweeper"
     assert target in found and f"_target_: {target}" in (CONF_DIR / "hparams_search" / "lora_optuna.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "kullm.train", "-m", "hydra/launcher=submitit_local", *SHORT, "optim.lr=1e-3,2e-3",
+           f"hydra.sweep.dir={sweep}", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=500)
+    assert proc.returncode == 0, err[-3000:]
+    results = {j: read_result(sweep / j) for j in ("0", "1")}
+    pids = {r["pid"] for r in results.values()}
+    assert len(pids) == 2 and proc.pid not in pids  # two jobs, two processes, neither the launching one
+    assert all(r["status"] == "finished" for r in results.values())
+    assert (sweep / ".submitit").is_dir()  # submitit's own job records: the plugin really ran them
+    rows = summary_rows(sweep)
+    assert sorted(r["overrides"] for r in rows) == ["optim.lr=0.001", "optim.lr=0.002"]
+    assert float(rows[0]["val_loss"]) <= float(rows[1]["val_loss"])
+    assert f"best: job {rows[0]['job']} ({rows[0]['overrides']})" in out
+
+
+def test_the_slurm_preset_sizes_the_sbatch_job_from_the_trainer(tmp_path):
+    """The real submitit SLURM launcher writes its sbatch script; a stand-in ``sbatch`` keeps it and refuses."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    refuse = f'#!/bin/sh\ncp "$1" {tmp_path}/job.sh\necho "sbatch: refused in a test" >&2\nexit 1\n'
+    (bin_dir / "sbatch").write_text(refuse)
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "kullm.train", "-m", "hydra/launcher=slurm", "experiment=smoke",
+           "trainer.devices=4", "trainer.num_nodes=2", "hydra.launcher.partition=a100",
+           "hydra.launcher.account=kullm-lab", "hydra.launcher.mem_gb=480", "hydra.launcher.timeout_min=600",
+           f"hydra.sweep.dir={tmp_path}/sweep"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode != 0 and "sbatch: refused in a test" in res.stderr + res.stdout
+    script = (tmp_path / "job.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=a100", "--account=kullm-lab",
+                 "--mem=480GB", "--time=600", "--signal=USR2@120", "--cpus-per-task=8"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script, line  # (submitit asks for SIGUSR2 before the time limit)
