@@ -17,6 +17,8 @@ CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else ROOT / "conf"
 
 if not OmegaConf.has_resolver("kullm_root"):
     OmegaConf.register_new_resolver("kullm_root", lambda: str(ROOT))
+if not OmegaConf.has_resolver("kullm_either"):  # the first value unless it is null or empty
+    OmegaConf.register_new_resolver("kullm_either", lambda value, default: default if value in (None, "") else value)
 if not OmegaConf.has_resolver("kullm_basename"):
     OmegaConf.register_new_resolver("kullm_basename", lambda path: Path(str(path)).name)
 

@@ -49,6 +49,7 @@ from kullm.training.checkpointing import (
 )
 from kullm.training.loggers import build_loggers, finish_wandb
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
+from kullm.training.preemption import own_last_checkpoint, requeue
 from kullm.training.sweep import RunRecord
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     trainer_kwargs = validation_schedule(cfg, accumulate) if has_val else {"limit_val_batches": 0}
     final = final_adapter_choice(cfg, has_val)
     ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path and cfg.get("auto_resume", True) and own_last_checkpoint(cfg.output_dir):
+        ckpt_path = own_last_checkpoint(cfg.output_dir)  # an earlier attempt of this run (preempted, requeued)
+        rank_zero_info(f"kullm-train: resuming from this run folder's last checkpoint, {ckpt_path}")
     if ckpt_path:
         ckpt_path = resolve_resume(ckpt_path, cfg, bool(cfg.get("allow_resume_changes", False)))
     out = Path(cfg.output_dir)
@@ -154,6 +158,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if stopper.signum is not None:  # no final adapter for an unfinished run: resume it from last
         record.write(trainer, "interrupted")
+        requeue(trainer, stopper.signum)  # under SLURM after its pre-timeout signal: back in the queue
         if trainer.is_global_zero:
             finish_wandb(loggers)
         raise Interrupted(stopper.signum, trainer.global_step, _last_checkpoint(trainer))
@@ -217,7 +222,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except (ConfigError, DataError) as e:
         fail("kullm-train", e)
     except Interrupted as e:
-        print(f"kullm-train: {e}; resume with ckpt_path={e.last}", file=sys.stderr)
+        again = f" (or run the same command again: run_name={cfg.run_name})" if cfg.get("run_name") else ""
+        print(f"kullm-train: {e}; resume with ckpt_path={e.last}{again}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
     val = result["metrics"].get("val/loss")
     return None if val is None or math.isnan(val) else val

@@ -3,13 +3,17 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from kullm.config import JobFailed
 from kullm.training.sweep import SweepSummary, read_result, summarize, summary_line, write_summary
@@ -190,3 +194,52 @@ def test_the_slurm_preset_sizes_the_sbatch_job_from_the_trainer(tmp_path):
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=a100", "--account=kullm-lab",
                  "--mem=480GB", "--time=600", "--signal=USR2@120", "--cpus-per-task=8"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script, line  # (submitit asks for SIGUSR2 before the time limit)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+RESUMABLE = [
+    "experiment=smoke", "logger=wandb", "callbacks.samples.num=0", "trainer.max_steps=24", "trainer.max_epochs=-1",
+    "callbacks.checkpoint.every_n_train_steps=1", "lora.lora_dropout=0.1", "seed=7",
+]  # fmt: skip  (dropout draws from the RNG: its state must come back too)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_mid_epoch_then_the_same_command_ends_with_the_uninterrupted_adapter(tmp_path):
+    """run_name= is a stable folder: the same command again resumes its last checkpoint and its W&B run."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    common = [sys.executable, "-m", "kullm.train", *RESUMABLE, f"data.cache_dir={tmp_path}/cache"]
+    straight = subprocess.run([*common, "run_name=straight"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=400)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run = tmp_path / "outputs" / "train" / "resumed"
+    command = [*common, "run_name=resumed"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(run / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("kullm-train: interrupted by SIGTERM"))
+    step = int(line.split(" at step ")[1].split(";")[0])
+    assert 0 < step < 10, line  # inside the first epoch (10 optimizer steps)
+    assert "run the same command again: run_name=resumed" in line
+    assert read_result(run)["status"] == "interrupted" and not (run / "adapter").exists()
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = next(x for x in (again.stdout + again.stderr).splitlines() if "resuming from this run folder's" in x)
+    assert said.endswith("outputs/train/resumed/checkpoints/last.ckpt")
+    want = load_file(tmp_path / "outputs" / "train" / "straight" / "adapter" / "adapter_model.safetensors")
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert read_result(run)["status"] == "finished" and read_result(run)["steps"] == 24
+    # one W&B run over both attempts: the id stored in the folder, used by each attempt's (offline) run
+    run_id = (run / "wandb_run_id").read_text().strip()
+    attempts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(f"-{run_id}") for p in attempts)

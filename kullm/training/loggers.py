@@ -35,6 +35,8 @@ def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
             save_dir=str(out),
             offline=mode == "offline",
             mode=mode,
+            id=wandb_run_id(out),
+            resume="allow",  # a resumed run (same folder) continues its W&B run instead of starting a second one
         )
         if lc.get("watch") and model is not None:
             logger.watch(model, log=lc.watch, log_freq=int(lc.get("watch_log_freq", 100)))
@@ -43,6 +45,26 @@ def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
     with redacted_argv():  # W&B records the command line when the run starts: never with a credential in it
         logger.log_hyperparams(redact(cfg))
     return [logger]
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(out: Path) -> str:
+    """The W&B run id of this run folder: made and stored (``<out>/wandb_run_id``) by its first attempt, read back
+    by a resumed one."""
+    import secrets
+    import string
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    path = Path(out) / WANDB_ID_FILE
+    if path.is_file() and path.read_text(encoding="utf-8").strip():
+        return path.read_text(encoding="utf-8").strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id shape
+    if rank_zero_only.rank == 0:  # other ranks log nothing to W&B
+        path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
 
 
 @contextlib.contextmanager
