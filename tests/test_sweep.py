@@ -243,3 +243,32 @@ def test_sigterm_mid_epoch_then_the_same_command_ends_with_the_uninterrupted_ada
     run_id = (run / "wandb_run_id").read_text().strip()
     attempts = sorted((run / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(p.name.endswith(f"-{run_id}") for p in attempts)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_slurm_pre_timeout_signal_saves_last_and_requeues_the_job(tmp_path):
+    """Under SLURM (Lightning's SLURM environment, auto_requeue), SIGUSR1 saves `last` and runs scontrol requeue."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_JOB_NAME": "kullm"}  # fmt: skip
+    env = {**os.environ, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    env.pop("SLURM_ARRAY_JOB_ID", None)
+    run = tmp_path / "outputs" / "train" / "job"
+    cmd = [sys.executable, "-m", "kullm.train", *RESUMABLE, "logger=csv", "run_name=job",
+           f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(run / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("kullm-train: interrupted by SIGUSR1"))
+    step = int(line.split(" at step ")[1].split(";")[0])
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    progress = last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert last["global_step"] == step and progress["ready"] == progress["completed"] + 1 == 2 * step
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+    assert read_result(run)["status"] == "interrupted"
