@@ -35,6 +35,7 @@ from kullm.config import (
     print_redacted_cfg,
     validate,
 )
+from kullm.console import mirror_to_run_log, quiet_third_party
 from kullm.data.records import DataError, check_source
 from kullm.training.checkpointing import (
     AdapterCheckpoint,
@@ -47,7 +48,7 @@ from kullm.training.checkpointing import (
     export_adapter,
     resolve_resume,
 )
-from kullm.training.loggers import build_loggers, finish_wandb
+from kullm.training.loggers import build_loggers, finish_wandb, log_adapter_artifact
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
 from kullm.training.preemption import own_last_checkpoint, requeue
 from kullm.training.sweep import RunRecord
@@ -59,6 +60,7 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
     from lightning.pytorch.callbacks import EarlyStopping
 
     from kullm.training.callbacks import GenerationSamples
+    from kullm.training.progress import RunProgressBar
 
     cc = cfg.callbacks.checkpoint
     monitor = cc.get("monitor") if has_val else None
@@ -83,6 +85,8 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
         callbacks.append(GenerationSamples(tokenizer, out, int(samples.num), int(samples.get("max_new_tokens", 64))))
     if cfg.callbacks.get("early_stopping") and has_val:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", **cfg.callbacks.early_stopping))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RunProgressBar())
     return callbacks
 
 
@@ -93,6 +97,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from kullm.templates import Prompter
     from kullm.training.module import KullmLitModule
 
+    quiet_third_party()
+    mirror_to_run_log()  # kullm's and Lightning's lines in the run's log file too
     validate(cfg)
     check_combination(cfg)
     check_source(cfg.data.path, cfg.data.get("source", "auto"), cfg.data.get("missing_hint"))
@@ -176,6 +182,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if trainer.is_global_zero:
         source = f" (the best checkpoint, {best.name})" if best is not None else ""
         rank_zero_info(f"kullm-train: adapter saved to {adapter}{source}")
+        log_adapter_artifact(loggers, adapter)
         finish_wandb(loggers)
     return {
         "metrics": metrics,
@@ -232,6 +239,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point: catch misspelled keys (with the nearest valid one) before Hydra runs."""
     exit_on_version("kullm-train", sys.argv[1:])
+    quiet_third_party()
     try:
         check_overrides("train", sys.argv[1:])
     except ConfigError as e:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.utils import JobReturn, JobStatus
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
 from kullm.config import JobFailed
@@ -272,3 +272,48 @@ def test_slurm_pre_timeout_signal_saves_last_and_requeues_the_job(tmp_path):
     assert last["global_step"] == step and progress["ready"] == progress["completed"] + 1 == 2 * step
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
     assert read_result(run)["status"] == "interrupted"
+
+
+def test_wandb_runs_are_named_after_the_experiment_and_overrides_and_grouped_per_sweep():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from kullm.config import CONF_DIR
+    from kullm.training.loggers import run_label
+
+    overrides = ["experiment=smoke", "optim.lr=1e-3", "lora.r=8", "data.cache_dir=/tmp/c", "+judge.api_key=sk-NOPE",
+                 "hydra.sweep.dir=/tmp/sweeps/lr-grid", "output_dir=/tmp/x"]  # fmt: skip
+    def label(*extra: str, mode: RunMode = RunMode.RUN) -> tuple:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", [*overrides, *extra], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = mode
+        HydraConfig.instance().set_config(cfg)
+        return run_label(cfg)
+
+    try:
+        assert label() == ("smoke optim.lr=1e-3 lora.r=8 +judge.api_key=<redacted>", None)
+        assert label(mode=RunMode.MULTIRUN) == ("smoke optim.lr=1e-3 lora.r=8 +judge.api_key=<redacted>", "lr-grid")
+        assert label("run_name=mine", mode=RunMode.MULTIRUN) == ("mine", "lr-grid")
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_run_shows_one_progress_bar_over_all_steps_and_logs_its_summary_lines(tmp_path):
+    run = tmp_path / "run"
+    res = kullm_train("experiment=smoke", "logger=csv", "callbacks.samples.num=0", "trainer.max_steps=4",
+                      f"hydra.run.dir={run}", f"data.cache_dir={tmp_path}/cache")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    screen = (res.stdout + res.stderr).replace("\r", "\n")
+    bars = [x for x in screen.splitlines() if x.startswith("train (optimizer steps):")]
+    assert bars and "4/4 [" in bars[-1] and "loss=" in bars[-1] and "lr=" in bars[-1] and "tok/s=" in bars[-1]
+    assert not any(x.startswith("Epoch ") for x in screen.splitlines())  # no per-epoch bar
+    for noise in ("kernels-community", "module(s) in eval mode", "is_gradient_checkpointing", "Tip: For seamless"):
+        assert noise not in screen
+    log = (run / "train.log").read_text()
+    for line in ("kullm-train: effective batch 8 = micro-batch 4", "kullm-train: training ",
+                 f"kullm-train: output dir {run}", f"kullm-train: adapter saved to {run / 'adapter'}"):  # fmt: skip
+        assert line in log, line
