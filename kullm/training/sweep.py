@@ -171,7 +171,11 @@ def _job_folder(config: DictConfig) -> Path | None:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    """This process's global rank as the launcher set it (torchrun/Lightning, or SLURM's task id)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 0
 
 
 def _one_line(error: Any, config: DictConfig, overrides: list[str]) -> str:
