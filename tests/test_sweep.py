@@ -213,7 +213,8 @@ RESUMABLE = [
 @pytest.mark.timeout(900)
 def test_sigterm_mid_epoch_then_the_same_command_ends_with_the_uninterrupted_adapter(tmp_path):
     """run_name= is a stable folder: the same command again resumes its last checkpoint and its W&B run."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    # (a loaded machine starts W&B's service slowly: give it more than its default 90 s)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_INIT_TIMEOUT": "300", "PYTHONUNBUFFERED": "1"}
     common = [sys.executable, "-m", "kullm.train", *RESUMABLE, f"data.cache_dir={tmp_path}/cache"]
     straight = subprocess.run([*common, "run_name=straight"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=400)  # fmt: skip
