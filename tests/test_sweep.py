@@ -92,9 +92,7 @@ SHORT = [
 
 
 def kullm_train(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kullm.train", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "kullm.train", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def summary_rows(sweep: Path) -> list[dict]:
@@ -204,8 +202,14 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
 
 
 RESUMABLE = [
-    "experiment=smoke", "logger=wandb", "callbacks.samples.num=0", "trainer.max_steps=24", "trainer.max_epochs=-1",
-    "callbacks.checkpoint.every_n_train_steps=1", "lora.lora_dropout=0.1", "seed=7",
+    "experiment=smoke",
+    "logger=wandb",
+    "callbacks.samples.num=0",
+    "trainer.max_steps=24",
+    "trainer.max_epochs=-1",
+    "callbacks.checkpoint.every_n_train_steps=1",
+    "lora.lora_dropout=0.1",
+    "seed=7",
 ]  # fmt: skip  (dropout draws from the RNG: its state must come back too)
 
 
@@ -285,6 +289,7 @@ def test_wandb_runs_are_named_after_the_experiment_and_overrides_and_grouped_per
 
     overrides = ["experiment=smoke", "optim.lr=1e-3", "lora.r=8", "data.cache_dir=/tmp/c", "+judge.api_key=sk-NOPE",
                  "hydra.sweep.dir=/tmp/sweeps/lr-grid", "output_dir=/tmp/x"]  # fmt: skip
+
     def label(*extra: str, mode: RunMode = RunMode.RUN) -> tuple:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", [*overrides, *extra], return_hydra_config=True)
