@@ -17,8 +17,66 @@ CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else ROOT / "conf"
 
 if not OmegaConf.has_resolver("kullm_root"):
     OmegaConf.register_new_resolver("kullm_root", lambda: str(ROOT))
+if not OmegaConf.has_resolver("kullm_either"):  # the first value unless it is null or empty
+    OmegaConf.register_new_resolver("kullm_either", lambda value, default: default if value in (None, "") else value)
+if not OmegaConf.has_resolver("kullm_help"):  # hydra.help.template of each CLI
+    OmegaConf.register_new_resolver("kullm_help", lambda name: help_text(str(name)))
 if not OmegaConf.has_resolver("kullm_basename"):
     OmegaConf.register_new_resolver("kullm_basename", lambda path: Path(str(path)).name)
+
+
+def help_text(config_name: str) -> str:
+    """``--help`` of one CLI: its usage (the root config's header), the config groups it uses with each option's
+    one-line description (the option file's first comment), launchers for kullm-train, and its own settings."""
+    import re
+
+    root = CONF_DIR / f"{config_name}.yaml"
+    text = root.read_text(encoding="utf-8")
+    header = [line[2:] if line.startswith("# ") else line[1:] for line in _header(text)]
+    out = [*header, "", "Config groups (group=option; * is the default):"]
+    defaults = OmegaConf.load(root).get("defaults") or []
+    groups = [(str(k), v) for entry in defaults if isinstance(entry, DictConfig) for k, v in entry.items()]
+    if config_name == "train":
+        groups.append(("hydra/launcher", "basic"))
+    for group, default in groups:
+        folder = CONF_DIR / group
+        options = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+        out.append(f"  {group}=")
+        if group == "hydra/launcher":
+            out.append(f"    {'basic':<30}* jobs one after another in this process")
+            out.append(f"    {'submitit_local':<30}  each job a separate local process (Hydra's submitit plugin)")
+        for path in options:
+            mark = "*" if path.stem == default else " "
+            out.append(f"    {path.stem:<30}{mark} {_describe(path)}".rstrip())
+    settings = re.findall(r"^([A-Za-z_]\w*):[ \t]*([^#\n]*?)[ \t]+#[ \t]*(.+)$", text, flags=re.M)
+    if settings:
+        out += ["", "Settings (key=value; any key of the composed config can be set the same way):"]
+        out += [f"  {f'{key}={value.strip()}':<31} {note.strip()}" for key, value, note in settings]
+    out += [
+        "",
+        "--cfg job prints the composed config (credentials redacted); -m runs a sweep (one job per combination);",
+        "--version prints kullm's version. The README explains every group.",
+    ]
+    return "\n".join(out).replace("$", "$$") + "\n"  # Hydra fills the template with string.Template
+
+
+def _header(text: str) -> list[str]:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        if "@package" not in line:
+            lines.append(line)
+    return lines
+
+
+def _describe(path: Path) -> str:
+    """The first sentence of an option file's header comment (its usage lines left out)."""
+    words = " ".join(line.lstrip("#").strip() for line in _header(path.read_text(encoding="utf-8"))
+                     if not line.startswith("#  ")).strip()  # fmt: skip
+    if ". " in words:
+        words = words[: words.index(". ") + 1]
+    return words if len(words) <= 110 else words[:107].rstrip() + "..."
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -31,6 +89,26 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def expose_hydra_plugins() -> None:
+    """Make kullm's own Hydra plugins (``hydra_plugins/kullm_sweeper``) visible to Hydra's plugin scan.
+
+    Hydra lists plugins by walking the ``hydra_plugins`` namespace folders; a setuptools editable install maps the
+    package through an import hook that such a walk cannot list, so the plugin would import but never be found."""
+    import importlib.util
+
+    try:
+        import hydra_plugins
+
+        spec = importlib.util.find_spec("hydra_plugins.kullm_sweeper")
+    except ImportError:
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    folder = str(Path(next(iter(spec.submodule_search_locations))).parent)
+    if folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
 
 
 def exit_on_version(prog: str, argv: Sequence[str]) -> None:

@@ -86,20 +86,20 @@ class RedactRunFiles(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        if not hc.output_subdir:
-            return
         secrets = secret_values(config, list(hc.overrides.task))
-        folder = Path(hc.runtime.output_dir) / str(hc.output_subdir)
-        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-            _scrub_file(folder / name, secrets)
+        if hc.output_subdir:
+            folder = Path(hc.runtime.output_dir) / str(hc.output_subdir)
+            for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+                _scrub_file(folder / name, secrets)
+        if hc.mode == RunMode.MULTIRUN:  # the launcher writes multirun.yaml after on_multirun_start, before jobs
+            _scrub_file(Path(hc.sweep.dir) / "multirun.yaml", secrets)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        _scrub_file(Path(hc.sweep.dir) / "multirun.yaml", secret_values(config, list(hc.overrides.task)))
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        overrides = list(config.hydra.overrides.task)
+        _scrub_file(Path(str(config.hydra.sweep.dir)) / "multirun.yaml", secret_values(config, overrides))
 
 
 def _scrub_file(path: Path, secrets: set[str]) -> None:

@@ -30,10 +30,12 @@ from kullm.config import (
     ConfigError,
     check_overrides,
     exit_on_version,
+    expose_hydra_plugins,
     fail,
     print_redacted_cfg,
     validate,
 )
+from kullm.console import mirror_to_run_log, quiet_third_party
 from kullm.data.records import DataError, check_source
 from kullm.training.checkpointing import (
     AdapterCheckpoint,
@@ -46,8 +48,10 @@ from kullm.training.checkpointing import (
     export_adapter,
     resolve_resume,
 )
-from kullm.training.loggers import build_loggers, finish_wandb
+from kullm.training.loggers import build_loggers, finish_wandb, log_adapter_artifact
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
+from kullm.training.preemption import own_last_checkpoint, requeue
+from kullm.training.sweep import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
     from lightning.pytorch.callbacks import EarlyStopping
 
     from kullm.training.callbacks import GenerationSamples
+    from kullm.training.progress import RunProgressBar
 
     cc = cfg.callbacks.checkpoint
     monitor = cc.get("monitor") if has_val else None
@@ -80,6 +85,8 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
         callbacks.append(GenerationSamples(tokenizer, out, int(samples.num), int(samples.get("max_new_tokens", 64))))
     if cfg.callbacks.get("early_stopping") and has_val:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", **cfg.callbacks.early_stopping))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RunProgressBar())
     return callbacks
 
 
@@ -90,6 +97,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from kullm.templates import Prompter
     from kullm.training.module import KullmLitModule
 
+    quiet_third_party()
+    mirror_to_run_log()  # kullm's and Lightning's lines in the run's log file too
     validate(cfg)
     check_combination(cfg)
     check_source(cfg.data.path, cfg.data.get("source", "auto"), cfg.data.get("missing_hint"))
@@ -99,6 +108,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     trainer_kwargs = validation_schedule(cfg, accumulate) if has_val else {"limit_val_batches": 0}
     final = final_adapter_choice(cfg, has_val)
     ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path and cfg.get("auto_resume", True) and own_last_checkpoint(cfg.output_dir):
+        ckpt_path = own_last_checkpoint(cfg.output_dir)  # an earlier attempt of this run (preempted, requeued)
+        rank_zero_info(f"kullm-train: resuming from this run folder's last checkpoint, {ckpt_path}")
     if ckpt_path:
         ckpt_path = resolve_resume(ckpt_path, cfg, bool(cfg.get("allow_resume_changes", False)))
     out = Path(cfg.output_dir)
@@ -127,6 +139,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     module = KullmLitModule(model, optim=cfg.optim, loss=cfg.get("loss"))
     loggers = build_loggers(cfg, out, model)
     stopper = GracefulStop()
+    record = RunRecord(out)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         accumulate_grad_batches=accumulate,
@@ -136,6 +149,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
             *build_callbacks(cfg, out, tokenizer, prompter, has_val),
             stopper,
             RunIdentity(cfg),
+            record,
             *extra_callbacks,
         ],
         plugins=[AtomicCheckpointIO()],
@@ -155,6 +169,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if stopper.signum is not None:  # no final adapter for an unfinished run: resume it from last
+        record.write(trainer, "interrupted")
+        requeue(trainer, stopper.signum)  # under SLURM after its pre-timeout signal: back in the queue
         if trainer.is_global_zero:
             finish_wandb(loggers)
         raise Interrupted(stopper.signum, trainer.global_step, _last_checkpoint(trainer))
@@ -168,9 +184,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         export_adapter(trainer, adapter, tokenizer=tokenizer, prompter=prompter, config=cfg)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics["global_step"] = trainer.global_step
+    record.write(trainer, "finished", adapter)
     if trainer.is_global_zero:
         source = f" (the best checkpoint, {best.name})" if best is not None else ""
         rank_zero_info(f"kullm-train: adapter saved to {adapter}{source}")
+        log_adapter_artifact(loggers, adapter)
         finish_wandb(loggers)
     return {
         "metrics": metrics,
@@ -217,7 +235,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except (ConfigError, DataError) as e:
         fail("kullm-train", e)
     except Interrupted as e:
-        print(f"kullm-train: {e}; resume with ckpt_path={e.last}", file=sys.stderr)
+        again = f" (or run the same command again: run_name={cfg.run_name})" if cfg.get("run_name") else ""
+        print(f"kullm-train: {e}; resume with ckpt_path={e.last}{again}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
     val = result["metrics"].get("val/loss")
     return None if val is None or math.isnan(val) else val
@@ -226,11 +245,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point: catch misspelled keys (with the nearest valid one) before Hydra runs."""
     exit_on_version("kullm-train", sys.argv[1:])
+    quiet_third_party()
     try:
         check_overrides("train", sys.argv[1:])
     except ConfigError as e:
         raise SystemExit(f"kullm-train: {e}") from None
     if not print_redacted_cfg("train", sys.argv[1:]):
+        expose_hydra_plugins()
         _hydra_main()
 
 

@@ -122,3 +122,31 @@ def test_eval_without_responses_or_with_a_bad_key_is_one_line(tmp_path):
 def test_generate_refuses_a_batch_size_that_would_write_nothing(tmp_path):
     proc = cli("generate", "prompt=안녕", "generation.batch_size=-1", tmp_path=tmp_path)
     assert "generation.batch_size=-1: must be at least 1" in one_line_error(proc, "kullm-generate")
+
+
+def test_each_cli_help_lists_its_own_groups_with_one_line_descriptions():
+    import subprocess
+    import sys
+
+    def help_of(module: str) -> str:
+        res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout
+
+    train = help_of("kullm.train")
+    assert train.startswith("kullm-train: LoRA instruction tuning with Lightning.\n")
+    for line in (
+        "  hparams_search=\n",
+        "    lora_optuna                     A TPE search (Optuna) over learning rate",
+        "    lora_sweep                      A grid over LoRA rank and learning rate",
+        "    smoke                           A tiny model on the bundled sample, on CPU, in well under a minute;",
+        "    slurm                           SLURM through Hydra's submitit launcher",
+        "    submitit_local                  each job a separate local process",
+        "    wandb                         * Weights & Biases.",
+        "  run_name=null                   a stable run folder",
+    ):
+        assert line in train, line
+    assert "judge=" not in train and "generation=" not in train  # groups kullm-train does not use
+    evaluate = help_of("kullm.evaluate")
+    assert "  judge=\n" in evaluate and "    openai                        * Any OpenAI-compatible" in evaluate
+    assert "hparams_search" not in evaluate and "lora=" not in evaluate

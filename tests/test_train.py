@@ -250,7 +250,7 @@ def sweep(tmp_path, values: str) -> subprocess.CompletedProcess:
     """A one-step multirun of the smoke experiment over ``values`` (``key=a,b``), jobs under ``<tmp>/sweep``."""
     cmd = [
         sys.executable, "-m", "kullm.train", "-m", *FAST, values, "trainer.max_steps=1", "callbacks.samples.num=0",
-        f"hydra.sweep.dir={tmp_path}/sweep", f"data.cache_dir={tmp_path}/cache",
+        "val_every_n_steps=1", f"hydra.sweep.dir={tmp_path}/sweep", f"data.cache_dir={tmp_path}/cache",
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
@@ -263,6 +263,16 @@ def test_multirun_makes_one_run_per_value(tmp_path):
         assert (tmp_path / "sweep" / job / "adapter" / "adapter_model.safetensors").exists()
     lrs = [(tmp_path / "sweep" / j / ".hydra" / "overrides.yaml").read_text() for j in ("0", "1")]
     assert "optim.lr=0.001" in lrs[0] and "optim.lr=0.002" in lrs[1]
+    # the summary: both jobs, best val/loss first, each with the val/loss its own run logged
+    with open(tmp_path / "sweep" / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = {j: metric_series(tmp_path / "sweep" / j, "val/loss")[-1] for j in ("0", "1")}
+    best = min(losses, key=losses.get)
+    assert [r["job"] for r in rows] == [best, "1" if best == "0" else "0"]
+    assert [float(r["val_loss"]) for r in rows] == sorted(losses.values())
+    assert rows[0]["overrides"] == f"optim.lr={0.001 if best == '0' else 0.002}" and rows[0]["steps"] == "1"
+    assert rows[0]["adapter"] == str(tmp_path / "sweep" / best / "adapter") and float(rows[0]["tokens_per_s"]) > 0
+    assert f"best: job {best} (optim.lr=" in res.stdout
 
 
 def test_smoke_trains_with_packing_and_with_token_budget_batches(tmp_path):
@@ -460,6 +470,13 @@ def test_a_bad_job_fails_alone_and_the_sweep_exits_non_zero(tmp_path):
     assert "batch_size=8 is not divisible by micro_batch_size=3" in res.stderr
     assert not (tmp_path / "sweep" / "0" / "adapter").exists()
     assert (tmp_path / "sweep" / "1" / "adapter" / "adapter_model.safetensors").exists()
+    with open(tmp_path / "sweep" / "sweep_summary.csv") as f:  # written although the sweep ended with an error
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["status"], r["overrides"]) for r in rows] == [
+        ("1", "finished", "micro_batch_size=4"),
+        ("0", "failed", "micro_batch_size=3"),
+    ]
+    assert rows[1]["error"].startswith("kullm-train: batch_size=8 is not divisible by micro_batch_size=3")
 
 
 def test_logged_lr_grad_norm_and_trained_tokens_are_the_real_values(tmp_path):

@@ -175,7 +175,8 @@ def export_adapter(trainer: L.Trainer, folder: str | Path, **meta) -> Path | Non
 
 
 class Interrupted(RuntimeError):
-    """Training stopped on SIGINT/SIGTERM after saving ``last`` at an optimizer-step boundary."""
+    """Training stopped on a signal (Ctrl-C, SIGTERM, SLURM's pre-timeout SIGUSR1/2) after saving ``last`` at an
+    optimizer-step boundary."""
 
     def __init__(self, signum: int, step: int, last: str | None) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; last checkpoint: {last}")
@@ -183,13 +184,14 @@ class Interrupted(RuntimeError):
 
 
 class GracefulStop(L.Callback):
-    """On Ctrl-C or SIGTERM, finish the optimizer step in progress, write ``last`` and stop.
+    """On Ctrl-C, SIGTERM or a cluster's pre-timeout SIGUSR1/SIGUSR2, finish the optimizer step in progress, write
+    ``last`` and stop.
 
     Lightning's own handling stops at the next micro-batch (inside a gradient-accumulation window, whose partial
     gradient no checkpoint holds) and saves nothing; a second Ctrl-C stops at once.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -216,6 +218,10 @@ class GracefulStop(L.Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, AdapterCheckpoint):
                 cb.refresh_last(trainer)
+                # nothing saves this step again: what Lightning runs on its way out (validation, the "epoch end",
+                # save_last at train end) would rewrite `last` as if the epoch had ended, and a resume would then
+                # skip the epoch's remaining batches
+                cb._last_global_step_saved, cb._last_checkpoint_saved = trainer.global_step, cb.last_model_path
         trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:

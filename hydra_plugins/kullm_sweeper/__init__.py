@@ -1,0 +1,1 @@
+"""kullm's Hydra plugins (found by Hydra's scan of the ``hydra_plugins`` namespace)."""

@@ -1,0 +1,54 @@
+"""What a user sees: third-party messages that say nothing actionable are filtered, and kullm's and Lightning's own
+lines also reach the run's log file."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+# (logger, message pattern): log records dropped where they are made
+NOISY_LOGS = (
+    # bitsandbytes on CPU looks for an optional hub kernel package on import
+    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # DeepSpeed announces the accelerator it detected on import
+    ("DeepSpeed", r"Setting ds_accelerator to"),
+    # Lightning advertises a logging service
+    ("lightning.pytorch.utilities.rank_zero", r"Tip: For seamless cloud logging"),
+)
+# Python warnings dropped (message patterns)
+NOISY_WARNINGS = (
+    r"`is_gradient_checkpointing` is deprecated",  # transformers 5 renamed it; PEFT still asks
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen base's dropout-free eval modules
+    r"`torch\.utils\._pytree\._register_pytree_node` is deprecated",
+)
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_third_party() -> None:
+    """Filter the known non-actionable warnings and log lines (idempotent); ``httpx`` logs no line per request."""
+    for name, pattern in NOISY_LOGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropMatching(pattern))
+    for pattern in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # "HTTP Request: POST …" for every judge request
+
+
+def mirror_to_run_log() -> None:
+    """Send Lightning's lines (and kullm's, printed through Lightning's rank-zero logger) to the log file(s) Hydra
+    opened for this run too; Lightning's logger does not propagate to the root logger Hydra configures."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    lightning = logging.getLogger("lightning.pytorch")
+    for handler in files:
+        if handler not in lightning.handlers:
+            lightning.addHandler(handler)
