@@ -53,7 +53,10 @@ def test_the_package_is_grouped_by_stage():
         assert (PACKAGE / stage / "__init__.py").is_file(), stage
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert CLIS <= top
-    assert len(top - CLIS) <= 8, f"flat modules beside the CLIs should be the shared base only: {sorted(top - CLIS)}"
+    # beside the CLIs only the shared base every stage uses: a new flat module is a decision, made here
+    base = {"adapter", "atomic", "chat_template", "config", "console", "modeling", "redaction", "resumable",
+            "templates"}  # fmt: skip
+    assert top - CLIS == base, f"flat modules beside the CLIs should be the shared base only: {sorted(top - CLIS)}"
 
 
 def test_no_import_runs_back_up_from_a_lower_stage():

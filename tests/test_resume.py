@@ -69,7 +69,7 @@ def test_resume_on_two_processes_is_exact_with_dropout(tmp_path, variant):
     import subprocess
     import sys
 
-    common = [*COMMON, "experiment=smoke", "logger=csv", "strategy=ddp", "trainer.devices=2", "trainer.max_steps=16",
+    common = [*COMMON, "experiment=smoke", "logger=csv", "strategy=ddp", "trainer.devices=2", "trainer.max_steps=20",
               "batch_size=8", "micro_batch_size=2", f"data.cache_dir={tmp_path}/cache", *VARIANTS[variant]]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -86,10 +86,8 @@ class KullmLitModule(L.LightningModule):
     def _at_step_boundary(self) -> bool:
         """Whether the coming ``optimizer.step()`` really steps: DeepSpeed's engine is stepped after every
         micro-batch and steps the weights only at the end of its accumulation window."""
-        if not self._engine_scales_grads:
-            return True
-        engine = self.trainer.strategy.model
-        return bool(engine.is_gradient_accumulation_boundary())
+        boundary = getattr(self.trainer.strategy.model, "is_gradient_accumulation_boundary", None)
+        return not self._engine_scales_grads or boundary is None or bool(boundary())
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self._at_step_boundary():  # no collective, no log line per micro-batch: the window keeps adding up
