@@ -138,17 +138,15 @@ def _tiny_model(shape: Mapping[str, Any], tok, corpus: str):
     """Random init in Polyglot-ko's layout (scaled down), or another family's architecture, then the warm-up."""
     from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings")  # fmt: skip
+    sizes = {k: shape[k] for k in sizes}
     family = FAMILIES.get(shape["arch"])
     if family is not None:
         stop = [tok.convert_tokens_to_ids(t) for t in family["stop"]]
         cfg = AutoConfig.for_model(
             shape["arch"],
-            vocab_size=shape["vocab_size"],
-            hidden_size=shape["hidden_size"],
-            num_hidden_layers=shape["num_hidden_layers"],
-            num_attention_heads=shape["num_attention_heads"],
-            intermediate_size=shape["intermediate_size"],
-            max_position_embeddings=shape["max_position_embeddings"],
+            **sizes,
             bos_token_id=tok.bos_token_id,
             eos_token_id=stop if len(stop) > 1 else stop[0],
             pad_token_id=tok.pad_token_id,
@@ -159,13 +157,8 @@ def _tiny_model(shape: Mapping[str, Any], tok, corpus: str):
         _warm_up(model, tok, corpus.splitlines(), steps=int(shape["warmup_steps"]), seed=int(shape["seed"]))
         return model
     cfg = GPTNeoXConfig(
-        vocab_size=shape["vocab_size"],
-        hidden_size=shape["hidden_size"],
-        num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=shape["num_attention_heads"],
-        intermediate_size=shape["intermediate_size"],
+        **sizes,
         rotary_pct=shape["rotary_pct"],
-        max_position_embeddings=shape["max_position_embeddings"],
         use_parallel_residual=shape["use_parallel_residual"],
         bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
