@@ -221,6 +221,29 @@ def seed_tokenize_fn(tokenizer, prompter, cutoff_len: int, train_on_inputs: bool
     return generate_and_tokenize_prompt
 
 
+def hf_trainer_args(args, out_dir: Path) -> dict:
+    """The HF ``Trainer`` settings the seed recipe and TRL's ``SFTTrainer`` variants share (the seed's numbers)."""
+    return dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+        max_steps=args.steps,
+        learning_rate=3e-4,
+        warmup_steps=min(100, args.steps // 10),
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=10**6,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=args.device == "cpu",
+        bf16=args.device == "cuda",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
 def run_seed(args: argparse.Namespace, group_by_length: bool, out_dir: Path) -> dict[str, Any]:
     import datasets
     import torch
@@ -272,25 +295,9 @@ def run_seed(args: argparse.Namespace, group_by_length: bool, out_dir: Path) -> 
             return super().training_step(model, inputs, num_items_in_batch)
 
     targs = TrainingArguments(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
-        max_steps=args.steps,
-        learning_rate=3e-4,
-        warmup_steps=min(100, args.steps // 10),
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        logging_steps=10**6,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
+        **hf_trainer_args(args, out_dir),
         train_sampling_strategy="group_by_length" if group_by_length else "random",  # group_by_length=True in v4
-        seed=args.seed,
-        use_cpu=args.device == "cpu",
-        bf16=args.device == "cuda",
-        dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=True,
     )
     trainer = MeteredTrainer(
         model=model,
@@ -347,23 +354,7 @@ def run_trl(args: argparse.Namespace, packing: bool, out_dir: Path) -> dict[str,
             return super().training_step(model, inputs, num_items_in_batch)
 
     targs = SFTConfig(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
-        max_steps=args.steps,
-        learning_rate=3e-4,
-        warmup_steps=min(100, args.steps // 10),
-        max_grad_norm=1.0,
-        optim="adamw_torch",
-        logging_steps=10**6,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        use_cpu=args.device == "cpu",
-        bf16=args.device == "cuda",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        **hf_trainer_args(args, out_dir),
         gradient_checkpointing=False,  # SFTConfig turns it on by default; no other variant recomputes activations
         max_length=args.cutoff_len,
         completion_only_loss=True,

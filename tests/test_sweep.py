@@ -194,6 +194,18 @@ def test_the_slurm_preset_sizes_the_sbatch_job_from_the_trainer(tmp_path):
         assert f"#SBATCH {line}\n" in script, line  # (submitit asks for SIGUSR2 before the time limit)
 
 
+def interrupt(cmd: list[str], run: Path, sig: signal.Signals, **popen) -> tuple[str, int]:
+    """Start ``cmd``, send ``sig`` once its first ``last.ckpt`` exists; check the exit status and return the
+    "interrupted by" line and the step it names."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    wait_for(run / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith(f"kullm-train: interrupted by {sig.name}"))
+    return line, int(line.split(" at step ")[1].split(";")[0])
+
+
 def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -225,13 +237,7 @@ def test_sigterm_mid_epoch_then_the_same_command_ends_with_the_uninterrupted_ada
     assert straight.returncode == 0, straight.stderr[-3000:]
     run = tmp_path / "outputs" / "train" / "resumed"
     command = [*common, "run_name=resumed"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(run / "checkpoints" / "last.ckpt", proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    line = next(x for x in err.splitlines() if x.startswith("kullm-train: interrupted by SIGTERM"))
-    step = int(line.split(" at step ")[1].split(";")[0])
+    line, step = interrupt(command, run, signal.SIGTERM, cwd=tmp_path, env=env)
     assert 0 < step < 10, line  # inside the first epoch (10 optimizer steps)
     assert "run the same command again: run_name=resumed" in line
     assert read_result(run)["status"] == "interrupted" and not (run / "adapter").exists()
@@ -265,13 +271,7 @@ def test_slurm_pre_timeout_signal_saves_last_and_requeues_the_job(tmp_path):
     run = tmp_path / "outputs" / "train" / "job"
     cmd = [sys.executable, "-m", "kullm.train", *RESUMABLE, "logger=csv", "run_name=job",
            f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(run / "checkpoints" / "last.ckpt", proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
-    line = next(x for x in err.splitlines() if x.startswith("kullm-train: interrupted by SIGUSR1"))
-    step = int(line.split(" at step ")[1].split(";")[0])
+    line, step = interrupt(cmd, run, signal.SIGUSR1, cwd=tmp_path, env=env)
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     progress = last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
     assert last["global_step"] == step and progress["ready"] == progress["completed"] + 1 == 2 * step

@@ -398,7 +398,8 @@ def _jsonl_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
             yield _Row(src, line, obj)
 
 
-def _json_array_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
+def _whole_text(f: Path, report: ReadReport) -> str:
+    """A whole file as UTF-8 text, a BOM removed and counted; invalid UTF-8 names the line."""
     data = f.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -408,6 +409,11 @@ def _json_array_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
     if text.startswith(BOM):
         report.repaired["bom"] += 1
         text = text[1:]
+    return text
+
+
+def _json_array_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
+    text = _whole_text(f, report)
     if "\r\n" in text:
         report.repaired["crlf"] += text.count("\r\n")
     decoder = json.JSONDecoder()
@@ -442,15 +448,7 @@ def _csv_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
     import csv
     import io
 
-    data = f.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{f}:{line}: <file>: invalid_utf8: {e.reason}") from None
-    if text.startswith(BOM):
-        report.repaired["bom"] += 1
-        text = text[1:]
+    text = _whole_text(f, report)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)

@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 
 from kullm.adapter import clean_name
+from kullm.training.fsdp import LoraFSDPStrategy
 from kullm.training.loss import check_loss_impl, lm_loss
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class KullmLitModule(L.LightningModule):
 
     @property
     def _sharded_grads(self) -> bool:
-        return hasattr(self.trainer.strategy, "clip_grad_norm")
+        return isinstance(self.trainer.strategy, LoraFSDPStrategy)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # a sharded gradient's norm needs every shard: FSDP's own clip_grad_norm_ (Lightning's FSDP plugin refuses)
