@@ -7,6 +7,10 @@ An adapter folder holds
 * ``template.yaml`` — the prompt template used in training,
 * ``kullm_config.yaml`` — the resolved run config (secrets redacted); its ``model`` node names the base model.
 
+Full fine-tuning (``lora=none``) leaves a *model folder* instead: a plain Hugging Face checkpoint (sharded
+safetensors, ``generation_config.json`` with EOS and pad) with the same tokenizer, template and config files, which
+``kullm-generate base=<folder>`` and vLLM/TGI load as they are.
+
 Folders are written to a temporary sibling and renamed into place, so a crash while writing never leaves a
 half-written adapter nor destroys the previous one.
 """
@@ -90,16 +94,48 @@ def save_adapter(
 
     ``state_dict`` lets a sharded strategy pass the already-gathered adapter weights.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(folder.parent)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
-    model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
-    # PEFT picks the adapter's weights by walking the module tree; under FSDP that tree's names carry wrapper
-    # segments, so a sharded strategy passes the weights under those names and they are renamed here
-    _clean_weight_names(model, tmp / WEIGHTS_FILE)
+
+    def write(tmp: Path) -> None:
+        kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
+        model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        # PEFT picks the adapter's weights by walking the module tree; under FSDP that tree's names carry wrapper
+        # segments, so a sharded strategy passes the weights under those names and they are renamed here
+        _clean_weight_names(model, tmp / WEIGHTS_FILE)
+        _write_meta(tmp, tokenizer, prompter, config)
+        verify_adapter(tmp)
+
+    return _write_folder(folder, write)
+
+
+def save_model(
+    model,
+    folder: str | Path,
+    *,
+    tokenizer,
+    prompter: Prompter | None = None,
+    config: DictConfig | Mapping | None = None,
+    state_dict: Mapping[str, Any] | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write a fully fine-tuned ``model`` as a plain Hugging Face checkpoint with kullm's files; swap it in atomically.
+
+    ``state_dict`` (names as in ``model.state_dict()``) lets a sharded strategy pass the gathered weights.
+    """
+    from kullm.inference.generation import eos_token_ids
+
+    def write(tmp: Path) -> None:
+        eos = eos_token_ids(model, tokenizer)
+        model.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size, **kwargs)
+        _write_meta(tmp, tokenizer, prompter, config)
+        verify_model(tmp)
+
+    return _write_folder(folder, write)
+
+
+def _write_meta(tmp: Path, tokenizer, prompter: Prompter | None, config) -> None:
     if tokenizer is not None:  # carrying the chat_template of the prompt it was trained on (kullm.chat_template)
         with serving(tokenizer, served_prompter(prompter, (config or {}).get("data"))):
             tokenizer.save_pretrained(str(tmp))
@@ -107,13 +143,49 @@ def save_adapter(
         prompter.save(tmp / TEMPLATE_FILE)
     if config is not None:
         OmegaConf.save(OmegaConf.create(redact(config)), tmp / CONFIG_FILE)
-    verify_adapter(tmp)
+
+
+def _write_folder(folder: str | Path, write) -> Path:
+    """``write(tmp)`` into a temporary sibling of ``folder``, then swap it in (the old folder goes only after)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(folder.parent)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
         os.replace(folder, old)
     replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def verify_model(folder: str | Path) -> int:
+    """Check that ``folder`` holds a Hugging Face checkpoint with non-empty safetensors weights; return its size."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        raise AdapterError(f"{folder}: no config.json and *.safetensors: not a model folder")
+    n = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            n += sum(_numel(f, k) for k in f.keys())
+    if n == 0:
+        raise AdapterError(f"{folder}: its safetensors hold no weights")
+    return n
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    """A full checkpoint (``lora=none``), not an adapter."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
 
 
 def verify_adapter(folder: str | Path) -> int:
@@ -150,6 +222,8 @@ def read_adapter(folder: str | Path) -> AdapterSpec:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such adapter folder")
+    if is_model_folder(folder):
+        raise AdapterError(f"{folder}: a full checkpoint (lora=none), not an adapter: pass base={folder}")
     verify_adapter(folder)
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():

@@ -19,7 +19,6 @@ NOISY_LOGS = (
 # Python warnings dropped (message patterns)
 NOISY_WARNINGS = (
     r"`is_gradient_checkpointing` is deprecated",  # transformers 5 renamed it; PEFT still asks
-    r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen base's dropout-free eval modules
     r"`torch\.utils\._pytree\._register_pytree_node` is deprecated",
 )
 

@@ -243,6 +243,10 @@ def load_tokenizer(cfg: Mapping[str, Any]):
         revision=cfg.get("revision"),
         trust_remote_code=bool(cfg.get("trust_remote_code", False)),
     )
+    added = [str(t) for t in cfg.get("added_tokens") or []]
+    if added:  # before EOS/pad: a preset may make an added token its EOS (a chat marker on a base model)
+        new = tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+        log.info("model.added_tokens: %d of %d new to the tokenizer (%d tokens now)", new, len(added), len(tok))
     for key in ("eos_token", "pad_token"):
         token = cfg.get(key)
         if not token:
@@ -344,23 +348,41 @@ def _train_safe_4bit(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def build_peft_model(
+def full_finetuning(lora_cfg: Any) -> bool:
+    """``lora=none`` (a node without ``_target_``; an experiment's LoRA knobs merged into it are ignored): no adapter,
+    every weight of the base trains."""
+    return lora_cfg is None or (isinstance(lora_cfg, Mapping) and not lora_cfg.get("_target_"))
+
+
+def build_trainable_model(
     model_cfg: Mapping[str, Any],
     lora_cfg: Any,
     quant: Mapping[str, Any] | None = None,
     *,
     gradient_checkpointing: bool = False,
     init_adapter: str | None = None,
+    tokenizer=None,
 ):
-    """Base model (optionally 8/4-bit) + LoRA; only adapter parameters train. Returns the ``PeftModel``.
+    """The model to train: base (optionally 8/4-bit) + LoRA with only the adapter trainable (a ``PeftModel``), or, for
+    ``lora=none``, the whole base (full fine-tuning).
 
+    With ``tokenizer``, the embeddings grow to its vocabulary when ``model.added_tokens`` made it larger; under LoRA,
+    the input embedding and the output head then train whole (``modules_to_save``): a new token's rows start untrained.
     ``init_adapter`` (a PEFT adapter folder) warm-starts: its LoRA weights and settings, trainable again.
     """
     from hydra.utils import instantiate
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    full = full_finetuning(lora_cfg)
+    if full and quantization_config(quant) is not None:
+        mode = quant["mode"]
+        raise ConfigError(f"lora=none trains every weight, which a bitsandbytes {mode} base cannot: use quant=none")
+    if full and init_adapter:
+        raise ConfigError("init_adapter warm-starts a LoRA adapter: it needs a lora= preset, not lora=none")
     model = load_model(model_cfg, quant=quant)
     model.config.use_cache = False  # training: a KV cache is wasted memory, and it breaks packed position_ids
+    if tokenizer is not None:
+        fit_vocabulary(model, tokenizer)
     if quantization_config(quant) is not None:
         model = prepare_model_for_kbit_training(
             model,
@@ -369,9 +391,21 @@ def build_peft_model(
         )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        if not full:
+            model.enable_input_require_grads()
+    if full:
+        dtype = str(model_cfg.get("dtype") or "float32")
+        if dtype != "float32":
+            log.warning("lora=none with model.dtype=%s: AdamW updates %s weights directly (no fp32 master copy); "
+                        "model.dtype=float32 with trainer.precision=bf16-mixed trains in fp32", dtype, dtype)
+        model.requires_grad_(True)
+        return model
     config = lora_cfg if isinstance(lora_cfg, LoraConfig) else instantiate(lora_cfg)
     config.target_modules = lora_targets(config.target_modules, model.config.model_type)
+    if model_cfg.get("added_tokens"):
+        embed, head = embedding_names(model)
+        config.modules_to_save = sorted({*(config.modules_to_save or []), embed, *([head] if head else [])})
+        config.ensure_weight_tying = tied_embeddings(model)
     if init_adapter:
         return _warm_start(model, config, init_adapter)
     try:
@@ -381,6 +415,33 @@ def build_peft_model(
         why = " ".join(str(e).split())
         targets = sorted(config.target_modules)
         raise ConfigError(f"lora.target_modules={targets}: {why} Linear layers here: {names}") from None
+
+
+def fit_vocabulary(model, tokenizer, multiple: int = 64) -> int:
+    """Grow the embeddings (and an untied head) to hold every token id of ``tokenizer``; return the row count.
+
+    Spare rows are kept (Polyglot-ko pads 30,003 tokens to 30,080 rows): only a tokenizer that outgrew them resizes,
+    to a multiple of ``multiple``. Adapter loading and merging call this with the adapter's tokenizer, so the base
+    gets the very shape it was trained with.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
+        log.info("embeddings resized from %d to %d rows for %d tokens", rows,
+                 model.get_input_embeddings().num_embeddings, len(tokenizer))  # fmt: skip
+    return model.get_input_embeddings().num_embeddings
+
+
+def embedding_names(model) -> tuple[str, str | None]:
+    """Module names (last segment) of the input embedding and of the output head (``None`` if it has none)."""
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    head = model.get_output_embeddings()
+    return names[id(model.get_input_embeddings())], names.get(id(head)) if head is not None else None
+
+
+def tied_embeddings(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
 
 
 def _warm_start(model, config, folder: str):

@@ -93,7 +93,7 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says; return the final metrics, the adapter folder, the trainer and the module."""
     from kullm.data.datamodule import KullmDataModule
-    from kullm.modeling import build_peft_model, load_tokenizer
+    from kullm.modeling import build_trainable_model, full_finetuning, load_tokenizer
     from kullm.templates import Prompter
     from kullm.training.module import KullmLitModule
 
@@ -129,12 +129,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         seed=int(cfg.seed),
         pad_to_multiple_of=int(cfg.pad_to_multiple_of),
     )
-    model = build_peft_model(
+    model = build_trainable_model(
         cfg.model,
         cfg.lora,
         cfg.quant,
         gradient_checkpointing=bool(cfg.gradient_checkpointing),
         init_adapter=cfg.get("init_adapter"),
+        tokenizer=tokenizer,
     )
     module = KullmLitModule(model, optim=cfg.optim, loss=cfg.get("loss"))
     loggers = build_loggers(cfg, out, model)
@@ -174,7 +175,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         if trainer.is_global_zero:
             finish_wandb(loggers)
         raise Interrupted(stopper.signum, trainer.global_step, _last_checkpoint(trainer))
-    adapter = out / "adapter"
+    adapter = out / ("model" if full_finetuning(cfg.lora) else "adapter")  # lora=none: a full checkpoint
     best = _best_adapter(trainer) if final == "best" else None
     if best is not None:
         if trainer.is_global_zero:
@@ -187,12 +188,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     record.write(trainer, "finished", adapter)
     if trainer.is_global_zero:
         source = f" (the best checkpoint, {best.name})" if best is not None else ""
-        rank_zero_info(f"kullm-train: adapter saved to {adapter}{source}")
+        what = "adapter" if adapter.name == "adapter" else "model"
+        rank_zero_info(f"kullm-train: {what} saved to {adapter}{source}")
         log_adapter_artifact(loggers, adapter)
         finish_wandb(loggers)
     return {
         "metrics": metrics,
-        "adapter": str(out / "adapter"),
+        "adapter": str(adapter),  # lora=none: the model folder
         "output_dir": str(out),
         "trainer": trainer,
         "module": module,

@@ -15,7 +15,7 @@ from test_train import cfg_for, metric_series
 from transformers import AutoModelForCausalLM
 
 from kullm.adapter import AdapterError, verify_adapter
-from kullm.modeling import build_peft_model
+from kullm.modeling import build_trainable_model
 from kullm.training.fsdp import _layer_classes, _wrap_policy
 
 # a clip far below the gradient norm: every step clips, so a per-shard norm would show in the weights
@@ -28,10 +28,10 @@ COMMON = ["experiment=smoke", "logger=csv", "trainer.devices=2", "seed=7", "trai
 
 def test_each_lora_layer_and_each_block_is_its_own_fsdp_unit(tmp_path):
     cfg = cfg_for(tmp_path)
-    model = build_peft_model(cfg.model, cfg.lora, cfg.quant)
+    model = build_trainable_model(cfg.model, cfg.lora, cfg.quant)
     classes = _layer_classes(model, None)
     assert {c.__name__ for c in classes} == {"GPTNeoXLayer"}  # the model's _no_split_modules
-    wrapped = {name for name, m in model.named_modules() if _wrap_policy(classes, m, False, 0)}
+    wrapped = {name for name, m in model.named_modules() if _wrap_policy(classes, True, m, False, 0)}
     lora = {n for n, m in model.named_modules() if ".lora_A.default" in n or ".lora_B.default" in n}
     layers = {n for n, m in model.named_modules() if type(m).__name__ == "GPTNeoXLayer"}
     assert lora and wrapped == lora | layers  # never a frozen base linear, embedding or norm on its own

@@ -74,19 +74,19 @@ def test_gemma2_gets_the_eager_kernel_and_others_transformers_default(tmp_path):
 
 
 def test_warm_start_from_an_adapter_trains_on_from_its_weights(tmp_path):
-    from kullm.modeling import build_peft_model
+    from kullm.modeling import build_trainable_model
 
     common = ["trainer.max_steps=2", "data.val_set_size=0", "callbacks.samples.num=0"]
     first = Path(train(cfg_for(tmp_path / "first", *common))["adapter"])
     saved = load_file(first / "adapter_model.safetensors")
     cfg = cfg_for(tmp_path / "second", *common, f"init_adapter={first}")
-    model = build_peft_model(cfg.model, cfg.lora, cfg.quant, init_adapter=cfg.init_adapter)
+    model = build_trainable_model(cfg.model, cfg.lora, cfg.quant, init_adapter=cfg.init_adapter)
     start = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
     second = load_file(Path(train(cfg)["adapter"]) / "adapter_model.safetensors")
     assert any(not torch.equal(second[k], saved[k]) for k in saved)  # it trained on
     with pytest.raises(ConfigError, match=r"init_adapter=.* has another LoRA shape \(r: adapter 16, lora.r 8"):
-        build_peft_model(cfg.model, cfg_for(tmp_path, "lora.r=8").lora, cfg.quant, init_adapter=str(first))
+        build_trainable_model(cfg.model, cfg_for(tmp_path, "lora.r=8").lora, cfg.quant, init_adapter=str(first))
 
 
 @pytest.mark.timeout(900)

@@ -319,13 +319,29 @@ def test_loss_is_normalised_per_trained_token_across_accumulation(tmp_path, monk
     assert max(float((c[k] - a[k]).abs().max()) for k in a) > 1e-4
 
 
-def test_gradient_checkpointing_trains(tmp_path):
-    res = train(cfg_for(tmp_path, "gradient_checkpointing=true", "trainer.max_steps=2", "callbacks.samples.num=0"))
+class _BlockCalls(L.Callback):
+    """Counts the forward calls of the first block's attention during each training batch."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        block = pl_module.model.get_base_model().gpt_neox.layers[0].attention  # recomputed in backward if checkpointed
+        block.register_forward_hook(lambda *_: self.per_batch.__setitem__(-1, self.per_batch[-1] + 1))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.per_batch.append(0)
+
+
+def test_gradient_checkpointing_recomputes_each_block_in_backward(tmp_path):
+    calls = _BlockCalls()
+    args = ("trainer.max_steps=2", "callbacks.samples.num=0", "data.val_set_size=0")
+    res = train(cfg_for(tmp_path, "gradient_checkpointing=true", *args), extra_callbacks=[calls])
     assert res["metrics"]["global_step"] == 2 and res["metrics"]["train/loss"] > 0
-    base = res["module"].model.get_base_model()
-    assert base.gpt_neox.gradient_checkpointing is True  # it was really on
-    off = train(cfg_for(tmp_path / "off", "trainer.max_steps=1", "callbacks.samples.num=0"))
-    assert off["module"].model.get_base_model().gpt_neox.gradient_checkpointing is False
+    assert calls.per_batch and set(calls.per_batch) == {2}  # forward, then again in backward: checkpointing acted
+    off = _BlockCalls()
+    train(cfg_for(tmp_path / "off", *args), extra_callbacks=[off])
+    assert set(off.per_batch) == {1}
 
 
 def test_nf4_lora_trains_on_cpu_after_an_eval_forward(tmp_path):

@@ -1,7 +1,8 @@
 """Checkpoints a user keeps: an adapter folder beside every Lightning checkpoint, written atomically.
 
 * :class:`AdapterCheckpoint` — Lightning's ``ModelCheckpoint`` (best k by ``val/loss`` + last) that also writes
-  ``<checkpoint name>/`` as a PEFT adapter folder (see :mod:`kullm.adapter`) and removes it with its checkpoint.
+  ``<checkpoint name>/`` as a PEFT adapter folder (a full model folder under ``lora=none``; see :mod:`kullm.adapter`)
+  and removes it with its checkpoint.
 * :class:`AtomicCheckpointIO` — writes ``.ckpt`` files to a temporary name and renames them, so a crash while
   writing never destroys the previous checkpoint.
 * :func:`adapter_state` — the adapter weights, gathered from every rank under sharded strategies.
@@ -20,7 +21,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from kullm.adapter import clean_name, save_adapter
+from kullm.adapter import clean_name, save_adapter, save_model
 from kullm.atomic import clean_stale, replace
 
 
@@ -39,36 +40,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
-def adapter_state(trainer: L.Trainer, peft_model) -> dict[str, Any] | None:
-    """The trainable (adapter) weights by name on global rank 0 (``None`` elsewhere), gathered when sharded.
+def adapter_state(trainer: L.Trainer, model) -> dict[str, Any] | None:
+    """The trainable weights by name on global rank 0 (``None`` elsewhere), gathered when sharded.
 
-    The result is a partial model state dict with plain names (no wrapper segments), which
-    ``PeftModel.save_pretrained(state_dict=...)`` accepts.
+    For a ``PeftModel``: a partial state dict with plain names (no wrapper segments), which
+    ``PeftModel.save_pretrained(state_dict=...)`` accepts. For a fully fine-tuned model: its gathered state dict when
+    sharded, else ``None`` (the model saves its own weights, with no copy).
     """
     from kullm.training.fsdp import LoraFSDPStrategy
 
     strategy = trainer.strategy
+    peft = is_peft(model)
     if isinstance(strategy, LoraFSDPStrategy):
         state = strategy.trainable_state()  # plain names relative to the LightningModule ("model.base_model...")
         if not trainer.is_global_zero:
             return None
+        if not peft:
+            return {k.removeprefix("model."): v for k, v in state.items()}
         # PEFT finds the adapter's weights by the (wrapped) module tree: hand them over under those names;
         # save_adapter writes them under the plain ones
-        wrapped = {n: clean_name(f"model.{n}") for n, p in peft_model.named_parameters() if p.requires_grad}
+        wrapped = {n: clean_name(f"model.{n}") for n, p in model.named_parameters() if p.requires_grad}
         return {n: state[c] for n, c in wrapped.items()}
     if type(strategy).__name__.startswith("FSDP"):
         raise TypeError("plain FSDPStrategy gathers the whole base to save: use strategy=fsdp (LoraFSDPStrategy)")
 
     def trainable() -> dict[str, Any]:
-        return {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     if type(strategy).__name__.startswith("DeepSpeed") and getattr(strategy, "zero_stage_3", False):
         import deepspeed
 
-        params = [p for p in peft_model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return trainable() if trainer.is_global_zero else None
+    if not peft:
+        return None
     return trainable() if trainer.is_global_zero else None
+
+
+def is_peft(model) -> bool:
+    """Whether ``model`` trains an adapter (else: full fine-tuning)."""
+    return hasattr(model, "peft_config")
 
 
 class AdapterCheckpoint(ModelCheckpoint):
@@ -164,12 +176,13 @@ def copy_adapter(source: Path, folder: str | Path) -> Path:
 
 
 def export_adapter(trainer: L.Trainer, folder: str | Path, **meta) -> Path | None:
-    """Gather the adapter from every rank and write it (rank 0) as a verified PEFT folder; collective call."""
-    peft_model = trainer.lightning_module.model
-    state = adapter_state(trainer, peft_model)
+    """Gather the adapter from every rank and write it (rank 0) as a verified PEFT folder (a model folder when fully
+    fine-tuned); collective call."""
+    model = trainer.lightning_module.model
+    state = adapter_state(trainer, model)
     path = None
     if trainer.is_global_zero:
-        path = save_adapter(peft_model, folder, state_dict=state, **meta)
+        path = (save_adapter if is_peft(model) else save_model)(model, folder, state_dict=state, **meta)
     trainer.strategy.barrier("export_adapter")
     return path
 

@@ -2,7 +2,7 @@
 
 * Each LoRA layer is an FSDP unit of its own, beside one unit per transformer block (the model's
   ``_no_split_modules``): flat parameters never mix frozen and trainable weights, so backward allocates and
-  reduce-scatters gradients for the adapter only.
+  reduce-scatters gradients for the adapter only. Under full fine-tuning (``lora=none``) the blocks are the units.
 * Checkpoints and exported adapters hold the trainable weights only, under plain names (no ``_fsdp_wrapped_module``),
   gathered unit by unit from the adapter's units: the frozen base is never gathered to save.
 * Gradients are clipped by their global norm across shards (``FullyShardedDataParallel.clip_grad_norm_``), which
@@ -38,10 +38,12 @@ def _layer_classes(model: nn.Module, names: list[str] | None) -> set[type[nn.Mod
     return found
 
 
-def _wrap_policy(layer_classes: set[type[nn.Module]], module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+def _wrap_policy(
+    layer_classes: set[type[nn.Module]], adapter: bool, module: nn.Module, recurse: bool, nonwrapped_numel: int
+) -> bool:
     if recurse:
         return True
-    return isinstance(module, tuple(layer_classes)) or _is_adapter_leaf(module)
+    return isinstance(module, tuple(layer_classes)) or (adapter and _is_adapter_leaf(module))
 
 
 class LoraFSDPStrategy(FSDPStrategy):
@@ -59,8 +61,10 @@ class LoraFSDPStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if "auto_wrap_policy" not in self.kwargs or self.kwargs["auto_wrap_policy"] is None:
+            # full fine-tuning (every weight trains): one unit per block, no per-layer units
+            adapter = not all(p.requires_grad for p in model.parameters())
             self.kwargs["auto_wrap_policy"] = functools.partial(
-                _wrap_policy, _layer_classes(model, self.layer_classes)
+                _wrap_policy, _layer_classes(model, self.layer_classes), adapter
             )
         if self.root_device.type != "cpu":
             return super()._setup_model(model)

@@ -205,6 +205,11 @@ class KullmLitModule(L.LightningModule):
             )
         self._rng_to_restore = per_rank[rank] if len(per_rank) == world else per_rank[0]
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns a model in eval mode: train mode makes dropout and gradient checkpointing (which HF
+        # layers apply only while training) act, as HF's Trainer does; validation switches back and forth itself
+        self.model.train()
+
     def on_train_start(self) -> None:
         # Lightning resumes mid-epoch without calling on_train_epoch_start: restore the RNG here (the batch order
         # was restored when the training dataloader was made: KullmDataModule.train_dataloader)
