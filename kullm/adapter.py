@@ -253,7 +253,7 @@ def load_adapter(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from kullm.modeling import load_model
+    from kullm.modeling import fit_vocabulary, load_model
 
     spec = read_adapter(folder)
     model_cfg = dict(spec.model)
@@ -267,8 +267,9 @@ def load_adapter(
     if dtype:
         model_cfg["dtype"] = dtype
     model_cfg["shape_only"] = False
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.path), trust_remote_code=bool(trust_remote_code))
     base = load_model(model_cfg, quant=quant, device_map=device_map)
+    fit_vocabulary(base, tokenizer)  # tokens added in training (model.added_tokens): the trained embedding shape
     model = PeftModel.from_pretrained(base, str(spec.path), use_safetensors=True)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(spec.path), trust_remote_code=bool(trust_remote_code))
     return model, tokenizer, spec.prompter

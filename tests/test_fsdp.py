@@ -20,7 +20,7 @@ from kullm.training.fsdp import _layer_classes, _wrap_policy
 
 # a clip far below the gradient norm: every step clips, so a per-shard norm would show in the weights
 COMMON = ["experiment=smoke", "logger=csv", "trainer.devices=2", "seed=7", "trainer.max_steps=12",
-          "trainer.max_epochs=-1", "trainer.log_every_n_steps=1", "trainer.gradient_clip_val=0.05",
+          "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "trainer.gradient_clip_val=0.05",
           "lora.lora_dropout=0.1", "callbacks.checkpoint.every_n_train_steps=2",
           "callbacks.checkpoint.monitor=train/loss", "callbacks.checkpoint.save_top_k=-1",
           "callbacks.samples.num=2", "callbacks.samples.max_new_tokens=4"]  # fmt: skip

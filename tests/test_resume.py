@@ -14,7 +14,7 @@ from kullm.train import train
 COMMON = [
     "seed=1234",
     "trainer.max_steps=16",
-    "trainer.max_epochs=-1",
+    "trainer.max_epochs=3",  # bounded, as users run: Lightning then sizes the schedule from the data
     "callbacks.checkpoint.every_n_train_steps=2",
     "callbacks.checkpoint.monitor=train/loss",
     "callbacks.checkpoint.save_top_k=-1",

@@ -218,7 +218,6 @@ RESUMABLE = [
     "logger=wandb",
     "callbacks.samples.num=0",
     "trainer.max_steps=24",
-    "trainer.max_epochs=-1",
     "callbacks.checkpoint.every_n_train_steps=1",
     "lora.lora_dropout=0.1",
     "seed=7",

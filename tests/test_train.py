@@ -89,7 +89,6 @@ class StopAt(L.Callback):
 def test_exact_resume_n_plus_n_equals_2n(tmp_path):
     common = [
         "trainer.max_steps=8",
-        "trainer.max_epochs=-1",
         "lora.lora_dropout=0.1",  # dropout draws from the RNG: its state must be restored too
         "callbacks.checkpoint.every_n_train_steps=1",
         "callbacks.checkpoint.monitor=null",

@@ -13,7 +13,6 @@ import math
 import random
 import time
 from collections.abc import Mapping
-from functools import partial
 from typing import Any
 
 import lightning as L
@@ -161,19 +160,32 @@ class KullmLitModule(L.LightningModule):
         if not params:
             raise ValueError("no trainable parameter: check lora.target_modules against the model's layer names")
         optimizer = instantiate(self.optim_cfg["optimizer"])(params)
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = self.optim_cfg.get("warmup_steps")
-        if warmup is None:
-            warmup = math.ceil(float(self.optim_cfg.get("warmup_ratio", 0.0)) * total)
-        fn = partial(
-            lr_factor,
-            warmup=int(warmup),
-            total=total,
-            schedule=self.optim_cfg.get("schedule", "cosine"),
-            floor=float(self.optim_cfg.get("min_lr_ratio", 0.0)),
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_schedule())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_schedule(self):
+        """The LR multiplier per optimizer step, its total steps read at the first step.
+
+        Not here: ``estimated_stepping_batches`` makes Lightning build the training dataloader, which during
+        ``configure_optimizers`` comes before a resumed run's loop state is restored, and that loader would then
+        replay the interrupted epoch from its start. The factor at step 0 (asked when the scheduler is made) needs no
+        total: 0 with a warmup, 1 without. A plain function: ``LambdaLR`` keeps it out of checkpoints.
+        """
+        cfg = self.optim_cfg
+        schedule, floor = cfg.get("schedule", "cosine"), float(cfg.get("min_lr_ratio", 0.0))
+        ratio, steps = float(cfg.get("warmup_ratio", 0.0)), cfg.get("warmup_steps")
+        resolved: dict[str, int] = {}
+
+        def factor(step: int) -> float:
+            if step == 0 and not resolved:
+                warmup = int(steps) if steps is not None else int(ratio > 0)
+                return lr_factor(0, warmup=warmup, total=1, schedule=schedule, floor=floor)
+            if not resolved:
+                total = int(self.trainer.estimated_stepping_batches)
+                resolved.update(total=total, warmup=int(steps) if steps is not None else math.ceil(ratio * total))
+            return lr_factor(step, **resolved, schedule=schedule, floor=floor)
+
+        return factor
 
     # --- checkpoints and exact resume -------------------------------------------------------------------------
 
