@@ -87,10 +87,11 @@ def test_full_fine_tuning_refuses_a_quantized_base_and_a_warm_start(tmp_path):
         build_trainable_model(cfg.model, cfg.lora, cfg.quant, init_adapter=cfg.init_adapter)
 
 
-def test_added_tokens_resize_train_and_merge_into_a_resized_checkpoint(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # a tied head and an untied one
+def test_added_tokens_resize_train_and_merge_into_a_resized_checkpoint(tmp_path, arch):
     tokens = "[" + ",".join(f"'{t}'" for t in ADDED) + "]"
     # the first added token ends every answer: its (tied) embedding row must learn to be predicted
-    res = train(cfg_for(tmp_path / "run", "model=tiny-llama", "lora=default", f"model.added_tokens={tokens}",
+    res = train(cfg_for(tmp_path / "run", f"model=tiny-{arch}", "lora=default", f"model.added_tokens={tokens}",
                         f"model.eos_token='{ADDED[0]}'", "trainer.max_steps=4", "data.val_set_size=0",
                         "callbacks.samples.num=0"))  # fmt: skip
     adapter = Path(res["adapter"])
@@ -98,7 +99,6 @@ def test_added_tokens_resize_train_and_merge_into_a_resized_checkpoint(tmp_path)
     assert len(tok) == 2060 and tok.eos_token == ADDED[0]
     peft = res["module"].model
     assert peft.get_base_model().get_input_embeddings().num_embeddings == 2112  # 2,060 rounded up to 64
-    assert peft.peft_config["default"].modules_to_save == ["embed_tokens", "lm_head"]
     eos = tok.convert_tokens_to_ids(ADDED[0])
     # the adapter reloads onto a freshly resized base and answers as trained
     model, _, _ = load_adapter(adapter)
@@ -108,11 +108,16 @@ def test_added_tokens_resize_train_and_merge_into_a_resized_checkpoint(tmp_path)
         torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits)
     merged = merge(compose("merge", [f"adapter={adapter}", f"out={tmp_path / 'merged'}"]))
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()
-    assert plain.config.vocab_size == 2112 and plain.lm_head.weight is plain.model.embed_tokens.weight
-    embed = peft.get_base_model().get_input_embeddings()  # PEFT's wrapper: the original rows and the trained copy
-    trained, original = embed.modules_to_save["default"].weight, embed.original_module.weight
-    assert not torch.allclose(trained[eos], original[eos])  # the new token's row learned
-    torch.testing.assert_close(plain.model.embed_tokens.weight, trained.detach())
+    assert plain.config.vocab_size == 2112 and plain.lm_head.weight.shape[0] == 2112
+    assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == (arch == "llama")
+    # PEFT's wrappers hold the original rows and the trained copy; the head's row of the new token (tied: the
+    # embedding's) learned to predict it, and the merged checkpoint holds the trained copies
+    base = peft.get_base_model()
+    for layer, merged_weight in ((base.get_input_embeddings(), plain.model.embed_tokens.weight),
+                                 (base.get_output_embeddings(), plain.lm_head.weight)):  # fmt: skip
+        trained, original = layer.modules_to_save["default"].weight, layer.original_module.weight
+        torch.testing.assert_close(merged_weight, trained.detach())
+    assert not torch.allclose(trained[eos], original[eos])  # the head's row
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, peft(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     stops = plain.generation_config.eos_token_id

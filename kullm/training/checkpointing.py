@@ -64,8 +64,8 @@ def adapter_state(trainer: L.Trainer, model) -> dict[str, Any] | None:
     if type(strategy).__name__.startswith("FSDP"):
         raise TypeError("plain FSDPStrategy gathers the whole base to save: use strategy=fsdp (LoraFSDPStrategy)")
 
-    def trainable() -> dict[str, Any]:
-        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    def trainable() -> dict[str, Any]:  # by state-dict name: a tied weight under each of its names
+        return {n: p.detach().cpu().clone() for n, p in model.state_dict(keep_vars=True).items() if p.requires_grad}
 
     if type(strategy).__name__.startswith("DeepSpeed") and getattr(strategy, "zero_stage_3", False):
         import deepspeed
