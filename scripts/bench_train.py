@@ -887,7 +887,8 @@ def prep_section(args: argparse.Namespace, prep: list[dict[str, Any]], command: 
             "copy's instruction suffixed with its copy number (` (2)`, ` (3)`, …) so that no two rows are the same "
             f"(their outputs repeat); template `kullm`, cutoff_len {args.cutoff_len}, "
             f"train_on_inputs={str(args.train_on_inputs).lower()}. One process each, `TOKENIZERS_PARALLELISM=false` "
-            f"(both single-threaded but in the row that says otherwise); {len(rounds['seed_map'])} rounds in {len(prep)} processes, seed and kullm "
+            "(both single-threaded but in the row that says otherwise); "
+            f"{len(rounds['seed_map'])} rounds in {len(prep)} processes, seed and kullm "
             "alternating within each round; ratios are per round (median, min–max).",
             "",
             "| work | seed rows/s | kullm rows/s | kullm ÷ seed (wall) | kullm ÷ seed (CPU time) |",
@@ -927,7 +928,8 @@ def header(args: argparse.Namespace) -> str:
         [
             "# Benchmarks: kullm vs the seed recipe and TRL's SFTTrainer\n",
             "```\npython scripts/bench_train.py                # the head-heavy shape\n"
-            "python scripts/bench_train.py --shape body   # the body-heavy shape\n```\n",
+            "python scripts/bench_train.py --shape body   # the body-heavy shape\n"
+            "python scripts/bench_train.py --prep-only    # preprocessing only\n```\n",
             f"- Machine: {machine()}; **a shared box** (other jobs ran on the same 2 cores during the runs), so the "
             "figures are noisy: variants are interleaved within each repeat and every ratio is a median of per-repeat "
             "ratios (min–max in brackets).",
