@@ -139,7 +139,7 @@ def check_batch(
     spans: list[list[int]] = []  # per row: the trained ids to decode, without the EOS that ends them
     ended: list[bool] = []  # per row: whether the trained span ends with EOS (the answer was not cut)
     for ids, labs, n_prompt in zip(input_ids, labels, prompt_lens, strict=True):
-        ids, labs = list(ids), list(labs)
+        ids, labs = (x if isinstance(x, list) else list(x) for x in (ids, labs))  # list compares below
         span: list[int] = []
         if len(ids) != len(labs):
             found.append(f"{len(ids)} input ids but {len(labs)} labels")
