@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -482,29 +483,18 @@ def run_kullm(args: argparse.Namespace, variant: str, out_dir: Path) -> dict[str
 
 
 def prep_kullm(cfg) -> dict[str, float]:
-    """kullm's batched preprocessing (read, split, tokenize, mask, verify, cache); train() then hits the cache."""
+    """kullm's preprocessing (read, split, tokenize, mask, verify, cache), so that train() hits the cache; timed."""
     from kullm.data.preprocess import preprocess
-    from kullm.data.sft import encode_batch
     from kullm.modeling import load_tokenizer
     from kullm.templates import Prompter
 
     tokenizer = load_tokenizer(cfg.model)
     prompter = Prompter.from_config(cfg.template)
-    rows = [json.loads(line) for line in Path(cfg.data.path).read_text(encoding="utf-8").splitlines()]
-    t0 = time.perf_counter()  # tokenize + mask only, batched: the same work as the seed's per-example map
-    encode_batch(
-        tokenizer,
-        [prompter.render(r["instruction"], r["input"]) for r in rows],
-        [r["output"] for r in rows],
-        cutoff_len=int(cfg.data.cutoff_len),
-        train_on_inputs=bool(cfg.data.train_on_inputs),
-    )
-    encode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     processed = preprocess(cfg.data, tokenizer, prompter)
     seconds = time.perf_counter() - t0
-    n = sum(len(processed.dataset[s]) for s in processed.dataset)
-    return {"prep_rows": len(rows), "prep_rows_s": len(rows) / encode_s, "preprocess_rows_s": n / seconds}
+    n = sum(processed.stats["encoded"][s]["records"] for s in processed.stats["encoded"])
+    return {"prep_rows": n, "preprocess_rows_s": n / seconds}
 
 
 def prep_workload(data: Path, out: Path, rows_wanted: int = PREP_ROWS) -> int:
@@ -520,39 +510,85 @@ def prep_workload(data: Path, out: Path, rows_wanted: int = PREP_ROWS) -> int:
 
 
 def run_prep(args: argparse.Namespace, rounds: int = 3) -> dict[str, Any]:
-    """Tokenize + mask the preprocessing workload: the seed's per-example ``Dataset.map`` (no cache) against kullm's
-    batched ``encode_batch``, alternating, ``rounds`` times each; medians."""
+    """The preprocessing workload, seed against kullm, alternating within each of ``rounds`` rounds:
+
+    - ``map``: the seed's per-example ``Dataset.map(generate_and_tokenize_prompt)`` (no cache) over the loaded rows,
+      against kullm's ``encode_records`` over the read records (template, tokenize, mask, verify every example,
+      Arrow columns);
+    - ``end to end``: the seed's ``load_dataset("json")`` + the same ``map``, against kullm's uncached
+      ``preprocess`` (read, validate, deduplicate, split, the same encoding, save to the cache and reload);
+    - ``tokenizer``: the Rust tokenizer alone on every prompt and every response, once each: kullm's floor;
+    - ``kullm_map_threads``: ``encode_records`` with the Rust tokenizer's threads (``TOKENIZERS_PARALLELISM=true``,
+      kullm's default when the variable is unset; every other step runs with it ``false``).
+
+    Wall and CPU seconds of each; the ratios are per round (seed ÷ kullm, same round).
+    """
     import datasets
     from transformers import AutoTokenizer
 
-    from kullm.data.sft import encode_batch
+    from kullm.config import compose
+    from kullm.data.preprocess import encode_records, preprocess
+    from kullm.data.records import read_records
+    from kullm.data.sft import token_ids
+    from kullm.modeling import load_tokenizer
     from kullm.templates import Prompter
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    prompter = _kullm_prompter(Prompter)
-    fn = seed_tokenize_fn(tokenizer, prompter, args.cutoff_len, args.train_on_inputs)
-    raw = datasets.load_dataset("json", data_files=str(args.prep_data), split="train")
-    rows = raw.to_list()
-    seed_s, kullm_s = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        raw.map(fn, remove_columns=raw.column_names, load_from_cache_file=False)
-        seed_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        encode_batch(
-            tokenizer,
-            [prompter.render(r["instruction"], r["input"]) for r in rows],
-            [r["output"] for r in rows],
-            cutoff_len=args.cutoff_len,
-            train_on_inputs=args.train_on_inputs,
+    datasets.disable_progress_bars()
+    work = Path(tempfile.mkdtemp(prefix="kullm-prep-"))
+    cfg = compose(
+        "train",
+        [
+            f"output_dir={work / 'out'}",
+            "model=tiny",
+            f"model.tokenizer={args.tokenizer}",
+            f"data.path={args.prep_data}",
+            "data.val_set_size=0",
+            f"data.cutoff_len={args.cutoff_len}",
+            f"data.train_on_inputs={str(args.train_on_inputs).lower()}",
+            "data.allow_eval_overlap=true",  # the workload holds the evaluation set's rows: refusing them is not timed
+            "template=kullm",
+            "logger=none",
+        ],
+    )
+    tokenizer, seed_tokenizer = load_tokenizer(cfg.model), AutoTokenizer.from_pretrained(args.tokenizer)
+    prompter = Prompter.from_config(cfg.template)
+    fn = seed_tokenize_fn(seed_tokenizer, _kullm_prompter(Prompter), args.cutoff_len, args.train_on_inputs)
+    raw = datasets.load_dataset("json", data_files=str(args.prep_data), split="train", cache_dir=str(work / "hf0"))
+    records, _ = read_records(args.prep_data)
+    texts = [prompter.render(r.instruction, r.input) for r in records] + [r.output for r in records]
+
+    def clock(f) -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
+        f()
+        return time.perf_counter() - w, time.process_time() - c
+
+    def seed_e2e(i: int) -> None:
+        ds = datasets.load_dataset(
+            "json", data_files=str(args.prep_data), split="train", cache_dir=str(work / f"hf{i}")
         )
-        kullm_s.append(time.perf_counter() - t0)
-    return {
-        "rows": len(rows),
-        "seed_rows_s": len(rows) / statistics.median(seed_s),
-        "kullm_rows_s": len(rows) / statistics.median(kullm_s),
-        "ratios": [a / b for a, b in zip(seed_s, kullm_s, strict=True)],
-    }
+        ds.map(fn, remove_columns=ds.column_names, load_from_cache_file=False)
+
+    def threaded(f, *a) -> None:  # the Rust tokenizer's own threads, as kullm runs when the variable is unset
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        try:
+            f(*a)
+        finally:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+    times: dict[str, list[tuple[float, float]]] = {}
+    for i in range(1, rounds + 1):
+        steps = {
+            "seed_map": lambda: raw.map(fn, remove_columns=raw.column_names, load_from_cache_file=False),
+            "kullm_map": lambda: encode_records(records, cfg.data, tokenizer, prompter, "train"),
+            "seed_e2e": lambda i=i: seed_e2e(i),
+            "kullm_e2e": lambda i=i: preprocess(cfg.data, tokenizer, prompter, cache_dir=work / f"cache{i}"),
+            "tokenizer": lambda: token_ids(tokenizer, texts),
+            "kullm_map_threads": lambda: threaded(encode_records, records, cfg.data, tokenizer, prompter, "train"),
+        }
+        for name, f in steps.items():
+            times.setdefault(name, []).append(clock(f))
+    shutil.rmtree(work, ignore_errors=True)
+    return {"rows": len(records), "times": times}
 
 
 # --- parent: schedule, aggregate, report ----------------------------------------------------------------------
@@ -786,7 +822,6 @@ def shape_section(
     command: str,
     elapsed: float,
     ceiling: float | None,
-    prep: list[dict[str, Any]],
 ) -> str:
     """One shape's results, between markers so that a run of the other shape leaves it in place."""
     shape = ", ".join(f"{k}={v}" for k, v in args.shape.items() if k not in ("bos_token_id", "eos_token_id"))
@@ -818,17 +853,73 @@ def shape_section(
         markdown_table(rows, args.device, getattr(args, "flops_per_token", None)),
         targets(rows, ceiling),
     ]
-    if prep:
-        ratios = [x for p in prep for x in p["ratios"]]
-        lines.append(
-            f"Preprocessing (tokenize + mask, {prep[0]['rows']} rows: the workload's rows repeated, each copy's "
-            "instruction suffixed with its copy number): seed per-example `Dataset.map` (no cache) "
-            f"{statistics.median(p['seed_rows_s'] for p in prep):.0f} rows/s, kullm batched `encode_batch` "
-            f"{statistics.median(p['kullm_rows_s'] for p in prep):.0f} rows/s: **{statistics.median(ratios):.2f}×** "
-            f"({min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} alternating rounds; target ≥ 5×).\n"
-        )
     lines.append(f"<!-- /bench:{args.shape_name} -->\n")
     return "\n".join(lines)
+
+
+def prep_section(args: argparse.Namespace, prep: list[dict[str, Any]], command: str, elapsed: float) -> str:
+    """The preprocessing comparison (:func:`run_prep`), between its own markers."""
+    rounds = {k: [t for p in prep for t in p["times"][k]] for k in prep[0]["times"]}
+    n = prep[0]["rows"]
+
+    def row(what: str, seed: str, kullm: str) -> str:
+        wall = [a[0] / b[0] for a, b in zip(rounds[seed], rounds[kullm], strict=True)]
+        cpu = [a[1] / b[1] for a, b in zip(rounds[seed], rounds[kullm], strict=True)]
+        rate = [n / statistics.median(t[0] for t in rounds[k]) for k in (seed, kullm)]
+        return (
+            f"| {what} | {rate[0]:.0f} | {rate[1]:.0f} | **{statistics.median(wall):.2f}×** "
+            f"({min(wall):.2f}–{max(wall):.2f}) | {statistics.median(cpu):.2f}× ({min(cpu):.2f}–{max(cpu):.2f}) |"
+        )
+
+    cpu = {k: statistics.median(t[1] for t in v) for k, v in rounds.items()}
+    ceiling = cpu["seed_map"] / cpu["tokenizer"]
+    best = statistics.median(a[0] / b[0] for a, b in zip(rounds["seed_map"], rounds["kullm_map"], strict=True))
+    threads = [a[0] / b[0] for a, b in zip(rounds["seed_map"], rounds["kullm_map_threads"], strict=True)]
+    best = max(best, statistics.median(threads))
+    return "\n".join(
+        [
+            "<!-- bench:prep -->",
+            f"## Preprocessing on {args.device}\n",
+            f"Generated by `scripts/bench_train.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC in {elapsed / 60:.1f} min "
+            f"(load average {os.getloadavg()[0]:.1f} at the end):\n",
+            f"```\n{command}\n```\n",
+            f"- Workload: {n} rows, made from the {args.rows} rows of {', '.join(args.data_sources)} repeated, each "
+            "copy's instruction suffixed with its copy number (` (2)`, ` (3)`, …) so that no two rows are the same "
+            f"(their outputs repeat); template `kullm`, cutoff_len {args.cutoff_len}, "
+            f"train_on_inputs={str(args.train_on_inputs).lower()}. One process each, `TOKENIZERS_PARALLELISM=false` "
+            "(both single-threaded but in the row that says otherwise); "
+            f"{len(rounds['seed_map'])} rounds in {len(prep)} processes, seed and kullm "
+            "alternating within each round; ratios are per round (median, min–max).",
+            "",
+            "| work | seed rows/s | kullm rows/s | kullm ÷ seed (wall) | kullm ÷ seed (CPU time) |",
+            "|---|---:|---:|---:|---:|",
+            row(
+                "template + tokenize + mask: the seed's per-example `Dataset.map` (no cache) vs kullm's "
+                "`encode_records` (which also verifies every example and builds the Arrow columns)",
+                "seed_map",
+                "kullm_map",
+            ),
+            row(
+                "end to end: the seed's `load_dataset` + `map` vs kullm's uncached `preprocess` (read, validate, "
+                "deduplicate, split, the same encoding, save to the cache)",
+                "seed_e2e",
+                "kullm_e2e",
+            ),
+            f"| the same `encode_records` with the Rust tokenizer's threads on the {os.cpu_count()} cores "
+            "(`TOKENIZERS_PARALLELISM=true`, kullm's default when the variable is unset) | "
+            f"{n / statistics.median(t[0] for t in rounds['seed_map']):.0f} | "
+            f"{n / statistics.median(t[0] for t in rounds['kullm_map_threads']):.0f} | "
+            f"**{statistics.median(threads):.2f}×** ({min(threads):.2f}–{max(threads):.2f}) | (n/a: threads) |",
+            "",
+            f"- kullm's floor: the Rust tokenizer alone, every prompt and every response once (what kullm cannot "
+            f"skip), takes {cpu['tokenizer']:.2f} s CPU = {100 * cpu['tokenizer'] / cpu['kullm_map']:.0f}% of "
+            f"`encode_records` ({cpu['kullm_map']:.2f} s); the seed's `map` takes {cpu['seed_map']:.2f} s, so on one "
+            f"thread no change outside the tokenizer can exceed **{ceiling:.2f}×** here. Target ≥ 5×: "
+            + ("met." if best >= 5 else f"missed by {5 / best:.1f}× (see the notes below).")
+            + "\n",
+            "<!-- /bench:prep -->\n",
+        ]
+    )
 
 
 def header(args: argparse.Namespace) -> str:
@@ -837,7 +928,8 @@ def header(args: argparse.Namespace) -> str:
         [
             "# Benchmarks: kullm vs the seed recipe and TRL's SFTTrainer\n",
             "```\npython scripts/bench_train.py                # the head-heavy shape\n"
-            "python scripts/bench_train.py --shape body   # the body-heavy shape\n```\n",
+            "python scripts/bench_train.py --shape body   # the body-heavy shape\n"
+            "python scripts/bench_train.py --prep-only    # preprocessing only\n```\n",
             f"- Machine: {machine()}; **a shared box** (other jobs ran on the same 2 cores during the runs), so the "
             "figures are noisy: variants are interleaved within each repeat and every ratio is a median of per-repeat "
             "ratios (min–max in brackets).",
@@ -858,10 +950,11 @@ def header(args: argparse.Namespace) -> str:
     )
 
 
-def write_report(path: Path, args: argparse.Namespace, section: str) -> None:
-    """Put this shape's section into ``path``: replace its previous one, keep the rest (other shape, notes)."""
+def write_report(path: Path, args: argparse.Namespace, section: str, name: str) -> None:
+    """Put section ``name`` (a shape, or ``prep``) into ``path``: replace its previous one, keep the rest (the other
+    sections, the notes)."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    start, end = f"<!-- bench:{args.shape_name} -->", f"<!-- /bench:{args.shape_name} -->\n"
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->\n"
     if "<!-- bench:" not in text:
         text = header(args) + "\n" + section
     elif start in text and end in text:
@@ -889,6 +982,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--shape-only", action="store_true", help="random weights in the model's shape (always on here)")
     p.add_argument("--no-prep", action="store_true", help="skip the preprocessing bench")
+    p.add_argument("--prep-only", action="store_true", help="only the preprocessing bench (its section of the report)")
     p.add_argument("--data", type=Path, nargs="*", default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -923,7 +1017,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_main(args)
         return
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [] if args.prep_only else [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.prep_only and args.no_prep:
+        raise SystemExit("bench: --prep-only and --no-prep leave nothing to run")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"bench: unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -960,19 +1056,26 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} steps, work dir {work}",
         flush=True,
     )
-    t0 = time.perf_counter()
+    t0, prep_s = time.perf_counter(), 0.0
     results, prep = [], []
     for rep in range(args.repeats):
         results += [run_child(args, v, rep, work) for v in variants]
         if not args.no_prep:
+            t1 = time.perf_counter()
             res = run_child(args, "prep", rep, work)
+            prep_s += time.perf_counter() - t1
             if "error" not in res:
                 prep.append(res)
-                print(
-                    f"bench: prep ({prep_rows} rows) repeat {rep}: seed/kullm time ratios {res['ratios']}", flush=True
-                )
+                ratios = [a[0] / b[0] for a, b in zip(res["times"]["seed_map"], res["times"]["kullm_map"], strict=True)]
+                print(f"bench: prep ({prep_rows} rows) repeat {rep}: seed/kullm map time ratios {ratios}", flush=True)
     elapsed = time.perf_counter() - t0
     (work / "results.json").write_text(json.dumps({"train": results, "prep": prep}, indent=1))
+    if prep:
+        write_report(args.out, args, prep_section(args, prep, command, prep_s), "prep")
+        print(prep_section(args, prep, command, prep_s))
+    if not variants:
+        print(f"bench: wrote {args.out} ({elapsed / 60:.1f} min)")
+        return
     baseline = SEED_BEST if SEED_BEST in variants else variants[0]
     rows = summarize(results, variants, baseline)
     seed_row = next((r for r in rows if r["variant"] == SEED_BEST and "slots" in r), None)
@@ -981,7 +1084,7 @@ def main(argv: list[str] | None = None) -> None:
         args.flops_per_token = 4 * base_params(args.shape) / peak_flops()
     print(markdown_table(rows, args.device, getattr(args, "flops_per_token", None), baseline))
     print(targets(rows, ceiling))
-    write_report(args.out, args, shape_section(args, rows, command, elapsed, ceiling, prep))
+    write_report(args.out, args, shape_section(args, rows, command, elapsed, ceiling), args.shape_name)
     print(f"bench: wrote {args.out} ({elapsed / 60:.1f} min)")
 
 

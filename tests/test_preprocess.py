@@ -198,3 +198,37 @@ def test_the_mask_invariant_holds_on_every_example_and_a_broken_mask_is_stopped(
     cfg, tok, p = setup(tmp_path, *common, f"data.cache_dir={tmp_path}/cache3")
     res = preprocess(cfg.data, tok, p)
     assert res.stats["invariant_violations"] == 30 and len(res.dataset["train"]) == 0  # never trained on
+
+
+@pytest.mark.timeout(300)
+def test_num_proc_processes_give_the_same_dataset_with_the_cached_types(tmp_path):
+    """2,000 rows (``data.num_proc=2`` starts processes from 1,000 rows each; every 50th row is long and cut): the
+    same rows, values, column types and counts as one process; ``attention_mask`` and ``length`` follow the ids."""
+    path = write_rows(tmp_path / "d.jsonl", 2000, long_output_every=50)
+    common = [f"data.path={path}", "data.val_set_size=0", "data.cutoff_len=128"]
+    cfg, tok, p = setup(tmp_path, *common, f"data.cache_dir={tmp_path}/one")
+    one = preprocess(cfg.data, tok, p)
+    cfg, tok, p = setup(tmp_path, *common, "data.num_proc=2", f"data.cache_dir={tmp_path}/two")
+    two = preprocess(cfg.data, tok, p)
+    assert one.stats["encoded"] == two.stats["encoded"]
+    assert one.stats["encoded"]["train"] == {
+        "records": 2000,
+        "kept": 2000,
+        "truncated": 40,
+        "dropped_prompt_too_long": 0,
+        "dropped_invariant": 0,
+    }
+    a, b = one.dataset["train"], two.dataset["train"]
+    assert a.column_names == ["id", "input_ids", "labels", "prompt_len", "response_len", "attention_mask", "length"]
+    assert a.features == b.features and a.to_dict() == b.to_dict()
+    assert {k: str(v) for k, v in a.features.items() if k != "id"} == {
+        "input_ids": "List(Value('int32'))",
+        "labels": "List(Value('int64'))",
+        "prompt_len": "Value('int64')",
+        "response_len": "Value('int64')",
+        "attention_mask": "List(Value('int8'))",
+        "length": "Value('int64')",
+    }
+    rows = a.to_list()
+    assert all(r["attention_mask"] == [1] * len(r["input_ids"]) == [1] * r["length"] for r in rows)
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(2000)]

@@ -301,3 +301,40 @@ def test_collator_pads_position_ids_and_rounds_widths():
     assert "position_ids" not in Collator(pad_id=2)([{"input_ids": [1], "labels": [1]}])
     with pytest.raises(ValueError, match="cannot collate an empty batch"):
         Collator(pad_id=2)([])
+
+
+def test_one_batched_check_names_each_broken_row_as_the_single_check_does():
+    """``check_batch`` decodes every trained span in one call; each row's verdict is ``check_example``'s."""
+    from kullm.data.sft import check_batch
+
+    tok = tokenizer()
+    outputs = ["첫 번째 답변입니다.", "두 번째 답변", "세 번째 답변입니다. " * 30, "네 번째", "다섯 번째 답"]
+    enc = encode_batch(tok, ["### 응답:\n"] * len(outputs), outputs, cutoff_len=48)
+    ids, labels = enc["input_ids"], [list(x) for x in enc["labels"]]
+    labels[1][-2] = IGNORE_INDEX  # a gap in the trained span
+    labels[3][enc["prompt_len"][3] - 1] = ids[3][enc["prompt_len"][3] - 1]  # the mask one token short
+    given = [outputs[0], outputs[1], outputs[2], outputs[3], "다른 답"]  # row 4: the text is not its output
+    found = check_batch(tok, ids, labels, given, enc["prompt_len"])
+    assert found == [check_example(tok, i, lab, out) for i, lab, out in zip(ids, labels, given, strict=True)]
+    assert found[0] == "" and found[2] == "" and enc["truncated"][2]
+    assert found[1] == "trained positions are not one contiguous span ending the example"
+    assert "decode to" in found[3] and "decode to" in found[4]
+
+
+def test_decode_texts_equals_the_tokenizers_decode():
+    """The one-call Rust path gives ``tokenizer.decode``'s text, specials and spacing verbatim; a tokenizer whose
+    ``decode`` is overridden in Python is asked itself."""
+    from kullm.data.sft import _plain_backend, decode_texts
+
+    tok = tokenizer()
+    seqs = [ids("고려대학교에 대해서  알려줘\n"), ids(" 앞 공백, 뒤 공백 ") + [tok.eos_token_id], [], ids("한")[:1]]
+    want = [tok.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False) for s in seqs]
+    assert _plain_backend(tok, tok._tokenizer, ("decode", "_decode", "batch_decode"))
+    assert decode_texts(tok, seqs) == want
+
+    class Shouting(type(tok)):
+        def decode(self, token_ids, **kwargs):
+            return super().decode(token_ids, **kwargs).upper() + "!"
+
+    loud = Shouting.from_pretrained(tok.name_or_path)
+    assert decode_texts(loud, seqs) == [w.upper() + "!" for w in want]

@@ -37,18 +37,27 @@ def encode_batch(
     ids = token_ids(tokenizer, [p[:budget] for p in prompts] + [r[:budget] for r in responses])
     p_ids, r_ids = ids[: len(prompts)], ids[len(prompts) :]
     eos = [tokenizer.eos_token_id] if add_eos else []
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_len", "response_len", "truncated", "keep")}
+    input_ids, labels, prompt_len, response_len, truncated, keep = [], [], [], [], [], []
     for p, r in zip(p_ids, r_ids, strict=True):
-        ids = p + r + eos
-        n_prompt = len(p)
-        labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-        out["input_ids"].append(ids[:cutoff_len])
-        out["labels"].append(labels[:cutoff_len])
-        out["prompt_len"].append(n_prompt)
-        out["response_len"].append(len(r) + len(eos))
-        out["truncated"].append(len(ids) > cutoff_len)
-        out["keep"].append(n_prompt < cutoff_len)
-    return out
+        n_prompt, n = len(p), len(p) + len(r) + len(eos)
+        row = (p + r + eos)[:cutoff_len] if n > cutoff_len else p + r + eos
+        input_ids.append(row)
+        if train_on_inputs:
+            labels.append(list(row))
+        else:
+            labels.append([IGNORE_INDEX] * min(n_prompt, cutoff_len) + row[n_prompt:])
+        prompt_len.append(n_prompt)
+        response_len.append(len(r) + len(eos))
+        truncated.append(n > cutoff_len)
+        keep.append(n_prompt < cutoff_len)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "prompt_len": prompt_len,
+        "response_len": response_len,
+        "truncated": truncated,
+        "keep": keep,
+    }
 
 
 def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -65,7 +74,17 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def _plain_backend(tokenizer, backend) -> bool:
+def decode_texts(tokenizer, seqs: Sequence[Sequence[int]]) -> list[str]:
+    """``tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)`` for each sequence:
+    one ``decode_batch`` call into the Rust tokenizer when that is the same thing, else one call per sequence."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if _plain_backend(tokenizer, backend, ("decode", "_decode", "batch_decode")):
+        return backend.decode_batch([s if isinstance(s, list) else list(s) for s in seqs], skip_special_tokens=False)
+    return [tokenizer.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False) for s in seqs]
+
+
+def _plain_backend(tokenizer, backend, methods: Sequence[str] = ("__call__", "_encode_plus", "encode")) -> bool:
+    """Whether ``backend`` (the Rust tokenizer) does what ``tokenizer``'s ``methods`` would: none overridden."""
     try:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:
@@ -74,7 +93,7 @@ def _plain_backend(tokenizer, backend) -> bool:
     return (
         isinstance(tokenizer, TokenizersBackend)
         and hasattr(backend, "encode_batch_fast")
-        and all(getattr(cls, m) is getattr(TokenizersBackend, m) for m in ("__call__", "_encode_plus", "encode"))
+        and all(getattr(cls, m) is getattr(TokenizersBackend, m) for m in methods)
         and backend.truncation is None
         and backend.padding is None
         and bool(backend.encode_special_tokens) == bool(getattr(tokenizer, "split_special_tokens", False))
@@ -96,32 +115,62 @@ def check_example(
     With ``train_on_inputs`` every position is trained (labels equal the ids throughout) and the response span
     (after ``prompt_len`` tokens) must decode as the trained span would without it.
     """
-    if len(input_ids) != len(labels):
-        return f"{len(input_ids)} input ids but {len(labels)} labels"
-    if train_on_inputs:
-        if list(labels) != list(input_ids):
-            return "train_on_inputs: some position is not trained, or a label differs from its input id"
-        if prompt_len is None:
-            raise ValueError("check_example with train_on_inputs needs prompt_len")
-        labels = [IGNORE_INDEX] * min(prompt_len, len(labels)) + list(labels[prompt_len:])
-    trained_at = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
-    if not trained_at:
-        return "no token is trained"
-    first = trained_at[0]
-    if trained_at != list(range(first, len(labels))):
-        return "trained positions are not one contiguous span ending the example"
-    if any(labels[i] != input_ids[i] for i in trained_at):
-        return "a label differs from its input id"
-    trained = list(input_ids[first:])
+    if train_on_inputs and prompt_len is None:
+        raise ValueError("check_example with train_on_inputs needs prompt_len")
+    return check_batch(
+        tokenizer, [input_ids], [labels], [output], [prompt_len or 0], add_eos=add_eos, train_on_inputs=train_on_inputs
+    )[0]
+
+
+def check_batch(
+    tokenizer,
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    outputs: Sequence[str],
+    prompt_lens: Sequence[int],
+    *,
+    add_eos: bool = True,
+    train_on_inputs: bool = False,
+) -> list[str]:
+    """:func:`check_example` on every row of a batch (``""`` where the invariant holds): the structure is checked
+    with list comparisons, and all the trained spans are decoded in one call (:func:`decode_texts`)."""
     eos = tokenizer.eos_token_id
-    if add_eos and trained and trained[-1] == eos:
-        text = tokenizer.decode(trained[:-1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return "" if text == output else f"trained tokens decode to {text[:60]!r}…, not the output {output[:60]!r}…"
-    text = tokenizer.decode(trained, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    text = text.rstrip("\ufffd")  # a cut inside a multi-byte character
-    if output.startswith(text):
-        return ""
-    return f"truncated trained tokens decode to {text[:60]!r}…, not a prefix of the output {output[:60]!r}…"
+    found: list[str] = []
+    spans: list[list[int]] = []  # per row: the trained ids to decode, without the EOS that ends them
+    ended: list[bool] = []  # per row: whether the trained span ends with EOS (the answer was not cut)
+    for ids, labs, n_prompt in zip(input_ids, labels, prompt_lens, strict=True):
+        ids, labs = (x if isinstance(x, list) else list(x) for x in (ids, labs))  # list compares below
+        span: list[int] = []
+        if len(ids) != len(labs):
+            found.append(f"{len(ids)} input ids but {len(labs)} labels")
+        elif train_on_inputs and labs != ids:
+            found.append("train_on_inputs: some position is not trained, or a label differs from its input id")
+        else:
+            # without train_on_inputs the masked prompt is the leading -100s: a -100 after a trained label leaves
+            # a trained label among the first ``first`` positions
+            first = min(n_prompt, len(labs)) if train_on_inputs else labs.count(IGNORE_INDEX)
+            if first == len(labs):
+                found.append("no token is trained")
+            elif not train_on_inputs and labs[:first] != [IGNORE_INDEX] * first:
+                found.append("trained positions are not one contiguous span ending the example")
+            elif not train_on_inputs and labs[first:] != ids[first:]:
+                found.append("a label differs from its input id")
+            else:
+                found.append("")
+                span = ids[first:]
+        ended.append(add_eos and bool(span) and span[-1] == eos)
+        spans.append(span[:-1] if ended[-1] else span)
+    todo = [i for i, f in enumerate(found) if not f]
+    for i, text in zip(todo, decode_texts(tokenizer, [spans[i] for i in todo]), strict=True):
+        output = outputs[i]
+        if ended[i]:
+            if text != output:
+                found[i] = f"trained tokens decode to {text[:60]!r}…, not the output {output[:60]!r}…"
+            continue
+        text = text.rstrip("\ufffd")  # a cut inside a multi-byte character
+        if not output.startswith(text):
+            found[i] = f"truncated trained tokens decode to {text[:60]!r}…, not a prefix of the output {output[:60]!r}…"
+    return found
 
 
 @dataclass
