@@ -31,3 +31,41 @@ def test_shape_only_builds_the_named_architecture_with_random_weights_offline():
 def test_shape_only_with_quantization_is_refused():
     with pytest.raises(ValueError, match="cannot be combined with quant"):
         load_model(model_node("model.shape_only=true", *SMALL), quant={"mode": "int8"})
+
+
+@pytest.mark.parametrize(
+    ("preset", "arch", "billions"),
+    [("qwen2.5-7b-instruct", "Qwen2ForCausalLM", 7.62), ("solar-10.7b-instruct", "LlamaForCausalLM", 10.73),
+     ("polyglot-ko-12.8b", "GPTNeoXForCausalLM", 12.89)],  # fmt: skip
+)
+def test_each_hub_preset_has_its_models_true_shape(preset, arch, billions):
+    """The ``shape`` of a preset is the real model's (its parameter count, on the meta device), so ``shape_only``
+    benchmarks measure that model; the preset itself builds offline in that architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = compose("prepare", [f"model={preset}", "output_dir=/dev/null"])
+    shape = OmegaConf.to_container(cfg.model.shape, resolve=True)
+    kind = shape.pop("model_type", "gpt_neox")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **shape))
+    assert type(model).__name__ == arch
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions
+    heads = ["model.shape.num_key_value_heads=2"] if kind != "gpt_neox" else []
+    small = load_model(model_node(f"model={preset}", "model.shape_only=true", "model.dtype=float32", *SMALL, *heads))
+    assert type(small).__name__ == arch and small.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("experiment", ["chat-qwen2.5-7b", "kullm3-solar-10.7b"])
+def test_modern_presets_compose_and_validate(experiment):
+    from kullm.config import validate
+
+    cfg = compose("train", [f"experiment={experiment}", "output_dir=/dev/null"])
+    validate(cfg)
+    assert cfg.model.revision and cfg.model.eos_token is None  # EOS from the model's own tokenizer
+    assert cfg.lora.target_modules == "all-linear" and cfg.trainer.precision == "bf16-mixed"
+    if experiment == "kullm3-solar-10.7b":
+        assert cfg.template.name == "kullm_system" and cfg.data.chat_template == "template"
+    else:
+        assert cfg.model.revision == "a09a35458c702b33eeacc393d103063234e8bc28"
+        assert cfg.data.chat_template == "tokenizer"
