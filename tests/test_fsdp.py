@@ -15,7 +15,7 @@ from test_train import cfg_for, metric_series
 from transformers import AutoModelForCausalLM
 
 from kullm.adapter import AdapterError, verify_adapter
-from kullm.modeling import build_trainable_model
+from kullm.modeling import build_tiny, build_trainable_model
 from kullm.training.fsdp import _layer_classes, _wrap_policy
 
 # a clip far below the gradient norm: every step clips, so a per-shard norm would show in the weights
@@ -100,3 +100,29 @@ def test_fsdp_on_two_processes_trains_resumes_and_exports_the_ddp_runs_adapter(t
         _run(tmp_path, f"from{step}", "strategy=fsdp", f"ckpt_path={out}/checkpoints/step{step:06d}.ckpt")
         got = load_file(tmp_path / f"from{step}" / "adapter" / "adapter_model.safetensors")
         assert all(torch.equal(got[k], want[k]) for k in want), f"resumed from step {step}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_fsdp_full_fine_tuning_on_two_processes_ends_with_the_ddp_runs_model_and_resumes_exactly(tmp_path):
+    """``lora=none`` under FSDP: one unit per block, every weight sharded and trained, the gathered checkpoint a
+    plain model folder equal to DDP's; a mid-run checkpoint (every weight + optimizer state) resumes bit for bit."""
+    full = ("lora=none", "trainer.max_steps=4", "optim.lr=1e-3")
+    _run(tmp_path, "fsdp", "strategy=fsdp", *full)
+    _run(tmp_path, "ddp", "strategy=ddp", *full)
+    want = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    ddp = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")  # reloads as a plain checkpoint
+    first = load_file(build_tiny() / "model.safetensors")
+    assert want.keys() == ddp.keys() == first.keys() and all("_fsdp" not in k for k in want)
+    for k in want:
+        torch.testing.assert_close(want[k], ddp[k], atol=1e-4, rtol=0)
+        assert not torch.equal(want[k], first[k]), f"{k} never trained"
+    assert metric_series(tmp_path / "fsdp", "train/grad_norm") == pytest.approx(
+        metric_series(tmp_path / "ddp", "train/grad_norm"), rel=1e-4
+    )
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step000002.ckpt"
+    assert len(torch.load(ckpt, weights_only=True)["state_dict"]) == len(want)
+    _run(tmp_path, "from2", "strategy=fsdp", *full, f"ckpt_path={ckpt}")
+    got = load_file(tmp_path / "from2" / "model" / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
