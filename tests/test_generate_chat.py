@@ -48,7 +48,23 @@ def conversations() -> list[dict]:
     return rows(CHAT / "messages.jsonl")
 
 
-def test_a_conversation_file_answers_the_last_user_turn_through_the_chat_template(generator, tmp_path):
+def history_of(messages: list[dict]) -> list[dict]:
+    return messages[:-1] if messages[-1]["role"] == "assistant" else messages
+
+
+@pytest.fixture(scope="module")
+def alone(generator) -> dict[str, list[int]]:
+    """Each sample conversation's answer ids, generated alone from apply_chat_template's prompt of its history."""
+    tok, out = generator.tokenizer, {}
+    for conv in conversations():
+        prompt = tok.apply_chat_template(history_of(conv["messages"]), add_generation_prompt=True, tokenize=False)
+        out[conv["id"]] = generator.complete([tok(prompt, add_special_tokens=False)["input_ids"]])[0]
+    assert sum(len(x) == 8 for x in out.values()) >= 9  # most run to max_new_tokens: every position is compared
+    assert len({tuple(x) for x in out.values()}) > 5
+    return out
+
+
+def test_a_conversation_file_answers_the_last_user_turn_through_the_chat_template(generator, alone, tmp_path):
     convs = conversations()
     open_row = {"id": "open", "messages": [*convs[3]["messages"], {"role": "user", "content": "한 번 더요?"}]}
     src = write_jsonl(tmp_path / "chat.jsonl", [*convs, open_row])
@@ -56,35 +72,30 @@ def test_a_conversation_file_answers_the_last_user_turn_through_the_chat_templat
     got = {r["id"]: r for r in rows(out)}
     assert sorted(got) == sorted([c["id"] for c in convs] + ["open"])
     tok = generator.tokenizer
-    multi_turn = full = 0
+    prompt = tok.apply_chat_template(open_row["messages"], add_generation_prompt=True, tokenize=False)
+    answers = {**alone, "open": generator.complete([tok(prompt, add_special_tokens=False)["input_ids"]])[0]}
     for conv in [*convs, open_row]:
-        row = got[conv["id"]]
-        msgs = conv["messages"]
-        history = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
-        multi_turn += sum(m["role"] == "user" for m in history) > 1
+        row, msgs = got[conv["id"]], conv["messages"]
         # the id, the history answered (system + turns up to the last user turn), the reference and the answer
-        assert row["messages"] == history
-        assert row.get("reference") == (msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else None)
-        assert set(row) == {"id", "messages", "response", "generation"} | ({"reference"} if "reference" in row else set())
-        prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        alone = generator.complete([ids])[0]
-        full += len(alone) == 8  # no early stop: every position was compared
-        assert row["response"] == tok.decode(alone, skip_special_tokens=True).strip()
-    assert multi_turn >= 5 and full >= 9
-    assert len({r["response"] for r in got.values()}) > 5
+        assert row["messages"] == history_of(msgs)
+        if msgs[-1]["role"] == "assistant":
+            assert set(row) == {"id", "messages", "reference", "response", "generation"}
+            assert row["reference"] == msgs[-1]["content"]
+        else:
+            assert set(row) == {"id", "messages", "response", "generation"}
+        assert row["response"] == tok.decode(answers[conv["id"]], skip_special_tokens=True).strip()
+    assert sum(sum(m["role"] == "user" for m in r["messages"]) > 1 for r in got.values()) >= 5
 
 
-def test_batched_multi_turn_prompts_equal_one_at_a_time_token_for_token(generator):
+def test_batched_multi_turn_prompts_equal_one_at_a_time_token_for_token(generator, alone):
     from kullm.data.records import read_records
 
     records, _ = read_records(CHAT / "messages.jsonl", open_conversations=True, require_output=False)
     ids = [generator.encode(generator.render(r)) for r in records]
     assert max(map(len, ids)) > 4 * min(map(len, ids))  # the short prompts carry hundreds of pad tokens
-    alone = [generator.complete([x])[0] for x in ids]
-    assert sum(len(x) == 8 for x in alone) >= 9 and len({tuple(x) for x in alone}) > 5
-    assert generator.complete(ids) == alone
-    assert generator.generate(records, batch_size=5) == [generator.generate([r])[0] for r in records]
+    assert generator.complete(ids) == [alone[r.id] for r in records]
+    decoded = [generator.tokenizer.decode(alone[r.id], skip_special_tokens=True).strip() for r in records]
+    assert generator.generate(records, batch_size=5) == decoded
 
 
 def test_sharegpt_json_gives_the_answers_of_the_messages_file(generator, tmp_path):
