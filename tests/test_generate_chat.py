@@ -33,8 +33,8 @@ def generator(request) -> Generator:
     import torch
 
     arch = request.param
-    cfg = compose("generate", [f"model=tiny-{arch}", "+model.tiny_shape.warmup_steps=0",
-                               "generation=greedy", "generation.max_new_tokens=8", "output_dir=/nonexistent"])  # fmt: skip
+    overrides = ["+model.tiny_shape.warmup_steps=0", "generation=greedy", "generation.max_new_tokens=8"]
+    cfg = compose("generate", [f"model=tiny-{arch}", *overrides, "output_dir=/nonexistent"])
     g = Generator.from_config(cfg)
     torch.manual_seed(0)
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)

@@ -200,5 +200,5 @@ def test_a_conversation_is_judged_with_its_history_as_the_input(prompt):
     cfg = compose("eval", ["output_dir=/tmp/unused", "judge_prompt.turn='[{role}] {content}'"]).judge_prompt
     other = JudgePrompt.from_config(cfg)
     assert prompt.hash() == "cf1c10db4bd1" and other.hash() != prompt.hash()
-    assert "Input:\nSystem: 너는" not in other.conversation_messages(history, "답")[1]["content"]
-    assert "Input:\n[System] 너는 친절한 도우미야.\n\n[User] 한국의 수도는?" in other.conversation_messages(history, "답")[1]["content"]
+    shown = other.conversation_messages(history, "답")[1]["content"]
+    assert "Input:\n[System] 너는 친절한 도우미야.\n\n[User] 한국의 수도는?\n\n[Assistant] 서울입니다.\n\n" in shown
