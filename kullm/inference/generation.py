@@ -448,9 +448,7 @@ def generate_file(cfg: DictConfig) -> Path:
     seed_everything(cfg.generation.get("seed"))
     fields = OmegaConf.to_container(cfg.fields, resolve=True) if cfg.get("fields") else None
     roles = OmegaConf.to_container(cfg.roles, resolve=True) if cfg.get("roles") else None
-    return run_file(
-        generator, cfg.input_file, output, fields=fields, policy=cfg.get("policy") or "skip", roles=roles
-    )
+    return run_file(generator, cfg.input_file, output, fields=fields, policy=cfg.get("policy") or "skip", roles=roles)
 
 
 def seed_everything(seed: int | None) -> None:
