@@ -19,8 +19,10 @@ from kullm.inference.generation import Generator
 from kullm.modeling import FAMILIES
 
 CHAT = Path(__file__).resolve().parents[1] / "data" / "sample_chat"
+# a random base under a random LoRA (a warmed-up tiny model soon answers "." and stops): greedy answers that are
+# long and differ from prompt to prompt, so the comparisons below compare something
 TRAIN = ["experiment=smoke", "logger=csv", "trainer.max_steps=3", "data.val_set_size=0", "data.cutoff_len=1024",
-         "callbacks.samples.num=0"]  # fmt: skip
+         "callbacks.samples.num=0", "+model.tiny_shape.warmup_steps=0", "+lora.init_lora_weights=false"]  # fmt: skip
 GREEDY = ["generation=greedy", "generation.max_new_tokens=8"]
 LINES = ["안녕하세요", "한국의 수도는 어디인가요?", "그 도시의 유명한 음식을 알려 주세요"]
 
@@ -42,8 +44,9 @@ def chat_turns(stdout: str) -> list[str]:
     return [part.removesuffix("\n") for part in stdout.split("\n>>> ")[1:-1]]
 
 
-def expected_chat(adapter: Path) -> list[str]:
-    """The answers the chat must give: each streamed after the whole conversation before it."""
+def expected_chat(adapter: Path) -> tuple[list[str], list[str]]:
+    """The answers the chat must give, each streamed after the whole conversation before it; and, to show that the
+    history changes them, each line's answer alone."""
     generator = Generator.from_config(compose("generate", [f"adapter={adapter}", *GREEDY]))
     history: list[dict] = []
     answers = []
@@ -51,7 +54,8 @@ def expected_chat(adapter: Path) -> list[str]:
         history.append({"role": "user", "content": line})
         answers.append("".join(generator.stream(history)))
         history.append({"role": "assistant", "content": answers[-1]})
-    return answers
+    alone = ["".join(generator.stream([{"role": "user", "content": line}])) for line in LINES]
+    return answers, alone
 
 
 @pytest.mark.slow
@@ -85,7 +89,9 @@ def test_a_chat_model_trains_chats_merges_and_is_judged(tmp_path, arch):
         stdout = kullm("generate", f"adapter={adapter}", *GREEDY, f"hydra.run.dir={tmp_path / 'chat'}",
                        cwd=tmp_path, stdin="\n".join([*LINES, "/exit"]) + "\n")  # fmt: skip
         assert "keeps the conversation" in stdout
-        assert chat_turns(stdout) == expected_chat(adapter)
+        expected, alone = expected_chat(adapter)
+        assert chat_turns(stdout) == expected and all(expected)
+        assert expected[0] == alone[0] and expected[1:] != alone[1:]
 
     # 3. merge; the merged checkpoint answers a conversation file like adapter + base, greedy, batched
     adapter = runs["messages.jsonl"]
@@ -99,6 +105,7 @@ def test_a_chat_model_trains_chats_merges_and_is_judged(tmp_path, arch):
               "generation.batch_size=6", f"hydra.run.dir={tmp_path / how}", cwd=tmp_path)  # fmt: skip
         answers[how] = {r["id"]: (r["messages"], r["response"]) for r in rows(out)}
     assert len(answers["adapter"]) == 17 and answers["merged"] == answers["adapter"]
+    assert len({response for _, response in answers["adapter"].values()}) > 10
     convs = {r["id"]: r["messages"] for r in rows(CHAT / "messages.jsonl")}
     assert all(msgs == convs[rid][:-1] for rid, (msgs, _) in answers["adapter"].items())
 

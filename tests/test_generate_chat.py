@@ -170,3 +170,32 @@ def test_a_conversation_the_template_cannot_render_is_a_reject(generator, tmp_pa
     assert "no chat_template" in reject["message"]
     with pytest.raises(DataError, match=rf"{src}:2: messages: unrenderable: the tokenizer has no chat_template"):
         run_file(g, src, tmp_path / "strict.jsonl", policy="strict", progress=False)
+
+
+@pytest.mark.parametrize("renderer", ["tokenizer", "template"])
+def test_an_instruction_is_rendered_as_the_adapter_was_trained(tmp_path, renderer):
+    """Trained on the tokenizer's own chat template, an instruction row was one user turn through it: generation
+    renders it the same way; trained on a kullm template, with that template."""
+    import peft
+    from omegaconf import OmegaConf
+
+    from kullm.adapter import save_adapter
+    from kullm.modeling import load_model, load_tokenizer
+    from kullm.templates import Prompter
+
+    cfg = compose("prepare", [f"output_dir={tmp_path}", "model=tiny-llama", f"data.chat_template={renderer}"])
+    model = peft.get_peft_model(load_model(OmegaConf.to_container(cfg.model, resolve=True)),
+                                peft.LoraConfig(r=4, target_modules="all-linear"))  # fmt: skip
+    prompter = Prompter.from_config(cfg.template)
+    folder = save_adapter(model, tmp_path / "adapter", tokenizer=load_tokenizer(cfg.model), prompter=prompter,
+                          config=cfg)  # fmt: skip
+    g = Generator.from_config(compose("generate", [f"adapter={folder}", "output_dir=/nonexistent"]))
+    assert g.chat_only == (renderer == "tokenizer")
+    turn = [{"role": "user", "content": "다음 글을 요약하세요.\n\n한국어는 아름답다."}]
+    want = (
+        g.tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        if renderer == "tokenizer"
+        else prompter.render("다음 글을 요약하세요.", "한국어는 아름답다.")
+    )
+    assert g.render(("다음 글을 요약하세요.", "한국어는 아름답다.")) == want
+    assert g.render({"instruction": "다음 글을 요약하세요.", "input": "한국어는 아름답다."}) == want

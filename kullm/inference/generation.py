@@ -41,13 +41,24 @@ class Generator:
 
     Items are a :class:`Record`, a mapping with ``instruction`` (and ``input``), an ``(instruction, input)`` pair,
     or a plain instruction string, each rendered with the template; or a conversation (a record with turns, or a
-    list of messages), rendered up to its last user turn with the tokenizer's ``chat_template``.
+    list of messages), rendered up to its last user turn with the tokenizer's ``chat_template``. ``chat_only``: the
+    model was trained on the tokenizer's own chat template (``data.chat_template=tokenizer``), so an instruction is
+    rendered as it was trained, one user turn (instruction, then its input) through that template.
     """
 
-    def __init__(self, model, tokenizer, prompter: Prompter, settings: Mapping[str, Any], label: str = "") -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompter: Prompter,
+        settings: Mapping[str, Any],
+        label: str = "",
+        chat_only: bool = False,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.prompter = prompter
+        self.chat_only = chat_only
         self.settings = dict(settings)
         self.label = label
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -59,7 +70,9 @@ class Generator:
     def from_config(cls, cfg: DictConfig) -> Generator:
         """Load the adapter (or ``base``, or the ``model`` group) named by a ``generate`` config."""
         model, tokenizer, prompter, label = load_for_generation(cfg)
-        return cls(model, tokenizer, prompter, OmegaConf.to_container(cfg.generation, resolve=True), label)
+        chat_only = trained_on_chat_template(cfg.adapter or cfg.base)
+        settings = OmegaConf.to_container(cfg.generation, resolve=True)
+        return cls(model, tokenizer, prompter, settings, label, chat_only=chat_only)
 
     @property
     def device(self):
@@ -84,6 +97,11 @@ class Generator:
                 )
             item = item[0]["content"]
         instruction, input_ = item_text(item)
+        if self.chat_only:  # as training made an instruction row a conversation (kullm.data.turns.record_turns)
+            user = instruction + (f"\n\n{input_}" if input_ else "")
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+            )
         return self.prompter.render(instruction, input_)
 
     def encode(self, prompt: str) -> list[int]:
@@ -321,6 +339,18 @@ def checkpoint_dtype(name_or_path: str) -> str:
 
     dtype = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None)
     return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+
+
+def trained_on_chat_template(folder: str | None) -> bool:
+    """Whether the adapter or merged folder was trained with the tokenizer's own chat template (its
+    ``kullm_config.yaml`` says ``data.chat_template: tokenizer``)."""
+    from kullm.adapter import CONFIG_FILE
+
+    path = Path(str(folder or "")).expanduser() / CONFIG_FILE
+    if not folder or not path.is_file():
+        return False
+    data = OmegaConf.load(path).get("data") or {}
+    return data.get("chat_template") == "tokenizer"
 
 
 def folder_prompter(name_or_path: str) -> Prompter | None:
