@@ -105,7 +105,7 @@ def test_a_chat_model_trains_chats_merges_and_is_judged(tmp_path, arch):
               "generation.batch_size=6", f"hydra.run.dir={tmp_path / how}", cwd=tmp_path)  # fmt: skip
         answers[how] = {r["id"]: (r["messages"], r["response"]) for r in rows(out)}
     assert len(answers["adapter"]) == 17 and answers["merged"] == answers["adapter"]
-    assert len({response for _, response in answers["adapter"].values()}) > 10
+    assert len({response for _, response in answers["adapter"].values()}) > 5
     convs = {r["id"]: r["messages"] for r in rows(CHAT / "messages.jsonl")}
     assert all(msgs == convs[rid][:-1] for rid, (msgs, _) in answers["adapter"].items())
 
