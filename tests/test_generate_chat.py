@@ -183,7 +183,8 @@ def test_an_instruction_is_rendered_as_the_adapter_was_trained(tmp_path, rendere
     from kullm.modeling import load_model, load_tokenizer
     from kullm.templates import Prompter
 
-    cfg = compose("prepare", [f"output_dir={tmp_path}", "model=tiny-llama", f"data.chat_template={renderer}"])
+    cfg = compose("prepare", [f"output_dir={tmp_path}", "model=tiny-llama", "+model.tiny_shape.warmup_steps=0",
+                              f"data.chat_template={renderer}"])  # fmt: skip
     model = peft.get_peft_model(load_model(OmegaConf.to_container(cfg.model, resolve=True)),
                                 peft.LoraConfig(r=4, target_modules="all-linear"))  # fmt: skip
     prompter = Prompter.from_config(cfg.template)
