@@ -169,3 +169,29 @@ def test_a_hub_style_load_reads_conversations_and_a_nested_saved_dataset_is_refu
     write_jsonl(tmp_path / "mixed" / "a.jsonl", [{"messages": CONV}])
     with pytest.raises(DataError, match=r"saved: a save_to_disk dataset inside the data folder .*point data\.path"):
         read_records(tmp_path / "mixed")
+
+
+def test_open_conversations_end_with_the_user_turn_to_answer(tmp_path):
+    """Generation input and judged answers: a conversation may end with a user turn (only when asked for); its
+    output is the answer beside the turns, else its trailing assistant turn; id-less rows are keyed by the history."""
+    rows = [
+        {"messages": CONV[:-1]},  # to answer
+        {"messages": CONV},  # to answer again; its last turn is the reference
+        {"id": "r", "messages": CONV[:-1], "response": "1905년에 세워졌습니다."},
+        {"id": "late", "messages": [CONV[0], CONV[2]]},
+    ]
+    path = write_jsonl(tmp_path / "open.jsonl", rows)
+    closed, report = read_records(path)
+    assert [r.id for r in closed] == ["open.jsonl:2"]
+    assert report.rejected == {"not_ending_in_assistant": 2, "alternation": 1}
+    recs, report = read_records(
+        path, fields={"output": "response"}, require_output=False, open_conversations=True, content_ids=True
+    )
+    assert report.rejected == {"alternation": 1}  # the turn rules still hold: an assistant turn cannot come first
+    assert [r.turns for r in recs] == [TURNS[:-1], TURNS, TURNS[:-1]]
+    assert [r.output for r in recs] == ["", CONV[-1]["content"], "1905년에 세워졌습니다."]
+    # the same history asked twice: one id from it, the other kept under a content-hash suffix
+    assert recs[0].id.startswith("sha:") and recs[1].id.startswith(recs[0].id + "#")
+    judged, report = read_records(path, fields={"output": "response"}, open_conversations=True)
+    assert [(r.id, r.output) for r in judged] == [("open.jsonl:2", CONV[-1]["content"]), ("r", rows[2]["response"])]
+    assert report.rejected == {"missing_field": 1, "alternation": 1}  # row 1: nothing to judge

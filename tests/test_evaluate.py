@@ -499,3 +499,34 @@ def test_run_names_cannot_write_outside_output_dir(tmp_path, name):
 
 def test_derived_run_names_are_plain_file_names():
     assert ev.run_names(["../responses.jsonl", "/a/b c/out.jsonl", "x/.y.jsonl"]) == ["-responses", "out", "y"]
+
+
+def test_multi_turn_responses_are_judged_with_their_conversation(tmp_path):
+    """kullm-generate's conversation rows (history + response) and a conversation whose last assistant turn is the
+    answer; bad conversation rows are named with file:line."""
+    chat = [json.loads(x) for x in (ROOT / "data" / "sample_chat" / "messages.jsonl").read_text().splitlines()]
+    multi = [c for c in chat if sum(m["role"] == "user" for m in c["messages"]) > 1][:3]
+    rows = [{"id": c["id"], "messages": c["messages"][:-1], "response": f"응답 {c['id']}",
+             "reference": c["messages"][-1]["content"], "generation": {}} for c in multi]  # fmt: skip
+    rows.append({"id": "whole", "messages": multi[0]["messages"]})  # judged: its own last assistant turn
+    bad = [{"id": "unanswered", "messages": multi[0]["messages"][:-1]},
+           {"id": "twice", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "response": "c"}]  # fmt: skip
+    resp = tmp_path / "chat.jsonl"
+    resp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows + bad), encoding="utf-8")
+    with ChatServer() as s:
+        summary = ev.evaluate(eval_cfg(s, tmp_path / "o", f"responses={resp}"))
+        users = {r["messages"][1]["content"].split("Response:\n")[1].split("\n\n\nResult")[0]: r["messages"][1]
+                 for r in s.requests}  # fmt: skip
+    run = summary["runs"]["chat"]
+    assert (run["total"], run["judged"], run["failed"]) == (4, 4, 0)
+    answers = [f"응답 {c['id']}" for c in multi] + [multi[0]["messages"][-1]["content"]]
+    assert run["means"] == pytest.approx(expected_means(answers))
+    first = multi[0]["messages"]
+    turns = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in first[:-2])
+    assert users[answers[0]]["content"].startswith(f"Instruction:\n{first[-2]['content']}\n\nInput:\n{turns}\n\n")
+    assert users[answers[3]]["content"] == users[answers[0]]["content"].replace(answers[0], answers[3])
+    assert [n.split(" (")[0] for n in run["notes"]] == [
+        f"{resp}:5: response: missing_field",
+        f"{resp}:6: messages[1]: alternation",
+    ]

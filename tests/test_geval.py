@@ -180,3 +180,25 @@ def test_prompt_names_labels_and_a_stable_hash(prompt):
         {"name": "n", "system": "s", "user": "u", "criteria": [{"name": "맛", "label": "Taste", "min": 1, "max": 3}]}
     )
     assert (labelled.name, labelled.criteria[0].label) == ("n", "Taste")
+
+
+def test_a_conversation_is_judged_with_its_history_as_the_input(prompt):
+    """The last user turn is the Instruction and the turns before it the Input, so 맥락 유지 judges the answer
+    against the conversation; a one-turn conversation gets exactly a flat row's prompt."""
+    assert prompt.conversation_messages([("user", "질문 {x}")], "답") == prompt.messages("질문 {x}", "", "답")
+    history = [("system", "너는 친절한 도우미야."), ("user", "한국의 수도는?"), ("assistant", "서울입니다."),
+               ("user", "그곳의 인구는?")]  # fmt: skip
+    msgs = prompt.conversation_messages(history, "약 940만 명입니다.")
+    assert msgs[0] == {"role": "system", "content": prompt.system}
+    assert msgs[1]["content"].startswith(
+        "Instruction:\n그곳의 인구는?\n\nInput:\nSystem: 너는 친절한 도우미야.\n\nUser: 한국의 수도는?\n\n"
+        "Assistant: 서울입니다.\n\nResponse:\n약 940만 명입니다.\n\n\nResult\n"
+    )
+    with pytest.raises(ValueError, match="ends with the user turn answered, not a assistant turn"):
+        prompt.conversation_messages(history[:3], "답")
+    # the default turn layout leaves the prompt's hash as it was; another layout is another prompt
+    cfg = compose("eval", ["output_dir=/tmp/unused", "judge_prompt.turn='[{role}] {content}'"]).judge_prompt
+    other = JudgePrompt.from_config(cfg)
+    assert prompt.hash() == "cf1c10db4bd1" and other.hash() != prompt.hash()
+    shown = other.conversation_messages(history, "답")[1]["content"]
+    assert "Input:\n[System] 너는 친절한 도우미야.\n\n[User] 한국의 수도는?\n\n[Assistant] 서울입니다.\n\n" in shown

@@ -5,7 +5,8 @@
   are configurable (``data.roles``), mapped onto ``system``/``user``/``assistant``.
 
 A conversation is an optional system turn first, then user and assistant turns alternating, starting with a user
-turn and ending with an assistant turn. Everything else is a named reason (``unknown_role``, ``empty_turn``,
+turn and ending with an assistant turn (a conversation to answer — generation input, judged answers — may end with
+a user turn instead: ``open_end``). Everything else is a named reason (``unknown_role``, ``empty_turn``,
 ``system_not_first``, ``alternation``, ``not_ending_in_assistant``, ...) raised on the field that breaks it,
 e.g. ``messages[3].role``; :mod:`kullm.data.records` counts and reports it like any other bad row.
 """
@@ -58,10 +59,12 @@ def parse_turns(
     *,
     key: str,
     roles: Mapping[str, str] | None = None,
+    open_end: bool = False,
 ) -> tuple[Turn, ...]:
     """The checked turns of one row in ``fmt`` (``messages`` or ``sharegpt``) held under ``key``.
 
-    A turns field given as a JSON string (a CSV cell) is parsed first.
+    A turns field given as a JSON string (a CSV cell) is parsed first. ``open_end``: the last turn may be a user
+    turn (the one to answer).
     """
     if fmt == "messages":
         role_key, content_key, names = "role", "content", {**OPENAI_ROLES, **(roles or {})}
@@ -102,12 +105,13 @@ def parse_turns(
         if not content.strip():
             raise BadTurn("empty_turn", f"{where}.{content_key}", f"the {role} turn is empty")
         turns.append((role, content))
-    check_turns(turns, key)
+    check_turns(turns, key, open_end=open_end)
     return tuple(turns)
 
 
-def check_turns(turns: list[Turn] | tuple[Turn, ...], key: str = "messages") -> None:
-    """Raise :class:`BadTurn` unless ``turns`` is [system], user, assistant, user, assistant, ..., assistant."""
+def check_turns(turns: list[Turn] | tuple[Turn, ...], key: str = "messages", *, open_end: bool = False) -> None:
+    """Raise :class:`BadTurn` unless ``turns`` is [system], user, assistant, user, assistant, ..., assistant
+    (or ends with a user turn, when ``open_end``)."""
     start = 1 if turns and turns[0][0] == SYSTEM else 0
     for k, (role, _) in enumerate(turns):
         if role == SYSTEM and k > 0:
@@ -119,8 +123,16 @@ def check_turns(turns: list[Turn] | tuple[Turn, ...], key: str = "messages") -> 
         if turns[k][0] != want:
             prev = turns[k - 1][0] if k > start else "the start"
             raise BadTurn("alternation", f"{key}[{k}]", f"a {turns[k][0]} turn after {prev}: expected {want}")
-    if turns[-1][0] != ASSISTANT:
+    if turns[-1][0] != ASSISTANT and not (open_end and turns[-1][0] == USER):
         raise BadTurn("not_ending_in_assistant", f"{key}[{len(turns) - 1}]", "the last turn is not an assistant turn")
+
+
+def split_reference(turns: tuple[Turn, ...] | list[Turn]) -> tuple[tuple[Turn, ...], str | None]:
+    """``(history, reference)``: the turns up to the last user turn (what the next answer follows), and the
+    assistant turn after it when the conversation has one (the reference answer), else ``None``."""
+    last_user = max(k for k, (role, _) in enumerate(turns) if role == USER)
+    history = tuple(turns[: last_user + 1])
+    return history, (turns[last_user + 1][1] if last_user + 1 < len(turns) else None)
 
 
 def as_messages(turns: tuple[Turn, ...] | list[Turn]) -> list[dict[str, str]]:

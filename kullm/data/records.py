@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kullm.data.chat import FORMATS, Turn, detect_format, parse_turns
+from kullm.data.chat import FORMATS, Turn, detect_format, parse_turns, split_reference
 from kullm.data.chat import BadTurn as _BadTurn
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class Record:
     """One instruction example or one conversation, ready for a prompt template.
 
     A conversation keeps its checked ``turns`` ((role, content) pairs); its ``instruction`` is the first user turn
-    and its ``output`` the last assistant turn (what overlap checks and previews look at).
+    and its ``output`` the last assistant turn (what overlap checks and previews look at) — for an open
+    conversation (``read_records(open_conversations=True)``) the answer given beside the turns, if any.
     """
 
     id: str
@@ -154,6 +155,7 @@ def read_records(
     content_ids: bool = False,
     format: str = "auto",
     roles: Mapping[str, str] | None = None,
+    open_conversations: bool = False,
 ) -> tuple[list[Record], ReadReport]:
     """Read and validate every row of ``path``; return the good records and a report.
 
@@ -172,6 +174,9 @@ def read_records(
     :param format: ``"auto"`` (each file's layout from its first row), ``"instruction"`` (flat or self-instruct),
         ``"messages"`` (OpenAI) or ``"sharegpt"``.
     :param roles: extra role names for conversations, e.g. ``{"User": "user", "Bot": "assistant"}``.
+    :param open_conversations: a conversation may end with a user turn (the turn to answer: generation input), and
+        its ``output`` is the output field beside its turns when the row has one (a generated ``response``), else
+        its trailing assistant turn, else empty.
     """
     if policy not in ("skip", "strict"):
         raise ValueError(f"policy must be 'skip' or 'strict', got {policy!r}")
@@ -197,9 +202,10 @@ def read_records(
             if fmt == "instruction":
                 made = _to_records(row.obj, row.source, fields, output_rule, default_id)
             else:
-                made = [_to_conversation(row.obj, row.source, fields, fmt, roles, default_id)]
+                opened = output_rule if open_conversations else None
+                made = [_to_conversation(row.obj, row.source, fields, fmt, roles, default_id, opened)]
             if content_ids and isinstance(row.obj, dict) and row.obj.get(fields.id) is None:
-                made = [replace(r, id=f"sha:{_digest(r.instruction, r.input)[:12]}") for r in made]
+                made = [replace(r, id=f"sha:{_prompt_digest(r)[:12]}") for r in made]
         except _Bad as bad:
             reject = Reject(row.source, bad.reason, bad.field, bad.message, row.raw)
             if policy == "strict":
@@ -247,6 +253,13 @@ def read_records(
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()
+
+
+def _prompt_digest(rec: Record) -> str:
+    """A hash of what a record asks: its instruction and input, or a conversation's turns up to the last user turn."""
+    if rec.turns:
+        return _digest(*(f"{role}\x01{text}" for role, text in split_reference(rec.turns)[0]))
+    return _digest(rec.instruction, rec.input)
 
 
 def _unique_id(rec: Record, ids: Mapping[str, str]) -> str:
@@ -573,8 +586,16 @@ def _to_records(
 
 
 def _to_conversation(
-    obj: Any, src: str, f: Fields, fmt: str, roles: Mapping[str, str] | None, default_id: str
+    obj: Any,
+    src: str,
+    f: Fields,
+    fmt: str,
+    roles: Mapping[str, str] | None,
+    default_id: str,
+    open_output: tuple[bool, bool] | None = None,
 ) -> Record:
+    """One conversation record; ``open_output`` (``(require, allow_empty)`` of the output rule) lets it end with a
+    user turn and take its output from the output field beside the turns (see ``read_records``)."""
     if not isinstance(obj, dict):
         raise _Bad("not_an_object", "<row>", f"expected a JSON object, got {type(obj).__name__}")
     rid = obj.get(f.id)
@@ -582,12 +603,20 @@ def _to_conversation(
         raise _Bad("not_a_string", f.id, f"expected a string or integer id, got {type(rid).__name__}")
     key = f.messages if fmt == "messages" else f.conversations
     try:
-        turns = parse_turns(obj, fmt, key=key, roles=roles)
+        turns = parse_turns(obj, fmt, key=key, roles=roles, open_end=open_output is not None)
     except _BadTurn as bad:
         raise _Bad(bad.reason, bad.field, bad.message) from None
     first_user = next(text for role, text in turns if role == "user")
     base_id = str(rid) if rid is not None else default_id or src.rsplit("/", 1)[-1]
-    return Record(base_id, first_user, "", turns[-1][1], src, turns)
+    output = turns[-1][1]
+    if open_output is not None:
+        reference = split_reference(turns)[1]
+        require, allow_empty = open_output
+        if obj.get(f.output) is not None or reference is None:
+            output = _text(obj, f.output, required=require)
+        if require and not allow_empty and not output.strip():
+            raise _Bad("empty_output", f.output, "output is empty")
+    return Record(base_id, first_user, "", output, src, turns)
 
 
 def _one(obj: Mapping[str, Any], f: Fields, output_rule: tuple[bool, bool]) -> tuple[str, str]:

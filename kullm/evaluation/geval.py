@@ -4,6 +4,11 @@ The prompt (system message, user template, criteria) comes from the ``judge_prom
 prompt and a corrected variant are one override apart; :func:`JudgePrompt.hash` names the exact prompt a judgment
 was made with. G-Eval scores a criterion as the expected value of the judge's distribution over the allowed scores,
 ``sum_v v * p(v) / sum_v p(v)``, next to the plain score parsed from the reply.
+
+A multi-turn answer is judged with the same prompt: the Instruction is the last user turn and the Input the
+conversation before it (system prompt and earlier turns, one ``turn`` block each), so the criteria about the Input
+(이해 가능성, 맥락 유지) judge whether the answer keeps the conversation's context. A one-turn conversation gets
+exactly the prompt of a flat row.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+# how an earlier turn of a conversation is shown in the Input slot (judge_prompt.turn), and the role names it shows
+DEFAULT_TURN = "{role}: {content}"
+ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 # full-width ASCII (U+FF01..U+FF5E) and the ideographic space, mapped one character to one, so offsets survive
 _WIDE = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
@@ -39,12 +48,14 @@ class Criterion:
 
 @dataclass(frozen=True)
 class JudgePrompt:
-    """The system message, the user-message template (``{instruction}``, ``{input}``, ``{response}``) and criteria."""
+    """The system message, the user-message template (``{instruction}``, ``{input}``, ``{response}``), criteria,
+    and how an earlier turn of a conversation is written into the Input (``turn``: ``{role}``, ``{content}``)."""
 
     name: str
     system: str
     user: str
     criteria: tuple[Criterion, ...]
+    turn: str = DEFAULT_TURN
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> JudgePrompt:
@@ -58,17 +69,29 @@ class JudgePrompt:
         for c in crits:
             if c.min >= c.max:
                 raise ValueError(f"judge_prompt.criteria: {c.name!r} has min {c.min} >= max {c.max}")
-        return cls(str(cfg.get("name", "")), str(cfg["system"]), str(cfg["user"]), crits)
+        turn = str(cfg.get("turn") or DEFAULT_TURN)
+        return cls(str(cfg.get("name", "")), str(cfg["system"]), str(cfg["user"]), crits, turn)
 
     def messages(self, instruction: str, input: str, response: str) -> list[dict[str, str]]:
         """The chat messages for one item (values are inserted verbatim, braces in them included)."""
         user = self.user.format_map({"instruction": instruction, "input": input, "response": response})
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
+    def conversation_messages(self, history: Sequence[tuple[str, str]], response: str) -> list[dict[str, str]]:
+        """The chat messages for the answer to a conversation: ``history`` is its ``(role, content)`` turns up to
+        the last user turn (the Instruction); the turns before that turn are the Input, one block each."""
+        *before, (role, last) = history
+        if role != "user":
+            raise ValueError(f"a conversation to judge ends with the user turn answered, not a {role} turn")
+        blocks = [self.turn.format_map({"role": ROLE_NAMES.get(r, r), "content": c}) for r, c in before]
+        return self.messages(last, "\n\n".join(blocks), response)
+
     def hash(self) -> str:
-        """A short hash of everything that changes what the judge sees or how replies are scored."""
+        """A short hash of everything that changes what the judge sees or how replies are scored (the default
+        ``turn`` layout is left out, so a prompt hashes as it did before conversations were judged)."""
         crits = [[c.name, c.min, c.max] for c in self.criteria]
-        body = json.dumps([self.system, self.user, crits], ensure_ascii=False)
+        parts = [self.system, self.user, crits] + ([self.turn] if self.turn != DEFAULT_TURN else [])
+        body = json.dumps(parts, ensure_ascii=False)
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
 

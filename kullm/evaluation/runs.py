@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from kullm.config import compose
+from kullm.data.chat import split_reference
 from kullm.data.records import DataError, Record, check_source, read_records, write_rejects
 from kullm.evaluation.geval import JudgePrompt, parse_scores, weighted_from_logprobs
 from kullm.evaluation.judges import Judge, JudgeError, build_judge
@@ -156,11 +157,14 @@ def _compose_generate(overrides: list[str]) -> DictConfig:
 
 def load_run(name: str, path: Path, out_dir: Path, limit: int | None = None) -> Run:
     """Read a responses JSONL (``id``, ``instruction``, ``input``, ``response`` — or KULLM's own format, where the
-    answer is ``output``, flat or in ``instances``); bad rows are reported with file:line in
-    ``<run>.rejects.jsonl`` and the rest still run. An empty response is judged, not dropped."""
+    answer is ``output``, flat or in ``instances``; or a conversation, ``messages``/``conversations`` with the
+    ``response`` to its last user turn, or ending with the assistant turn to judge); bad rows are reported with
+    file:line in ``<run>.rejects.jsonl`` and the rest still run. An empty response is judged, not dropped."""
     check_source(path, "files")
     field = response_field(path)
-    records, report = read_records(path, fields={"output": field}, source="files", allow_empty_output=True)
+    records, report = read_records(
+        path, fields={"output": field}, source="files", allow_empty_output=True, open_conversations=True
+    )
     run = Run(name, path, out_dir / f"{name}.judgments.jsonl", records)
     rejects = report.rejects
     for rej in rejects:
@@ -285,7 +289,10 @@ async def judge_one(
     judge: Judge, prompt: JudgePrompt, rec: Record, max_parse_retries: int
 ) -> tuple[str, dict | JudgeError]:
     """One id's judgment, re-asking up to ``max_parse_retries`` times when the reply cannot be parsed."""
-    messages = prompt.messages(rec.instruction, rec.input, rec.output)
+    if rec.turns:  # a conversation: the answer to its last user turn, after the turns before it
+        messages = prompt.conversation_messages(split_reference(rec.turns)[0], rec.output)
+    else:
+        messages = prompt.messages(rec.instruction, rec.input, rec.output)
     attempts, errors = 0, []
     for _ in range(max_parse_retries + 1):
         try:

@@ -1,5 +1,9 @@
 """Generation: a model, its tokenizer and template in; answers out (one prompt, a JSONL file, or a terminal chat).
 
+A conversation (OpenAI ``messages`` / ShareGPT rows, or a chat's history) is rendered up to its last user turn
+through the tokenizer's ``chat_template`` (an adapter's renders the template it was trained on); the answer is the
+next assistant turn, cut at the model's end-of-turn tokens.
+
 Batches are left-padded with an attention mask (GPT-NeoX derives position ids from it during ``generate``) and
 sorted by prompt length; answers come back in input order. File runs append one JSON line per record as each batch
 finishes, and a re-run with the same ``output_file`` skips the ids already there, so a killed run resumes.
@@ -8,6 +12,7 @@ finishes, and a re-run with the same ``output_file`` skips the ids already there
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import sys
 import threading
@@ -17,7 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kullm.data.records import DataError, Record, check_source, read_records
+from kullm.data.chat import as_messages, split_reference
+from kullm.data.records import DataError, Record, Reject, check_source, read_records, write_rejects
 from kullm.resumable import AppendLog, read_done
 from kullm.templates import Prompter
 
@@ -34,13 +40,25 @@ class Generator:
     """A model, its tokenizer and template, and the generation settings: prompts in, answers out.
 
     Items are a :class:`Record`, a mapping with ``instruction`` (and ``input``), an ``(instruction, input)`` pair,
-    or a plain instruction string; each is rendered with the template before generation.
+    or a plain instruction string, each rendered with the template; or a conversation (a record with turns, or a
+    list of messages), rendered up to its last user turn with the tokenizer's ``chat_template``. ``chat_only``: the
+    model was trained on the tokenizer's own chat template (``data.chat_template=tokenizer``), so an instruction is
+    rendered as it was trained, one user turn (instruction, then its input) through that template.
     """
 
-    def __init__(self, model, tokenizer, prompter: Prompter, settings: Mapping[str, Any], label: str = "") -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompter: Prompter,
+        settings: Mapping[str, Any],
+        label: str = "",
+        chat_only: bool = False,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.prompter = prompter
+        self.chat_only = chat_only
         self.settings = dict(settings)
         self.label = label
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -52,7 +70,9 @@ class Generator:
     def from_config(cls, cfg: DictConfig) -> Generator:
         """Load the adapter (or ``base``, or the ``model`` group) named by a ``generate`` config."""
         model, tokenizer, prompter, label = load_for_generation(cfg)
-        return cls(model, tokenizer, prompter, OmegaConf.to_container(cfg.generation, resolve=True), label)
+        chat_only = trained_on_chat_template(cfg.adapter or cfg.base)
+        settings = OmegaConf.to_container(cfg.generation, resolve=True)
+        return cls(model, tokenizer, prompter, settings, label, chat_only=chat_only)
 
     @property
     def device(self):
@@ -60,10 +80,28 @@ class Generator:
 
     def render(self, item: Item | Messages) -> str:
         """The prompt for one item, or for the next answer of a conversation (through the tokenizer's
-        ``chat_template``: an adapter's renders the template it was trained on)."""
+        ``chat_template``: an adapter's renders the template it was trained on).
+
+        Without a ``chat_template``, a conversation of one user turn is rendered as a single-turn prompt (what
+        training made of it); a longer one raises ``ValueError``.
+        """
+        if isinstance(item, Record) and item.turns:
+            item = as_messages(split_reference(item.turns)[0])
         if isinstance(item, list):
-            return self.tokenizer.apply_chat_template(item, add_generation_prompt=True, tokenize=False)
+            if getattr(self.tokenizer, "chat_template", None):
+                return self.tokenizer.apply_chat_template(item, add_generation_prompt=True, tokenize=False)
+            if len(item) != 1 or item[0]["role"] != "user":
+                raise ValueError(
+                    f"the tokenizer has no chat_template, so a conversation of {len(item)} turns cannot be rendered "
+                    "(train with a multi-turn template, or give one user turn)"
+                )
+            item = item[0]["content"]
         instruction, input_ = item_text(item)
+        if self.chat_only:  # as training made an instruction row a conversation (kullm.data.turns.record_turns)
+            user = instruction + (f"\n\n{input_}" if input_ else "")
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+            )
         return self.prompter.render(instruction, input_)
 
     def encode(self, prompt: str) -> list[int]:
@@ -303,6 +341,18 @@ def checkpoint_dtype(name_or_path: str) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
 
 
+def trained_on_chat_template(folder: str | None) -> bool:
+    """Whether the adapter or merged folder was trained with the tokenizer's own chat template (its
+    ``kullm_config.yaml`` says ``data.chat_template: tokenizer``)."""
+    from kullm.adapter import CONFIG_FILE
+
+    path = Path(str(folder or "")).expanduser() / CONFIG_FILE
+    if not folder or not path.is_file():
+        return False
+    data = OmegaConf.load(path).get("data") or {}
+    return data.get("chat_template") == "tokenizer"
+
+
 def folder_prompter(name_or_path: str) -> Prompter | None:
     """The ``template.yaml`` that ``kullm-merge`` leaves in a merged folder, if there is one."""
     path = Path(name_or_path) / "template.yaml"
@@ -334,8 +384,16 @@ def run_file(
     policy: str = "skip",
     batch_size: int | None = None,
     progress: bool = True,
+    roles: Mapping[str, str] | None = None,
 ) -> Path:
-    """Generate an answer for every record of ``input_file`` not yet in ``output_file``, appending as batches finish."""
+    """Generate an answer for every record of ``input_file`` not yet in ``output_file``, appending as batches finish.
+
+    Flat and self-instruct rows give ``{id, instruction, input, response}`` rows; conversations (OpenAI
+    ``messages`` / ShareGPT, ``roles`` naming extra ShareGPT roles) give ``{id, messages, response}`` with
+    ``messages`` the history the answer follows (system and turns up to the last user turn) and ``reference`` the
+    conversation's own last assistant turn, when it has one. A conversation the template cannot render (a
+    single-turn template, no ``chat_template``) is a reject like a malformed row.
+    """
     from tqdm.auto import tqdm
 
     output_file = Path(output_file)
@@ -346,11 +404,15 @@ def run_file(
         input_file,
         fields=fields,
         policy=policy,
-        rejects_path=rejects,
         require_output=False,
         allow_empty_output=True,
         content_ids=True,
+        roles=roles,
+        open_conversations=True,
     )
+    records = _renderable(generator, records, report, policy)
+    if report.rejects:
+        write_rejects(report.rejects, rejects)
     if not records:
         raise DataError(
             f"{input_file}: no usable row ({report.n_rejected} rejected: {dict(report.rejected)}; see {rejects})"
@@ -368,9 +430,7 @@ def run_file(
 
         def write(indices: list[int], answers: list[str]) -> None:
             for i, answer in zip(indices, answers, strict=True):
-                rec = todo[i]
-                row = {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "response": answer}
-                out.write({**row, "generation": settings})
+                out.write({**response_row(todo[i], answer), "generation": settings})
             bar.update(len(indices))
 
         generator.generate(todo, batch_size=batch_size, on_batch=write)
@@ -378,6 +438,34 @@ def run_file(
     if report.rejects:
         log.warning("%d bad row(s) skipped; see %s", report.n_rejected, rejects)
     return output_file
+
+
+def response_row(rec: Record, answer: str) -> dict[str, Any]:
+    """What a file run writes for one record (without the settings): the id, what was asked, the answer."""
+    if not rec.turns:
+        return {"id": rec.id, "instruction": rec.instruction, "input": rec.input, "response": answer}
+    history, reference = split_reference(rec.turns)
+    row = {"id": rec.id, "messages": as_messages(history), "response": answer}
+    return row if reference is None else {**row, "reference": reference}
+
+
+def _renderable(generator: Generator, records: list[Record], report, policy: str) -> list[Record]:
+    """The records whose prompt the generator can render; the others become rejects (``unrenderable``)."""
+    from jinja2 import TemplateError
+
+    kept = []
+    for rec in records:
+        try:
+            generator.render(rec)
+        except (TemplateError, ValueError) as e:
+            field = "messages" if rec.turns else "instruction"
+            if policy == "strict":
+                raise DataError(f"{rec.source}: {field}: unrenderable: {e}") from None
+            report.rejected["unrenderable"] += 1
+            report.rejects.append(Reject(rec.source, "unrenderable", field, str(e), json.dumps(rec.id)))
+            continue
+        kept.append(rec)
+    return kept
 
 
 def generate_file(cfg: DictConfig) -> Path:
@@ -389,7 +477,8 @@ def generate_file(cfg: DictConfig) -> Path:
     generator = Generator.from_config(cfg)
     seed_everything(cfg.generation.get("seed"))
     fields = OmegaConf.to_container(cfg.fields, resolve=True) if cfg.get("fields") else None
-    return run_file(generator, cfg.input_file, output, fields=fields, policy=cfg.get("policy") or "skip")
+    roles = OmegaConf.to_container(cfg.roles, resolve=True) if cfg.get("roles") else None
+    return run_file(generator, cfg.input_file, output, fields=fields, policy=cfg.get("policy") or "skip", roles=roles)
 
 
 def seed_everything(seed: int | None) -> None:
