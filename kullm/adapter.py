@@ -223,7 +223,10 @@ def read_adapter(folder: str | Path) -> AdapterSpec:
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such adapter folder")
     if is_model_folder(folder):
-        raise AdapterError(f"{folder}: a full checkpoint (lora=none), not an adapter: pass base={folder}")
+        raise AdapterError(
+            f"{folder}: a full checkpoint (lora=none), not an adapter: it loads as it is (kullm-generate "
+            f"base={folder}, vLLM, TGI); there is nothing to merge"
+        )
     verify_adapter(folder)
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():

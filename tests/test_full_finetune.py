@@ -62,8 +62,10 @@ def test_the_full_checkpoint_generates_with_base_and_is_refused_as_an_adapter(fu
     gen = Generator.from_config(cfg)
     assert gen.prompter.name == "kullm"  # template.yaml of the run
     assert isinstance(gen.generate(["고려대학교에 대해서 알려줘"])[0], str)
-    with pytest.raises(AdapterError, match=r"a full checkpoint \(lora=none\), not an adapter: pass base="):
+    with pytest.raises(AdapterError, match=r"a full checkpoint \(lora=none\), not an adapter: .*kullm-generate base="):
         read_adapter(folder)
+    with pytest.raises(AdapterError, match="there is nothing to merge"):
+        merge(compose("merge", [f"adapter={folder}", f"out={folder.parent / 'merged'}"]))
 
 
 def test_full_fine_tuning_resumes_exactly(full_run, tmp_path):
