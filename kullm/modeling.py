@@ -38,7 +38,7 @@ TINY_SHAPE: dict[str, Any] = {
     "tokenizer_vocab": 2000,
     "seed": 0,
     "warmup_steps": 60,  # full-weight steps on the bundled corpus after random init (0: purely random)
-    "arch": "gpt_neox",  # or a key of FAMILIES: llama, qwen2, mistral, gemma2
+    "arch": "gpt_neox",  # or a key of FAMILIES: llama, qwen2, qwen3, mistral, gemma2
 }
 
 
@@ -59,6 +59,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "stop": ["<|im_end|>", "<|endoftext|>"],
         "config": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+        "chat_template": (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+    },
+    "qwen3": {  # ChatML as Qwen2; RMSNorm on each head's queries and keys (q_norm/k_norm), explicit head_dim; tied head
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "stop": ["<|im_end|>", "<|endoftext|>"],
+        "config": {"num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True},
         "chat_template": (
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -64,8 +64,32 @@ def model_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, 
     return kwargs
 
 
-def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def logit_map(model: torch.nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)``: what an architecture's forward does to the head's output before its loss.
+
+    Cohere multiplies the logits by ``logit_scale``, Granite divides them by ``config.logits_scaling``, Gemma-2/3
+    soft-cap them (``tanh(x / cap) * cap``, ``config.final_logit_softcapping``); ``(1.0, None)`` for the rest. The
+    head-only loss must do the same, or it trains another model than the one that is served.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(lm, "config", None)
+    scale = 1.0
+    if isinstance(getattr(lm, "logit_scale", None), (int, float)):  # Cohere keeps it on the model
+        scale = float(lm.logit_scale)
+    if getattr(cfg, "logits_scaling", None):  # Granite
+        scale /= float(cfg.logits_scaling)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, float(cap) if cap else None
+
+
+def _chunk_ce(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0, cap: float | None = None
+) -> torch.Tensor:
     logits = head(hidden).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -224,8 +248,10 @@ def head_only_loss(
     ``batch`` holds ``input_ids`` and ``labels`` (unshifted, -100 = not trained) and optionally
     ``attention_mask`` (2-D, or a 4-D packed mask) and ``position_ids`` (packed rows: see :func:`model_inputs`).
     A linear head goes through :func:`fused_linear_cross_entropy` (``chunk_size`` rows at a time, gradients made
-    in the forward, no logits kept); any other head (e.g. LoRA on the LM head) runs per chunk with the chunk's
-    logits recomputed in backward. The token count is a 0-d tensor: reading it never waits for the device.
+    in the forward, no logits kept); any other head (e.g. LoRA on the LM head), or soft-capped logits (Gemma-2),
+    runs per chunk with the chunk's logits recomputed in backward. The architecture's own logit scaling and
+    soft-capping (:func:`logit_map`) are applied as its forward does. The token count is a 0-d tensor: reading it
+    never waits for the device.
     """
     body, head = causal_lm_parts(model)
     hidden = body(**model_inputs(model, batch)).last_hidden_state
@@ -243,17 +269,21 @@ def head_only_loss(
         h, t, n = hidden[:, :-1][keep], targets[keep], keep.sum()
     if h.shape[0] == 0:
         return hidden.sum() * 0.0, n  # keeps the graph connected (DDP expects every trainable grad)
-    linear = linear_head(head)
+    scale, cap = logit_map(model)
+    linear = linear_head(head) if cap is None else None  # soft-capped logits are no linear map of h
     if linear is not None:
-        return fused_linear_cross_entropy(h, *linear, t, chunk_size=chunk_size, impl=impl), n
+        weight, bias = linear
+        if scale != 1.0:  # scaled logits are the head with scaled weights: still fused
+            weight, bias = weight * scale, bias * scale if bias is not None else None
+        return fused_linear_cross_entropy(h, weight, bias, t, chunk_size=chunk_size, impl=impl), n
     size = h.shape[0] if not chunk_size or chunk_size <= 0 else chunk_size
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], size):
         hc, tc = h[start : start + size], t[start : start + size]
         if torch.is_grad_enabled() and h.shape[0] > size:
-            total = total + checkpoint(_chunk_ce, head, hc, tc, use_reentrant=False)
+            total = total + checkpoint(_chunk_ce, head, hc, tc, scale, cap, use_reentrant=False)
         else:
-            total = total + _chunk_ce(head, hc, tc)
+            total = total + _chunk_ce(head, hc, tc, scale, cap)
     return total, n
 
 
