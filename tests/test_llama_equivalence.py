@@ -164,7 +164,7 @@ def test_packed_rows_give_each_example_its_own_logits_loss_and_gradients(tmp_pat
     model.zero_grad(set_to_none=True)
     ref_loss, ref_n = 0.0, 0
     for ex in examples:
-        loss, n = full_loss(model, {"input_ids": torch.tensor([ex["input_ids"]]), "labels": torch.tensor([ex["labels"]])})
+        loss, n = full_loss(model, {k: torch.tensor([ex[k]]) for k in ("input_ids", "labels")})
         loss.backward()
         ref_loss, ref_n = ref_loss + loss.item(), ref_n + int(n)
     ref_grads = _grads(model)

@@ -1,5 +1,6 @@
-"""Today's model families (tiny Llama, Qwen2, Qwen3, Mistral, Gemma-2 built offline): LoRA targets per architecture, EOS and
-pad from the model's own tokenizer, the attention kernel each needs, and a training run that reloads with PEFT."""
+"""Today's model families (tiny Llama, Qwen2, Qwen3, Mistral, Gemma-2 built offline): LoRA targets per architecture,
+EOS and pad from the model's own tokenizer, the attention kernel each needs, and a training run that reloads
+with PEFT."""
 
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from kullm.inference.merging import merge
 from kullm.modeling import FAMILIES, build_tiny, load_model, load_tokenizer, lora_targets
 from kullm.train import train
 
-FAMILY_EOS = {"llama": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "mistral": "</s>", "gemma2": "<end_of_turn>"}
+FAMILY_EOS = {"llama": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "mistral": "</s>",
+              "gemma2": "<end_of_turn>"}  # fmt: skip
 
 
 def test_lora_auto_targets_the_seeds_projection_on_gpt_neox_and_every_linear_layer_elsewhere():
