@@ -188,7 +188,7 @@ RESUME = [
     "lora.lora_dropout=0.1",  # dropout draws from the RNG: its state must be restored too
 ]  # fmt: skip
 BATCHING = {"default": ["batch_size=8", "micro_batch_size=4"],
-            "packed": ["data.packing=true", "batch_size=4", "micro_batch_size=2"]}  # fmt: skip
+            "packed": ["data.packing=true", "batch_size=8", "micro_batch_size=4"]}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -201,14 +201,15 @@ def test_llama_resumed_mid_epoch_ends_bit_for_bit_as_the_straight_run(tmp_path, 
     straight = train(cfg_for(tmp_path / "straight", *common))
     trainer = straight["trainer"]
     per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
-    assert trainer.current_epoch == 1 and 4 < per_epoch < 14, per_epoch  # the run spans two epochs
+    assert 4 < per_epoch < 13, per_epoch  # the 14 steps span two epochs
     want = load_file(Path(straight["adapter"]) / "adapter_model.safetensors")
-    ckpts = {torch.load(c, weights_only=True)["global_step"]: c
-             for c in (tmp_path / "straight" / "checkpoints").glob("step*.ckpt")}  # fmt: skip
+    meta = {c: torch.load(c, weights_only=True) for c in (tmp_path / "straight" / "checkpoints").glob("step*.ckpt")}
+    ckpts = {m["global_step"]: (c, m["epoch"]) for c, m in meta.items()}
     assert sorted(ckpts) == list(range(2, 15, 2))
     mid = [s for s in sorted(ckpts) if s % per_epoch and s < 14]
     for step in (mid[0], next(s for s in mid if s > per_epoch)):  # mid-epoch 0, mid-epoch 1
-        resumed = train(cfg_for(tmp_path / f"from{step}", *common, f"ckpt_path={ckpts[step]}"))
+        assert ckpts[step][1] == step // per_epoch
+        resumed = train(cfg_for(tmp_path / f"from{step}", *common, f"ckpt_path={ckpts[step][0]}"))
         got = load_file(Path(resumed["adapter"]) / "adapter_model.safetensors")
         assert got.keys() == want.keys() and len(want) > 0
         for k in want:
