@@ -182,9 +182,8 @@ RESUME = [
     "trainer.max_steps=14",  # epoch-bounded (experiment=smoke: max_epochs=4), as users run; two epochs here
     "callbacks.checkpoint.every_n_train_steps=2",
     "callbacks.checkpoint.monitor=train/loss",
-    "callbacks.checkpoint.save_top_k=-1",
+    "callbacks.checkpoint.save_top_k=-1",  # every checkpoint kept (kullm keeps only the last without validation)
     "callbacks.samples.num=0",
-    "data.val_set_size=0",
     "lora.lora_dropout=0.1",  # dropout draws from the RNG: its state must be restored too
 ]  # fmt: skip
 BATCHING = {"default": ["batch_size=8", "micro_batch_size=4"],
