@@ -9,6 +9,7 @@ import shutil
 import tempfile
 
 _ROOT = tempfile.mkdtemp(prefix="kullm-tests-")
+_OWNER = os.getpid()  # a forked child (a mutmut mutant) shares the folder with its siblings: only the owner deletes it
 os.environ.update(
     {
         "HF_HUB_OFFLINE": "1",
@@ -25,4 +26,5 @@ os.environ.pop("WANDB_API_KEY", None)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_ROOT, ignore_errors=True)
+    if os.getpid() == _OWNER:
+        shutil.rmtree(_ROOT, ignore_errors=True)
