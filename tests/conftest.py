@@ -16,7 +16,9 @@ os.environ.update(
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HOME": os.path.join(_ROOT, "hf"),
-        "KULLM_CACHE": os.path.join(_ROOT, "kullm"),
+        # KULLM_TEST_CACHE: a folder kept across sessions for the built tiny models (their folders are named by a
+        # hash of what they are built from); a mutation run sets it, or every mutant would build them anew
+        "KULLM_CACHE": os.environ.get("KULLM_TEST_CACHE") or os.path.join(_ROOT, "kullm"),
         "WANDB_MODE": "disabled",
         "WANDB_DIR": os.path.join(_ROOT, "wandb"),
         "TOKENIZERS_PARALLELISM": "false",

@@ -430,3 +430,41 @@ def test_loss_impl_choice_on_a_cuda_machine(monkeypatch):
     message = "loss.impl=liger runs on CUDA GPUs only (this machine has none): use loss.impl=torch (or auto)"
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         check_loss_impl("liger", "cuda")
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_fused_loss_is_stable_for_rows_far_apart(trainable):
+    """Each row is shifted by its own maximum logit: rows whose logits lie hundreds apart (one would underflow to
+    exp(-600) under a shared shift) still give the exact loss and gradients, with no inf or NaN."""
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0]], requires_grad=trainable)
+    h = torch.tensor([[300.0, 0.0], [-300.0, 1.0], [2.0, -1.0]], requires_grad=True)
+    t = torch.tensor([0, 1, 3])
+    ref = F.cross_entropy(F.linear(h, w), t, reduction="sum")
+    loss = fused_linear_cross_entropy(h, w, None, t, chunk_size=3)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    inputs = (h, w) if trainable else (h,)
+    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_accumulates_in_float32_whatever_the_default_dtype():
+    """A script that sets a bf16 default dtype (to build a model in bf16) still gets float32 sums of the loss and of
+    the weight and bias gradients across chunks, not bf16 ones."""
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(40, 8, generator=g, requires_grad=True)
+    w = (0.5 * torch.randn(30, 8, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(30, generator=g)).requires_grad_()
+    t = torch.randint(0, 30, (40,), generator=g)
+    ref = F.cross_entropy(F.linear(h, w, b), t, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=3)
+        grads = torch.autograd.grad(loss, (h, w, b))
+    finally:
+        torch.set_default_dtype(default)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
