@@ -239,7 +239,10 @@ def test_fused_head_runs_once_per_chunk_and_never_in_backward(lora_model, batch,
 
 def test_other_heads_recompute_chunks_in_backward(lora_model, batch):
     """A head that is not a plain linear layer (here: one with a forward hook, which fusing would skip) runs per
-    chunk, checkpointed: the head runs again in backward, so only one chunk of logits is kept."""
+    chunk, checkpointed: the head runs again in backward, so only one chunk of logits is kept; the loss and the
+    gradients are still the full path's (the chunks are summed, not averaged)."""
+    ref_loss, _, ref_grads = _loss_and_grads(lora_model, full_loss, batch)
+    lora_model.zero_grad(set_to_none=True)
     _, head = causal_lm_parts(lora_model)
     calls: list[int] = []
     hook = head.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
@@ -248,10 +251,13 @@ def test_other_heads_recompute_chunks_in_backward(lora_model, batch):
         loss, n = head_only_loss(lora_model, batch, chunk_size=8)
         forward_calls = len(calls)
         loss.backward()
+        grads = {k: p.grad.detach().clone() for k, p in lora_model.named_parameters() if p.requires_grad}
     finally:
         hook.remove()
         lora_model.zero_grad(set_to_none=True)
     assert forward_calls == -(-int(n) // 8) and len(calls) == 2 * forward_calls
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=0)
+    _assert_grads_close(grads, ref_grads, rel=1e-4)
 
 
 def test_no_trained_token(lora_model):

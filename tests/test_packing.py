@@ -41,7 +41,7 @@ def test_hand_case_exact_rows():
     assert packed["position_ids"] == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2]]
     assert packed["seq_lens"] == [[5, 1], [4, 2], [3]]
     assert packed["length"] == [6, 6, 3]
-    assert (stats.examples, stats.rows, stats.tokens) == (5, 3, 15)
+    assert (stats.examples, stats.rows, stats.tokens, stats.cutoff_len) == (5, 3, 15, 6)
     assert stats.fill_rate == pytest.approx(15 / 18)
 
 
