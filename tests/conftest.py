@@ -9,13 +9,16 @@ import shutil
 import tempfile
 
 _ROOT = tempfile.mkdtemp(prefix="kullm-tests-")
+_OWNER = os.getpid()  # a forked child (a mutmut mutant) shares the folder with its siblings: only the owner deletes it
 os.environ.update(
     {
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HOME": os.path.join(_ROOT, "hf"),
-        "KULLM_CACHE": os.path.join(_ROOT, "kullm"),
+        # KULLM_TEST_CACHE: a folder kept across sessions for the built tiny models (their folders are named by a
+        # hash of what they are built from); a mutation run sets it, or every mutant would build them anew
+        "KULLM_CACHE": os.environ.get("KULLM_TEST_CACHE") or os.path.join(_ROOT, "kullm"),
         "WANDB_MODE": "disabled",
         "WANDB_DIR": os.path.join(_ROOT, "wandb"),
         "TOKENIZERS_PARALLELISM": "false",
@@ -25,4 +28,5 @@ os.environ.pop("WANDB_API_KEY", None)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_ROOT, ignore_errors=True)
+    if os.getpid() == _OWNER:
+        shutil.rmtree(_ROOT, ignore_errors=True)

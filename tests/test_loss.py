@@ -1,6 +1,9 @@
 """Head-only loss: same loss and gradients as the full-logits path, with the LM head run on trained rows only,
 fused with the cross-entropy (gradients made in the forward, no logits kept or recomputed)."""
 
+import re
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,7 +239,10 @@ def test_fused_head_runs_once_per_chunk_and_never_in_backward(lora_model, batch,
 
 def test_other_heads_recompute_chunks_in_backward(lora_model, batch):
     """A head that is not a plain linear layer (here: one with a forward hook, which fusing would skip) runs per
-    chunk, checkpointed: the head runs again in backward, so only one chunk of logits is kept."""
+    chunk, checkpointed: the head runs again in backward, so only one chunk of logits is kept; the loss and the
+    gradients are still the full path's (the chunks are summed, not averaged)."""
+    ref_loss, _, ref_grads = _loss_and_grads(lora_model, full_loss, batch)
+    lora_model.zero_grad(set_to_none=True)
     _, head = causal_lm_parts(lora_model)
     calls: list[int] = []
     hook = head.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
@@ -245,10 +251,13 @@ def test_other_heads_recompute_chunks_in_backward(lora_model, batch):
         loss, n = head_only_loss(lora_model, batch, chunk_size=8)
         forward_calls = len(calls)
         loss.backward()
+        grads = {k: p.grad.detach().clone() for k, p in lora_model.named_parameters() if p.requires_grad}
     finally:
         hook.remove()
         lora_model.zero_grad(set_to_none=True)
     assert forward_calls == -(-int(n) // 8) and len(calls) == 2 * forward_calls
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=0)
+    _assert_grads_close(grads, ref_grads, rel=1e-4)
 
 
 def test_no_trained_token(lora_model):
@@ -296,3 +305,172 @@ def test_right_padded_batches_run_without_a_mask_and_give_the_same_outputs(lora_
         masked = lora_model(**model_inputs(lora_model, hand_made)).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(fast[real], masked[real], rtol=1e-5, atol=1e-5)
+
+
+# --- what the loss hands to the fused kernels, the chunks it runs, and what evaluation computes -----------------
+
+
+def _install_kernels(monkeypatch, calls: list[dict], liger_returns_tuple: bool) -> None:
+    """Liger Kernel's and Cut Cross-Entropy's entry points as plain-torch modules with their documented signatures
+    (the real ones need CUDA and Triton): each records what kullm passes and computes the true cross-entropy."""
+    import types
+
+    def kernel(name):
+        def run(h, weight, targets, bias=None, *, ignore_index=-100, reduction="mean", **_):
+            calls.append({"kernel": name, "dtypes": (h.dtype, weight.dtype, bias.dtype if bias is not None else None),
+                          "ignore_index": ignore_index, "reduction": reduction, "targets": targets})  # fmt: skip
+            logits = F.linear(h, weight, bias).float()
+            loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction).to(h.dtype)
+            return (loss, None) if name == "liger" and liger_returns_tuple else loss
+
+        return run
+
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    functional.liger_fused_linear_cross_entropy = kernel("liger")
+    cce = types.ModuleType("cut_cross_entropy")
+    cce.linear_cross_entropy = kernel("cce")
+    for name, module in [("liger_kernel", types.ModuleType("liger_kernel")),
+                         ("liger_kernel.transformers", types.ModuleType("liger_kernel.transformers")),
+                         ("liger_kernel.transformers.functional", functional), ("cut_cross_entropy", cce)]:  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("impl", ["liger", "cce"])
+def test_lm_loss_runs_the_chosen_kernel_on_trained_rows(lora_model, batch, monkeypatch, impl):
+    """``loss.impl`` reaches the kernel (it was once shadowed by the attention implementation and ignored): the same
+    summed loss as kullm's own, from the 22 trained rows, summed, with -100 as the ignore index."""
+    calls: list[dict] = []
+    _install_kernels(monkeypatch, calls, liger_returns_tuple=True)
+    with torch.no_grad():
+        ref, ref_n = lm_loss(lora_model, batch, head_only=True, impl="torch")
+        assert calls == []
+        loss, n = lm_loss(lora_model, batch, head_only=True, impl=impl)
+    assert [c["kernel"] for c in calls] == [impl] and int(n) == int(ref_n) == 22
+    assert calls[0]["ignore_index"] == IGNORE_INDEX and calls[0]["reduction"] == "sum"
+    assert calls[0]["targets"].tolist() == batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX].tolist()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(("impl", "liger_returns_tuple"), [("liger", True), ("liger", False), ("cce", False)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernels_get_both_operands_in_the_autocast_dtype(monkeypatch, impl, liger_returns_tuple, bias):
+    """Under bf16 autocast, hidden states, weight and bias reach the kernel in bf16 (a Triton kernel takes one dtype);
+    a bf16 (or tuple) result comes back as a float32 loss, within bf16 rounding of the float32 one."""
+    calls: list[dict] = []
+    _install_kernels(monkeypatch, calls, liger_returns_tuple)
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(9, 16, generator=g), 0.3 * torch.randn(40, 16, generator=g)
+    b = 0.1 * torch.randn(40, generator=g) if bias else None
+    t = torch.randint(0, 40, (9,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(h, w, b, t, impl=impl)
+    assert calls[0]["dtypes"] == (torch.bfloat16, torch.bfloat16, torch.bfloat16 if bias else None)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, w, b), t, reduction="sum"), rtol=2e-2, atol=0)
+    calls.clear()
+    fused_linear_cross_entropy(h, w, b, t, impl=impl)  # no autocast: the weight's own dtype
+    assert calls[0]["dtypes"] == (torch.float32, torch.float32, torch.float32 if bias else None)
+
+
+@pytest.mark.parametrize(("chunk_size", "chunks"), [(None, [19]), (0, [19]), (-4, [19]), (1, [1] * 19), (8, [8, 8, 3]),
+                                                    (19, [19]), (64, [19])])  # fmt: skip
+@pytest.mark.parametrize("grad", [True, False])
+def test_chunks_the_fused_head_runs(monkeypatch, chunk_size, chunks, grad):
+    """``chunk_size`` rows at a time (the memory bound); none, 0 or negative: all rows at once. Training and
+    evaluation chunk alike, and give the same loss."""
+    calls: list[int] = []
+    real = loss_mod._chunk_logits
+    monkeypatch.setattr(loss_mod, "_chunk_logits", lambda h, w, b: calls.append(h.shape[0]) or real(h, w, b))
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(19, 16, generator=g).requires_grad_(grad)
+    w, t = 0.3 * torch.randn(50, 16, generator=g), torch.randint(0, 50, (19,), generator=g)
+    loss = fused_linear_cross_entropy(h, w, None, t, chunk_size=chunk_size)
+    assert calls == chunks and loss.requires_grad is grad
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, w), t, reduction="sum"), rtol=1e-6, atol=1e-5)
+
+
+def test_evaluation_runs_the_head_once_and_training_adds_only_the_input_gradient():
+    """Counted matmul FLOPs: without gradients (validation) one head product, ``2·n·d·V``; with a gradient for the
+    hidden states, one more (``softmax − onehot`` times the weight) and no recomputation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, d, vocab = 13, 16, 60
+    g = torch.Generator().manual_seed(8)
+    h, w = torch.randn(n, d, generator=g), torch.randn(vocab, d, generator=g)
+    t = torch.randint(0, vocab, (n,), generator=g)
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    head = 2 * n * d * vocab
+    trained = h.clone().requires_grad_()
+    with torch.no_grad():
+        assert flops(lambda: fused_linear_cross_entropy(trained, w, None, t, chunk_size=4)) == head
+    assert flops(lambda: fused_linear_cross_entropy(h, w, None, t, chunk_size=4)) == head  # nothing requires grad
+    assert flops(lambda: fused_linear_cross_entropy(trained, w, None, t, chunk_size=4).backward()) == 2 * head
+
+
+def test_loss_impl_choice_on_a_cuda_machine(monkeypatch):
+    """With CUDA (faked: this machine has none) ``auto`` prefers Liger Kernel, then Cut Cross-Entropy, then kullm's
+    own; a device other than CUDA keeps kullm's own, and refuses a CUDA-only one by naming the device."""
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for installed, expected in [({"liger_kernel", "cut_cross_entropy"}, "liger"), ({"cut_cross_entropy"}, "cce"),
+                                ({"liger_kernel"}, "liger"), (set(), "torch")]:  # fmt: skip
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a, have=installed: object() if name in have else None
+        )
+        assert check_loss_impl("auto", "cuda") == expected, installed
+        assert check_loss_impl("auto", "cpu") == "torch"
+        assert check_loss_impl("torch", "cuda") == "torch"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert check_loss_impl("liger", "cuda") == "liger" and check_loss_impl("cce", "cuda") == "cce"
+    message = "loss.impl=cce runs on CUDA GPUs only (trainer.accelerator=cpu): use loss.impl=torch (or auto)"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        check_loss_impl("cce", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = "loss.impl=liger runs on CUDA GPUs only (this machine has none): use loss.impl=torch (or auto)"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        check_loss_impl("liger", "cuda")
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_fused_loss_is_stable_for_rows_far_apart(trainable):
+    """Each row is shifted by its own maximum logit: rows whose logits lie hundreds apart (one would underflow to
+    exp(-600) under a shared shift) still give the exact loss and gradients, with no inf or NaN."""
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0]], requires_grad=trainable)
+    h = torch.tensor([[300.0, 0.0], [-300.0, 1.0], [2.0, -1.0]], requires_grad=True)
+    t = torch.tensor([0, 1, 3])
+    ref = F.cross_entropy(F.linear(h, w), t, reduction="sum")
+    loss = fused_linear_cross_entropy(h, w, None, t, chunk_size=3)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    inputs = (h, w) if trainable else (h,)
+    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_accumulates_in_float32_whatever_the_default_dtype():
+    """A script that sets a bf16 default dtype (to build a model in bf16) still gets float32 sums of the loss and of
+    the weight and bias gradients across chunks, not bf16 ones."""
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(40, 8, generator=g, requires_grad=True)
+    w = (0.5 * torch.randn(30, 8, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(30, generator=g)).requires_grad_()
+    t = torch.randint(0, 30, (40,), generator=g)
+    ref = F.cross_entropy(F.linear(h, w, b), t, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=3)
+        grads = torch.autograd.grad(loss, (h, w, b))
+    finally:
+        torch.set_default_dtype(default)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

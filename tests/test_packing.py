@@ -41,7 +41,7 @@ def test_hand_case_exact_rows():
     assert packed["position_ids"] == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2]]
     assert packed["seq_lens"] == [[5, 1], [4, 2], [3]]
     assert packed["length"] == [6, 6, 3]
-    assert (stats.examples, stats.rows, stats.tokens) == (5, 3, 15)
+    assert (stats.examples, stats.rows, stats.tokens, stats.cutoff_len) == (5, 3, 15, 6)
     assert stats.fill_rate == pytest.approx(15 / 18)
 
 
@@ -169,6 +169,30 @@ def test_segment_ids_from_any_input():
         segment_ids([[1], [2, 3]], length=4)
 
 
+def test_model_inputs_honour_a_padding_mask_whose_positions_continue():
+    """A hand-made packed batch whose padding continues the last example's positions (the collator's restart at 0):
+    the 2-D padding mask still hides the padding keys."""
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 2, 2]]), "position_ids": torch.tensor([[0, 1, 0, 1, 2]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}  # fmt: skip
+    allowed = packed_model_inputs(batch, torch.nn.Linear(2, 2))["attention_mask"][0, 0] == 0
+    assert allowed.tolist() == [
+        [True, False, False, False, False],
+        [True, True, False, False, False],
+        [False, False, True, False, False],
+        [False, False, False, True, False],  # padding: only itself
+        [False, False, False, False, True],
+    ]
+
+
+def test_the_default_seed_is_zero_everywhere():
+    """Without a seed, the rows are those of seed 0 (a reproducible run need not pass one), not of another seed."""
+    ids = [[i] * 2 for i in range(8)]
+    by_seed = [pack_examples(ids, ids, 4, seed=s)[0]["input_ids"] for s in (0, 1)]
+    assert by_seed[0] != by_seed[1]  # equal lengths: the seed decides which examples share a row
+    assert pack_examples(ids, ids, 4)[0]["input_ids"] == by_seed[0]
+    assert pack_bins([2] * 8, 4) == pack_bins([2] * 8, 4, seed=0) != pack_bins([2] * 8, 4, seed=1)
+
+
 def test_mask_in_half_precision_uses_that_dtype_and_its_minimum():
     m = block_causal_mask([[1, 1]], torch.bfloat16)
     assert m.dtype == torch.bfloat16
@@ -192,7 +216,8 @@ def test_flex_attention_is_refused_and_a_variable_length_kernel_gets_no_mask(lor
     base = lora_model.get_base_model()
     try:
         base.config._attn_implementation = "flex_attention"
-        with pytest.raises(ValueError, match="flex_attention is not supported"):
+        with pytest.raises(ValueError, match=r"^packed training with flex_attention is not supported here: use sdpa, "
+                           r"eager or flash-attn$"):  # fmt: skip
             packed_model_inputs(batch, lora_model)
         base.config._attn_implementation = "flash_attention_2"
         assert packed_model_inputs(batch, lora_model).keys() == {"input_ids", "position_ids", "use_cache"}

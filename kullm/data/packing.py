@@ -242,7 +242,7 @@ def packed_model_inputs(batch: Mapping[str, Any], model: torch.nn.Module) -> dic
     included (pass them to a loss function).
     """
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)  # None (no config): the mask
     out: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     if impl in VARLEN_IMPLEMENTATIONS:
         return out

@@ -326,8 +326,8 @@ def lm_loss(
     impl: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on ``loss.head_only``: :func:`head_only_loss` (with the fused-loss ``impl``) or :func:`full_loss`."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if batch.get("position_ids") is not None and impl in VARLEN_IMPLEMENTATIONS and batch["input_ids"].shape[0] > 1:
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if batch.get("position_ids") is not None and attn in VARLEN_IMPLEMENTATIONS and batch["input_ids"].shape[0] > 1:
         batch = flatten_packed(batch)
     if head_only:
         return head_only_loss(model, batch, chunk_size=chunk_size, impl=impl)
