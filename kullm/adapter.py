@@ -121,7 +121,7 @@ def save_model(
 
     ``state_dict`` (names as in ``model.state_dict()``) lets a sharded strategy pass the gathered weights.
     """
-    from kullm.inference.generation import eos_token_ids
+    from kullm.modeling import eos_token_ids
 
     def write(tmp: Path) -> None:
         eos = eos_token_ids(model, tokenizer)

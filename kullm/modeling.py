@@ -274,6 +274,19 @@ def load_tokenizer(cfg: Mapping[str, Any]):
     return tok
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS (what training appended) first, then any other EOS the model's configs name."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        for t in value if isinstance(value, list) else [value]:
+            if t is not None and t not in ids:
+                ids.append(int(t))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model config names an EOS token")
+    return ids
+
+
 def tokenizer_fingerprint(tok) -> str:
     """A hash of everything about a tokenizer that changes token ids (vocab, merges, normalizer, specials)."""
     backend = getattr(tok, "backend_tokenizer", None)

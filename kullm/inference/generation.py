@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kullm.data.chat import as_messages, split_reference
 from kullm.data.records import DataError, Record, Reject, check_source, read_records, write_rejects
+from kullm.modeling import eos_token_ids
 from kullm.resumable import AppendLog, read_done
 from kullm.templates import Prompter
 
@@ -231,19 +232,6 @@ def left_pad(batch: list[list[int]], pad_id: int):
             input_ids[r, width - len(x) :] = torch.tensor(x)
             mask[r, width - len(x) :] = 1
     return input_ids, mask
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS (what training appended) first, then any other EOS the model's configs name."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None)
-        for t in value if isinstance(value, list) else [value]:
-            if t is not None and t not in ids:
-                ids.append(int(t))
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model config names an EOS token")
-    return ids
 
 
 def generation_config(model, settings: Mapping[str, Any], eos_ids: list[int], pad_id: int):

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kullm.adapter import CONFIG_FILE, TEMPLATE_FILE, load_adapter, read_adapter
 from kullm.atomic import clean_stale, replace
-from kullm.inference.generation import eos_token_ids, left_pad
+from kullm.inference.generation import left_pad
+from kullm.modeling import eos_token_ids
 from kullm.redaction import redact
 
 log = logging.getLogger(__name__)
