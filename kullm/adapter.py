@@ -121,12 +121,10 @@ def save_model(
 
     ``state_dict`` (names as in ``model.state_dict()``) lets a sharded strategy pass the gathered weights.
     """
-    from kullm.modeling import eos_token_ids
+    from kullm.modeling import set_stop_tokens
 
     def write(tmp: Path) -> None:
-        eos = eos_token_ids(model, tokenizer)
-        model.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        set_stop_tokens(model, tokenizer)
         kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, **kwargs)
         _write_meta(tmp, tokenizer, prompter, config)

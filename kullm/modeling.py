@@ -287,6 +287,15 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def set_stop_tokens(model, tokenizer) -> None:
+    """Write every stop token (:func:`eos_token_ids`) and the pad token into the model's generation config, as a
+    checkpoint served without kullm (vLLM, TGI, plain ``generate``) needs them."""
+    eos = eos_token_ids(model, tokenizer)
+    config = model.generation_config
+    config.eos_token_id = eos if len(eos) > 1 else eos[0]
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+
 def tokenizer_fingerprint(tok) -> str:
     """A hash of everything about a tokenizer that changes token ids (vocab, merges, normalizer, specials)."""
     backend = getattr(tok, "backend_tokenizer", None)

@@ -187,6 +187,17 @@ def memory(device: str, rss_before: float) -> dict[str, float]:
     return out
 
 
+def measured(device: str, fit):
+    """``fit()`` (one variant's training) and the memory it used: ``(its result, memory(...))``."""
+    rss_before = current_rss_mib()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    result = fit()
+    return result, memory(device, rss_before)
+
+
 def current_rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -307,13 +318,10 @@ def run_seed(args: argparse.Namespace, group_by_length: bool, out_dir: Path) -> 
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
         callbacks=[StepClock()],
     )
-    rss_before = current_rss_mib()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    _, mem = measured(args.device, trainer.train)
     return {
         **meter.result(),
-        **memory(args.device, rss_before),
+        **mem,
         "prep_rows": len(raw),
         "prep_rows_s": len(raw) / prep_s,
         "params": sum(p.numel() for p in model.parameters()),
@@ -372,13 +380,10 @@ def run_trl(args: argparse.Namespace, packing: bool, out_dir: Path) -> dict[str,
         callbacks=[StepClock()],
     )
     prep_s = time.perf_counter() - t0  # tokenizing (and packing) the dataset, plus wrapping the model
-    rss_before = current_rss_mib()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    _, mem = measured(args.device, trainer.train)
     return {
         **meter.result(),
-        **memory(args.device, rss_before),
+        **mem,
         "prep_rows": len(raw),
         "trl_setup_rows_s": len(raw) / prep_s,
         "params": sum(p.numel() for p in trainer.model.parameters()),
@@ -444,7 +449,6 @@ def kullm_overrides(args: argparse.Namespace, variant: str, out_dir: Path) -> li
 def run_kullm(args: argparse.Namespace, variant: str, out_dir: Path) -> dict[str, Any]:
     """``kullm.train.train(cfg)`` with this variant's overrides, metered by a Lightning callback."""
     import lightning as L
-    import torch
 
     from kullm.config import compose
     from kullm.train import train
@@ -469,14 +473,11 @@ def run_kullm(args: argparse.Namespace, variant: str, out_dir: Path) -> dict[str
 
     cfg = compose("train", kullm_overrides(args, variant, out_dir))
     prep = prep_kullm(cfg)
-    rss_before = current_rss_mib()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     clock = Clock()
-    result = train(cfg, extra_callbacks=[clock])
+    result, mem = measured(args.device, lambda: train(cfg, extra_callbacks=[clock]))
     return {
         **meter.result(),
-        **memory(args.device, rss_before),
+        **mem,
         **prep,
         "global_step": result["metrics"]["global_step"],
     }

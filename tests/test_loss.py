@@ -123,14 +123,19 @@ def test_trainable_head_gets_the_full_paths_gradient(batch):
         _assert_grads_close(grads, ref_grads, rel=1e-4)
 
 
+def linear_problem(*, seed: int, rows: int, hidden: int, vocab: int, scale: float):
+    """Hidden states, a head weight (``scale``) and bias, all trainable, and targets: a seeded linear + CE problem."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=g, requires_grad=True)
+    w = (scale * torch.randn(vocab, hidden, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(vocab, generator=g)).requires_grad_()
+    return h, w, b, torch.randint(0, vocab, (rows,), generator=g)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 64, None])
 def test_fused_function_equals_linear_then_cross_entropy(chunk_size):
     """Loss and gradients with respect to the hidden states, a trainable weight and a bias, fp32."""
-    g = torch.Generator().manual_seed(3)
-    h = torch.randn(19, 16, generator=g, requires_grad=True)
-    w = (0.3 * torch.randn(50, 16, generator=g)).requires_grad_()
-    b = (0.1 * torch.randn(50, generator=g)).requires_grad_()
-    t = torch.randint(0, 50, (19,), generator=g)
+    h, w, b, t = linear_problem(seed=3, rows=19, hidden=16, vocab=50, scale=0.3)
     ref = F.cross_entropy(F.linear(h, w, b), t, reduction="sum")
     ref_grads = torch.autograd.grad(2.5 * ref, (h, w, b))  # an upstream gradient other than 1
     loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=chunk_size)
@@ -456,11 +461,7 @@ def test_fused_loss_is_stable_for_rows_far_apart(trainable):
 def test_fused_loss_accumulates_in_float32_whatever_the_default_dtype():
     """A script that sets a bf16 default dtype (to build a model in bf16) still gets float32 sums of the loss and of
     the weight and bias gradients across chunks, not bf16 ones."""
-    g = torch.Generator().manual_seed(9)
-    h = torch.randn(40, 8, generator=g, requires_grad=True)
-    w = (0.5 * torch.randn(30, 8, generator=g)).requires_grad_()
-    b = (0.1 * torch.randn(30, generator=g)).requires_grad_()
-    t = torch.randint(0, 30, (40,), generator=g)
+    h, w, b, t = linear_problem(seed=9, rows=40, hidden=8, vocab=30, scale=0.5)
     ref = F.cross_entropy(F.linear(h, w, b), t, reduction="sum")
     ref_grads = torch.autograd.grad(ref, (h, w, b))
     default = torch.get_default_dtype()

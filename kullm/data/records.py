@@ -463,20 +463,20 @@ def _csv_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
 
     text = _whole_text(f, report)
     reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as e:
-        raise DataError(f"{f}:1: <header>: malformed_csv: {e}") from None
-    line = reader.line_num + 1
-    while True:
+
+    def record(line: int, field: str) -> list[str] | None:
         try:
-            cells = next(reader)
+            return next(reader)
         except StopIteration:
-            return
+            return None
         except csv.Error as e:
-            raise DataError(f"{f}:{line}: <row>: malformed_csv: {e}") from None
+            raise DataError(f"{f}:{line}: {field}: malformed_csv: {e}") from None
+
+    header = record(1, "<header>")
+    if header is None:
+        return
+    line = reader.line_num + 1
+    while (cells := record(line, "<row>")) is not None:
         start, line = line, reader.line_num + 1
         if not any(c.strip() for c in cells):
             continue

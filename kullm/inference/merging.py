@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from kullm.adapter import CONFIG_FILE, TEMPLATE_FILE, load_adapter, read_adapter
 from kullm.atomic import clean_stale, replace
 from kullm.inference.generation import left_pad
-from kullm.modeling import eos_token_ids
+from kullm.modeling import set_stop_tokens
 from kullm.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ def logits(model, input_ids, mask):
 
 def save_merged(model, tokenizer, folder: Path, *, max_shard_size: str) -> None:
     """Save the merged model (sharded safetensors), its tokenizer and a generation config with EOS and pad set."""
-    eos = eos_token_ids(model, tokenizer)
-    config = model.generation_config
-    config.eos_token_id = eos if len(eos) > 1 else eos[0]
-    config.pad_token_id = _pad_id(tokenizer)
+    set_stop_tokens(model, tokenizer)
     model.save_pretrained(str(folder), max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(folder))
     lora = [k for k in weight_names(folder) if "lora" in k.lower()]
