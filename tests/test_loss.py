@@ -19,6 +19,7 @@ from kullm.training.loss import (
     head_only_loss,
     linear_head,
     lm_loss,
+    logit_map,
 )
 
 
@@ -84,6 +85,19 @@ def test_head_only_equals_full(lora_model, batch, chunk_size):
     assert int(n) == int(ref_n) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 22
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     _assert_grads_close(grads, ref_grads, rel=1e-4)
+
+
+def test_collated_batches_need_no_host_sync(lora_model, batch):
+    """With the collator's CPU-made positions and count, the loss never waits for the device; a hand-made batch
+    without them does (boolean indexing sizes its output from device data)."""
+    from test_host_sync import HostSync, no_host_sync
+
+    with no_host_sync() as mode:
+        loss, n = head_only_loss(lora_model, batch, chunk_size=8)
+    assert len(mode.upstream) <= 1 and n.dim() == 0 and int(n) == 22  # transformers' one look at the mask inputs
+    bare = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+    with pytest.raises(HostSync, match="boolean mask|nonzero"), no_host_sync():
+        head_only_loss(lora_model, bare, chunk_size=8)
 
 
 def test_collated_positions_and_boolean_mask_agree(lora_model, batch):
@@ -475,3 +489,33 @@ def test_fused_loss_accumulates_in_float32_whatever_the_default_dtype():
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "extra", "mapped"), [
+    ("cohere", {"logit_scale": 0.25}, (0.25, None)),
+    ("granite", {"logits_scaling": 8.0}, (0.125, None)),
+    ("gemma3_text", {"final_logit_softcapping": 2.0, "head_dim": 16}, (1.0, 2.0)),
+])  # fmt: skip
+def test_head_only_loss_applies_the_architectures_logit_scaling_and_soft_capping(kind, extra, mapped):
+    """Random tiny models whose forward scales or soft-caps the head's output (strongly, so a miss would show)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **sizes, **extra), attn_implementation="eager")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    assert logit_map(model) == mapped
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for n, n_prompt in [(30, 20), (17, 9), (24, 20)]:
+        ids = torch.randint(0, 512, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
+    batch = Collator(pad_id=0)(rows)
+    ref_loss, ref_n, ref_grads = _loss_and_grads(model, full_loss, batch)
+    for chunk_size in (None, 5):
+        loss, n, grads = _loss_and_grads(model, head_only_loss, batch, chunk_size=chunk_size)
+        assert int(n) == int(ref_n) == 22
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+        _assert_grads_close(grads, ref_grads, rel=1e-4)

@@ -207,6 +207,8 @@ def test_the_truncated_branch_rejects_a_wrong_span():
     assert enc["truncated"] == [True] and ids[-1] != tok.eos_token_id
     assert check_example(tok, ids, labels, output) == ""  # a prefix of the output
     assert "not a prefix of the output" in check_example(tok, ids, labels, "전혀 다른 답변입니다. " * 3)
+    # the span appears in this output, but not at its start: the model would learn to skip its beginning
+    assert "not a prefix of the output" in check_example(tok, ids, labels, "앞부분이 먼저 옵니다. " + output)
     shifted = labels[:]  # the last trained token replaced: still contiguous, but the text is no prefix any more
     shifted[-1] = ids[-1] = (ids[-1] + 7) % len(tok)
     assert "not a prefix of the output" in check_example(tok, ids, shifted, output)
