@@ -9,6 +9,8 @@ applied. Fast (a few seconds in all), so mutation testing can run them per mutan
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -272,3 +274,59 @@ def test_the_grad_norm_is_zero_when_no_parameter_holds_a_gradient():
     assert float(_grad_norm(grads())) == 0.0
     module.trainable_parameters()[0].grad = torch.full_like(module.trainable_parameters()[0], 2.0)
     assert float(_grad_norm(grads())) == pytest.approx(2.0 * module.trainable_parameters()[0].numel() ** 0.5)
+
+
+class OtherRankHolds(SingleDeviceStrategy):
+    """Rank 0 of two, where the other rank's validation sums are ``other``: a sum all-reduce adds them."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        super().__init__(device=torch.device("cpu"))
+        self.other = other
+
+    @property
+    def world_size(self) -> int:
+        return 2
+
+    @world_size.setter
+    def world_size(self, value: int) -> None:
+        pass
+
+    def reduce(self, tensor, group=None, reduce_op="mean"):
+        if torch.is_tensor(tensor) and tensor.shape == self.other.shape:  # kullm's validation sums
+            assert reduce_op == "sum"
+            return tensor + self.other.to(tensor)
+        return tensor * 2 if reduce_op == "sum" else tensor  # Lightning's own (the loader length): the same per rank
+
+
+def test_val_loss_is_the_mean_per_trained_token_over_every_validation_batch_and_rank():
+    """val/loss = Σ token cross-entropies of every validation batch ÷ their trained tokens (not the last batch's,
+    not a mean of batch means); on two ranks both sums are all-reduced first; val/ppl is its exponential."""
+    batches = [b for step in STEPS for b in step]  # 6 batches, 35 / 3 / 12 / 30 / 1 / 0 trained tokens
+    model = tiny_lora()
+    with torch.no_grad():
+        sums = []
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            sums.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")))  # fmt: skip
+    counts = [trained(b) for b in batches]
+    other = torch.tensor([123.0, 40.0], dtype=torch.float64)  # the second rank's loss sum and trained tokens
+    for strategy, want in (
+        ("auto", sum(sums) / sum(counts)),
+        (OtherRankHolds(other), (sum(sums) + 123.0) / (sum(counts) + 40)),
+    ):
+        module = KullmLitModule(tiny_lora(), optim={}, loss={"head_only": True})
+        trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+        (got,) = trainer.validate(module, torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
+        assert got["val/loss"] == pytest.approx(want, rel=1e-5), strategy
+        assert got["val/ppl"] == pytest.approx(math.exp(want), rel=1e-5)
+        assert module._val is None  # reset for the next validation
+
+
+def test_a_validation_without_batches_logs_nothing():
+    module = KullmLitModule(tiny_lora(), optim={}, loss={})
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                               enable_model_summary=False)  # fmt: skip
+    module.on_validation_epoch_end()  # no batch ran: no loss to log, and no crash
+    assert module._val is None and not module.trainer.callback_metrics
