@@ -519,3 +519,42 @@ def test_head_only_loss_applies_the_architectures_logit_scaling_and_soft_capping
         assert int(n) == int(ref_n) == 22
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
         _assert_grads_close(grads, ref_grads, rel=1e-4)
+
+
+def _varlen_stand_in(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """flash-attn's rule on the CPU: example boundaries come from reset ``position_ids`` only in a one-row batch
+    (transformers' ``_is_packed_sequence``); any other batch is causal over each whole row."""
+    pos = kwargs.get("position_ids")
+    b, _, t, _ = query.shape
+    allowed = torch.ones(t, t, dtype=torch.bool).tril()
+    if b == 1 and pos is not None:
+        segment = (pos[0] == 0).cumsum(0)
+        allowed = allowed & (segment[:, None] == segment[None, :])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("head_only", [True, False])
+def test_packed_rows_for_a_variable_length_kernel_are_flattened_into_one_row(lora_model, monkeypatch, head_only):
+    """With flash-attn (CUDA only, so a stand-in with its boundary rule runs here) a packed batch of several rows
+    would attend across the examples of a row: ``lm_loss`` flattens it into one row, and each example keeps its own
+    loss; a packed batch of one row is left as it is."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from kullm.data.packing import pack_examples
+
+    rows = _rows([(14, 9), (11, 4), (9, 6), (13, 5), (7, 3)], seed=3)
+    alone = sum(float(full_loss(lora_model, Collator(pad_id=2)([r]))[0]) for r in rows)  # each example on its own
+    packed, stats = pack_examples([r["input_ids"] for r in rows], [r["labels"] for r in rows], 28)
+    assert stats.rows == 2 and all(len(s) > 1 for s in packed["seq_lens"])  # two rows (the fewest flattened)
+    cols = ("input_ids", "labels", "position_ids")
+    batch = Collator(pad_id=2)([{k: packed[k][i] for k in cols} for i in range(stats.rows)])
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", _varlen_stand_in)
+    monkeypatch.setattr(lora_model.config, "_attn_implementation", "flash_attention_2")
+    with torch.no_grad():
+        loss, n = lm_loss(lora_model, batch, head_only=head_only)
+        leaky, _ = (head_only_loss if head_only else full_loss)(lora_model, batch)  # the rows as they are
+        one_row, _ = lm_loss(lora_model, loss_mod.flatten_packed(batch), head_only=head_only)
+    assert int(n) == sum(int((torch.tensor(r["labels"][1:]) != IGNORE_INDEX).sum()) for r in rows)
+    assert float(loss) == pytest.approx(alone, rel=1e-5) and float(one_row) == pytest.approx(alone, rel=1e-5)
+    assert abs(float(leaky) - alone) > 1e-3 * alone  # the stand-in really leaks across a row's examples
