@@ -1,0 +1,107 @@
+"""What a Lightning checkpoint carries besides the optimizer: only the trainable weights, the trained-token count and
+every random generator (torch, NumPy, Python; one set per rank), restored just before the first resumed step.
+
+The hooks are called directly here, on a tiny LoRA model (fast); the end-to-end resume tests (``test_train.py``'s
+n + n = 2n, ``test_resume.py``) check that a resumed run ends with the straight run's adapter.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from test_gradient_scaling import tiny_lora
+
+from kullm.training.module import KullmLitModule
+
+
+class Rank(SingleDeviceStrategy):
+    """Rank ``rank`` of ``world`` processes, seen from this one."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        super().__init__(device=torch.device("cpu"))
+        self._rank, self._world = rank, world
+
+    @property
+    def global_rank(self) -> int:
+        return self._rank
+
+    @global_rank.setter
+    def global_rank(self, value: int) -> None:  # Lightning's setup sets 0
+        pass
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @world_size.setter
+    def world_size(self, value: int) -> None:
+        pass
+
+
+def module_on(strategy="auto") -> KullmLitModule:
+    module = KullmLitModule(tiny_lora(), optim={}, loss={})
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False,
+                               enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    return module
+
+
+def draws() -> tuple[list[float], list[float], list[float]]:
+    # one Gaussian per call: NumPy makes them in pairs and keeps the second in its state, which must come back too
+    return torch.rand(3).tolist(), np.random.rand(3).tolist() + np.random.randn(1).tolist(), [random.random()]
+
+
+def saved(module: KullmLitModule) -> dict:
+    """``on_save_checkpoint`` on Lightning's full state dict, then a round trip through ``torch.save`` and the
+    ``weights_only`` load that resuming uses."""
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_a_checkpoint_restores_every_generator_and_the_trained_token_count():
+    module = module_on()
+    module.trained_tokens = 1234
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    draws()  # the generators are mid-stream, not at a seed
+    ckpt = saved(module)
+    want = draws()  # what the run that was not interrupted draws next
+    draws()  # the interrupted run moves on
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert set(ckpt["state_dict"]) == trainable and len(trainable) > 0  # no frozen base weight in the checkpoint
+    resumed = module_on()
+    resumed.on_load_checkpoint(ckpt)
+    assert resumed.trained_tokens == 1234
+    assert draws() != want  # restored at the first resumed step, not at load time
+    resumed.on_train_start()
+    assert draws() == want
+    resumed.on_train_start()  # only once: a later call leaves the generators alone
+    assert draws() != want
+
+
+def test_each_rank_gets_its_own_generators_back(caplog):
+    per_rank = []
+    for seed in (10, 11):
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        per_rank.append(saved(module_on())["kullm"]["rng"])
+        per_rank[-1]["next"] = draws()
+    ckpt = {"state_dict": {}, "kullm": {"trained_tokens": 7, "rng": per_rank[0], "rng_per_rank": per_rank}}
+    for rank in (0, 1):
+        module = module_on(Rank(rank, 2))
+        module.on_load_checkpoint(ckpt)
+        module.on_train_start()
+        assert draws() == per_rank[rank]["next"]
+    with caplog.at_level(logging.WARNING, logger="kullm.training.module"):
+        module = module_on(Rank(0, 4))  # resumed on more processes than saved it: every rank takes rank 0's
+        module.on_load_checkpoint(ckpt)
+        module.on_train_start()
+    assert draws() == per_rank[0]["next"]
+    assert "RNG states of 2 rank(s), this run has 4: reusing rank 0's" in caplog.text
