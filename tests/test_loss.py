@@ -135,6 +135,9 @@ def test_trainable_head_gets_the_full_paths_gradient(batch):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
         assert any("lm_head" in k for k in grads)
         _assert_grads_close(grads, ref_grads, rel=1e-4)
+    with model.disable_adapter():  # the base model again: the original head, not the trained copy
+        assert linear_head(head)[0] is head.original_module.weight
+    assert linear_head(head)[0] is head.modules_to_save["default"].weight
 
 
 def linear_problem(*, seed: int, rows: int, hidden: int, vocab: int, scale: float):
@@ -198,7 +201,7 @@ def test_fused_peak_memory_is_at_most_one_chunk_of_logits():
         total = h.new_zeros(())
         for s in range(0, n, chunk):
             total = total + torch.utils.checkpoint.checkpoint(
-                loss_mod._chunk_ce, head, h[s : s + chunk], t[s : s + chunk], use_reentrant=False
+                loss_mod._chunk_ce, head, h[s : s + chunk], t[s : s + chunk], 1.0, None, use_reentrant=False
             )
         return total
 
@@ -254,6 +257,10 @@ def test_fused_head_runs_once_per_chunk_and_never_in_backward(lora_model, batch,
     lora_model.zero_grad(set_to_none=True)
     assert forward_calls == [8, 8, 6] and sum(forward_calls) == int(n)
     assert calls == forward_calls  # backward only scales the gradients stored in the forward
+    calls.clear()
+    with torch.no_grad():
+        lm_loss(lora_model, batch, head_only=True, chunk_size=5)  # the module's way in passes loss.chunk_size on
+    assert calls == [5, 5, 5, 5, 2]
 
 
 def test_other_heads_recompute_chunks_in_backward(lora_model, batch):
@@ -496,7 +503,8 @@ def test_fused_loss_accumulates_in_float32_whatever_the_default_dtype():
     ("granite", {"logits_scaling": 8.0}, (0.125, None)),
     ("gemma3_text", {"final_logit_softcapping": 2.0, "head_dim": 16}, (1.0, 2.0)),
 ])  # fmt: skip
-def test_head_only_loss_applies_the_architectures_logit_scaling_and_soft_capping(kind, extra, mapped):
+@pytest.mark.parametrize("head_lora", [False, True], ids=["head", "lora-head"])
+def test_head_only_loss_applies_the_architectures_logit_scaling_and_soft_capping(kind, extra, mapped, head_lora):
     """Random tiny models whose forward scales or soft-caps the head's output (strongly, so a miss would show)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -505,8 +513,11 @@ def test_head_only_loss_applies_the_architectures_logit_scaling_and_soft_capping
     sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
     base = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **sizes, **extra), attn_implementation="eager")
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    # all-linear leaves the LM head alone (fused, scaled weights); LoRA on it too runs the per-chunk path
+    targets = ["q_proj", "v_proj", "lm_head"] if head_lora else "all-linear"
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).train()
     assert logit_map(model) == mapped
+    assert (linear_head(causal_lm_parts(model)[1]) is None) == head_lora
     g = torch.Generator().manual_seed(1)
     rows = []
     for n, n_prompt in [(30, 20), (17, 9), (24, 20)]:

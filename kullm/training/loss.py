@@ -71,11 +71,10 @@ def logit_map(model: torch.nn.Module) -> tuple[float, float | None]:
     soft-cap them (``tanh(x / cap) * cap``, ``config.final_logit_softcapping``); ``(1.0, None)`` for the rest. The
     head-only loss must do the same, or it trains another model than the one that is served.
     """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = getattr(lm, "config", None)
+    cfg = getattr(model, "config", None)  # a PeftModel passes both reads on to the model it wraps
     scale = 1.0
-    if isinstance(getattr(lm, "logit_scale", None), (int, float)):  # Cohere keeps it on the model
-        scale = float(lm.logit_scale)
+    if isinstance(getattr(model, "logit_scale", None), (int, float)):  # Cohere keeps it on the model
+        scale = float(model.logit_scale)
     if getattr(cfg, "logits_scaling", None):  # Granite
         scale /= float(cfg.logits_scaling)
     cap = getattr(cfg, "final_logit_softcapping", None)
@@ -83,7 +82,7 @@ def logit_map(model: torch.nn.Module) -> tuple[float, float | None]:
 
 
 def _chunk_ce(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0, cap: float | None = None
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, cap: float | None
 ) -> torch.Tensor:
     logits = head(hidden).float()
     if scale != 1.0:
