@@ -74,6 +74,8 @@ def test_parts_of_peft_and_plain_models(lora_model):
     hf = lora_model.get_base_model()
     assert body is hf.gpt_neox and head is hf.lm_head  # not PeftModel.base_model (the LoRA wrapper)
     assert causal_lm_parts(hf) == (hf.gpt_neox, hf.lm_head)
+    with pytest.raises(TypeError, match="^Linear is not an HF causal LM with a body and an output embedding$"):
+        causal_lm_parts(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, 7, 22, 1024])
@@ -160,6 +162,30 @@ def test_fused_function_equals_linear_then_cross_entropy(chunk_size):
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_gradient_under_bf16_accumulates_chunks_in_float32(monkeypatch):
+    """One-row chunks under bf16 autocast: each chunk's products run on bf16 operands (bias included) and the
+    trainable weight's and bias's gradients add up in float32, as accurate against a float64 reference as the unfused
+    bf16 head (summing 64 chunk products in bf16 would be ~2.6× worse)."""
+    h, w, b, t = linear_problem(seed=4, rows=64, hidden=32, vocab=300, scale=0.2)
+    exact = torch.autograd.grad(
+        F.cross_entropy(F.linear(h.double(), w.double(), b.double()), t, reduction="sum"), (w, b)
+    )
+    operands: set[tuple[torch.dtype, ...]] = set()
+    real = loss_mod._chunk_logits
+    monkeypatch.setattr(
+        loss_mod, "_chunk_logits", lambda h, w, b: operands.add((h.dtype, w.dtype, b.dtype)) or real(h, w, b)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unfused = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
+        loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=1)
+    assert operands == {(torch.bfloat16,) * 3}
+    for got, ref, want in zip(
+        torch.autograd.grad(loss, (w, b)), torch.autograd.grad(unfused, (w, b)), exact, strict=True
+    ):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max() <= 1.25 * (ref.double() - want).abs().max()
 
 
 def test_fused_function_under_bf16_autocast():
@@ -416,6 +442,33 @@ def test_chunks_the_fused_head_runs(monkeypatch, chunk_size, chunks, grad):
     torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, w), t, reduction="sum"), rtol=1e-6, atol=1e-5)
 
 
+def test_evaluation_with_a_biased_head_equals_linear_then_cross_entropy():
+    h, w, b, t = linear_problem(seed=6, rows=11, hidden=8, vocab=40, scale=0.5)
+    with torch.no_grad():
+        ref = F.cross_entropy(F.linear(h, w, b), t, reduction="sum")
+        torch.testing.assert_close(fused_linear_cross_entropy(h, w, b, t, chunk_size=4), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_a_scaled_biased_head_scales_its_bias_too():
+    """Logit scaling on a head with a bias (Phi's): the fused path scales the weight and the bias."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 2048, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 4}  # fmt: skip
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("phi", **sizes), attn_implementation="eager")
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0.0, 1.0)  # strongly, so a missed or misscaled bias shows
+    model.logit_scale = 0.25  # as Cohere keeps it
+    batch = Collator(pad_id=0)(_rows([(20, 8), (13, 5)], seed=2))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1] * 0.25
+        ref = F.cross_entropy(logits.reshape(-1, 2048), batch["labels"][:, 1:].reshape(-1), reduction="sum")
+        loss, n = head_only_loss(model, batch, chunk_size=5)
+    assert linear_head(model.lm_head) is not None and int(n) == 20
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+
+
 def test_evaluation_runs_the_head_once_and_training_adds_only_the_input_gradient():
     """Counted matmul FLOPs: without gradients (validation) one head product, ``2·n·d·V``; with a gradient for the
     hidden states, one more (``softmax − onehot`` times the weight) and no recomputation."""
@@ -546,10 +599,11 @@ def _varlen_stand_in(module, query, key, value, attention_mask, dropout=0.0, sca
 
 
 @pytest.mark.parametrize("head_only", [True, False])
-def test_packed_rows_for_a_variable_length_kernel_are_flattened_into_one_row(lora_model, monkeypatch, head_only):
-    """With flash-attn (CUDA only, so a stand-in with its boundary rule runs here) a packed batch of several rows
-    would attend across the examples of a row: ``lm_loss`` flattens it into one row, and each example keeps its own
-    loss; a packed batch of one row is left as it is."""
+@pytest.mark.parametrize("kernel", ["sdpa", "varlen"])
+def test_packed_rows_give_each_example_its_own_loss(lora_model, monkeypatch, head_only, kernel):
+    """A packed batch through ``lm_loss`` has each example's own loss. With SDPA the collated 2-D mask becomes a
+    block-causal one. With flash-attn (CUDA only, so a stand-in with its boundary rule runs here) several rows would
+    attend across the examples of a row: ``lm_loss`` flattens them into one row; a one-row batch is left as it is."""
     from transformers.modeling_utils import AttentionInterface
 
     from kullm.data.packing import pack_examples
@@ -560,12 +614,14 @@ def test_packed_rows_for_a_variable_length_kernel_are_flattened_into_one_row(lor
     assert stats.rows == 2 and all(len(s) > 1 for s in packed["seq_lens"])  # two rows (the fewest flattened)
     cols = ("input_ids", "labels", "position_ids")
     batch = Collator(pad_id=2)([{k: packed[k][i] for k in cols} for i in range(stats.rows)])
-    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", _varlen_stand_in)
-    monkeypatch.setattr(lora_model.config, "_attn_implementation", "flash_attention_2")
+    if kernel == "varlen":
+        monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", _varlen_stand_in)
+        monkeypatch.setattr(lora_model.config, "_attn_implementation", "flash_attention_2")
     with torch.no_grad():
         loss, n = lm_loss(lora_model, batch, head_only=head_only)
         leaky, _ = (head_only_loss if head_only else full_loss)(lora_model, batch)  # the rows as they are
         one_row, _ = lm_loss(lora_model, loss_mod.flatten_packed(batch), head_only=head_only)
     assert int(n) == sum(int((torch.tensor(r["labels"][1:]) != IGNORE_INDEX).sum()) for r in rows)
     assert float(loss) == pytest.approx(alone, rel=1e-5) and float(one_row) == pytest.approx(alone, rel=1e-5)
-    assert abs(float(leaky) - alone) > 1e-3 * alone  # the stand-in really leaks across a row's examples
+    if kernel == "varlen":
+        assert abs(float(leaky) - alone) > 1e-3 * alone  # the stand-in really leaks across a row's examples
