@@ -85,3 +85,60 @@ def test_relative_needs_a_reference_with_a_score():
     assert run.relative is None and empty.relative is None  # nothing to divide by
     with pytest.raises(ValueError, match="reference run 'gpt4' is not among the runs"):
         set_relative([run], "gpt4")
+
+
+def _two_runs():
+    from kullm.evaluation.report import RunStats
+
+    run = RunStats("mine", 5, 3, 1, 1, means={"a": 0.5, "b": 2.0, "c": 4.25}, ci={"a": (0.25, 0.75), "b": (1.5, 2.5)},
+                   weighted={"a": 0.5, "b": 2.125, "c": None}, overall=60.4167, overall_ci=(50.0, 70.25),
+                   relative=120.5, notes=["2 replies unparsed"])  # fmt: skip
+    ref = RunStats("ref", 5, 5, 0, 0, means={"a": 1.0, "b": 1.5, "c": 3.0}, overall=50.0, overall_ci=(45.0, 55.0),
+                   relative=100.0)  # fmt: skip
+    return [run, ref]
+
+
+def test_the_markdown_report_exactly():
+    """The whole text a user reads: warnings first, raw means with intervals (– where there is none), the 0–100
+    table with the overall interval and the relative score, then the probability-weighted means."""
+    text = markdown(_two_runs(), CRITERIA, "ref", header="judge: gpt-4o")
+    assert text == (
+        "# G-Eval report\n\njudge: gpt-4o\n\n"
+        "> **WARNING (mine)**: 2 replies unparsed\n\n"
+        "## Mean scores (95% bootstrap interval)\n\n"
+        "| run | judged | failed | not judged | a (0 - 1) | b (1 - 3) | c (1 - 5) |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| mine | 3 | 1 | 1 | 0.50 [0.25, 0.75] | 2.00 [1.50, 2.50] | 4.25 [–, –] |\n"
+        "| ref | 5 | 0 | 0 | 1.00 [–, –] | 1.50 [–, –] | 3.00 [–, –] |\n\n"
+        "## Scaled to 0–100 ((mean − min) / (max − min) × 100, as in KULLM's graph)\n\n"
+        "| run | A | B | C | overall [95% CI] | relative to ref (%) |\n"
+        "|---|---|---|---|---|---|\n"
+        "| mine | 50.0 | 50.0 | 81.2 | 60.4 [50.0, 70.2] | 120.5 |\n"
+        "| ref | 100.0 | 25.0 | 50.0 | 50.0 [45.0, 55.0] | 100.0 |\n\n"
+        "## G-Eval probability-weighted means\n\n"
+        "| run | a (0 - 1) | b (1 - 3) | c (1 - 5) |\n"
+        "|---|---|---|---|\n"
+        "| mine | 0.500 | 2.125 | – |\n"
+        "| ref | – | – | – |\n"
+    )
+    plain = markdown(_two_runs()[1:], CRITERIA)  # no header, no warning, no reference, no weighted means
+    assert plain.startswith("# G-Eval report\n\n## Mean scores") and "| relative (%) |" in plain
+    assert "probability-weighted" not in plain
+
+
+def test_the_csv_rows_and_file_exactly(tmp_path):
+    from kullm.evaluation.report import csv_rows, write_csv
+
+    rows = csv_rows(_two_runs()[:1], CRITERIA)
+    assert [r["criterion"] for r in rows] == ["a", "b", "c", "overall"]
+    assert rows[1] == {"run": "mine", "criterion": "b", "label": "B", "min": 1, "max": 3, "n": 3, "mean": 2.0,
+                       "ci_low": 1.5, "ci_high": 2.5, "scaled": 50.0, "weighted_mean": 2.125,
+                       "relative": None}  # fmt: skip
+    assert rows[3] == {"run": "mine", "criterion": "overall", "label": "Overall", "min": 0, "max": 100, "n": 3,
+                       "mean": 60.4167, "ci_low": 50.0, "ci_high": 70.25, "scaled": 60.4167, "weighted_mean": None,
+                       "relative": 120.5}  # fmt: skip
+    write_csv(_two_runs()[:1], CRITERIA, tmp_path / "r.csv")
+    lines = (tmp_path / "r.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "run,criterion,label,min,max,n,mean,ci_low,ci_high,scaled,weighted_mean,relative"
+    assert lines[3] == "mine,c,C,1,5,3,4.25,,,81.25,,"  # no interval, no weighted mean: empty cells, not "None"
+    assert lines[4] == "mine,overall,Overall,0,100,3,60.4167,50.0,70.25,60.4167,,120.5"
