@@ -180,7 +180,11 @@ def test_fused_head_gradient_under_bf16_accumulates_chunks_in_float32(monkeypatc
     with torch.autocast("cpu", dtype=torch.bfloat16):
         unfused = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
         loss = fused_linear_cross_entropy(h, w, b, t, chunk_size=1)
-    assert operands == {(torch.bfloat16,) * 3}
+        assert operands == {(torch.bfloat16,) * 3}
+        operands.clear()
+        with torch.no_grad():  # evaluation: the loss alone, on the same bf16 operands
+            fused_linear_cross_entropy(h, w, b, t, chunk_size=16)
+        assert operands == {(torch.bfloat16,) * 3}
     for got, ref, want in zip(
         torch.autograd.grad(loss, (w, b)), torch.autograd.grad(unfused, (w, b)), exact, strict=True
     ):
