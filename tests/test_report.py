@@ -124,6 +124,10 @@ def test_the_markdown_report_exactly():
     plain = markdown(_two_runs()[1:], CRITERIA)  # no header, no warning, no reference, no weighted means
     assert plain.startswith("# G-Eval report\n\n## Mean scores") and "| relative (%) |" in plain
     assert "probability-weighted" not in plain
+    full = _two_runs()[1]
+    full.weighted = {"a": 1.0, "b": 1.5, "c": 3.0}  # every value present: the section is shown
+    assert markdown([full], CRITERIA).endswith("| run | a (0 - 1) | b (1 - 3) | c (1 - 5) |\n|---|---|---|---|\n"
+                                               "| ref | 1.000 | 1.500 | 3.000 |\n")  # fmt: skip
 
 
 def test_the_csv_rows_and_file_exactly(tmp_path):
@@ -137,8 +141,13 @@ def test_the_csv_rows_and_file_exactly(tmp_path):
     assert rows[3] == {"run": "mine", "criterion": "overall", "label": "Overall", "min": 0, "max": 100, "n": 3,
                        "mean": 60.4167, "ci_low": 50.0, "ci_high": 70.25, "scaled": 60.4167, "weighted_mean": None,
                        "relative": 120.5}  # fmt: skip
-    write_csv(_two_runs()[:1], CRITERIA, tmp_path / "r.csv")
-    lines = (tmp_path / "r.csv").read_text(encoding="utf-8").splitlines()
+    from kullm.evaluation.report import RunStats
+
+    empty = RunStats("빈 실행", 2, 0, 0, 2)  # nothing judged yet: no mean, NaN overall
+    write_csv([*_two_runs()[:1], empty], CRITERIA, tmp_path / "r.csv")
+    lines = (tmp_path / "r.csv").read_bytes().decode("utf-8").split("\r\n")  # csv's own line ends, untranslated
     assert lines[0] == "run,criterion,label,min,max,n,mean,ci_low,ci_high,scaled,weighted_mean,relative"
     assert lines[3] == "mine,c,C,1,5,3,4.25,,,81.25,,"  # no interval, no weighted mean: empty cells, not "None"
     assert lines[4] == "mine,overall,Overall,0,100,3,60.4167,50.0,70.25,60.4167,,120.5"
+    assert lines[5] == "빈 실행,a,A,0,1,0,,,,,,"  # NaN is an empty cell too, not "nan"
+    assert lines[8] == "빈 실행,overall,Overall,0,100,0,,,,,," and lines[9] == ""
