@@ -322,11 +322,18 @@ def test_val_loss_is_the_mean_per_trained_token_over_every_validation_batch_and_
         assert got["val/loss"] == pytest.approx(want, rel=1e-5), strategy
         assert got["val/ppl"] == pytest.approx(math.exp(want), rel=1e-5)
         assert module._val is None  # reset for the next validation
+        assert set(trainer.progress_bar_metrics) == {"val/loss"}  # shown in the bar; the perplexity only logged
 
 
-def test_a_validation_without_batches_logs_nothing():
-    module = KullmLitModule(tiny_lora(), optim={}, loss={})
-    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                               enable_model_summary=False)  # fmt: skip
-    module.on_validation_epoch_end()  # no batch ran: no loss to log, and no crash
-    assert module._val is None and not module.trainer.callback_metrics
+def test_a_validation_without_batches_logs_nothing_or_the_other_ranks_loss(monkeypatch):
+    """A process whose share of the validation set is empty: alone it logs nothing; beside another rank it still
+    joins the all-reduce (in float64, as the others' sums are) and logs their mean."""
+    for strategy, want in (("auto", []), (OtherRankHolds(torch.tensor([0.1, 3.0], dtype=torch.float64)), [0.1 / 3])):
+        module = KullmLitModule(tiny_lora(), optim={}, loss={})
+        module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False,
+                                   enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        logged: dict[str, float] = {}
+        monkeypatch.setattr(module, "log", lambda name, value, logged=logged, **kwargs: logged.__setitem__(name, value))
+        module.on_validation_epoch_end()  # no batch ran here
+        assert [v for k, v in logged.items() if k == "val/loss"] == want  # exact: no float32 round trip
+        assert module._val is None
