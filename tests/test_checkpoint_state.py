@@ -100,8 +100,21 @@ def test_each_rank_gets_its_own_generators_back(caplog):
         module.on_train_start()
         assert draws() == per_rank[rank]["next"]
     with caplog.at_level(logging.WARNING, logger="kullm.training.module"):
-        module = module_on(Rank(0, 4))  # resumed on more processes than saved it: every rank takes rank 0's
+        module = module_on(Rank(3, 4))  # resumed on more processes than saved it: every rank takes rank 0's
         module.on_load_checkpoint(ckpt)
         module.on_train_start()
     assert draws() == per_rank[0]["next"]
-    assert "RNG states of 2 rank(s), this run has 4: reusing rank 0's" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "kullm.training.module"] == [
+        "the checkpoint holds RNG states of 2 rank(s), this run has 4: reusing rank 0's"
+    ]
+
+
+def test_a_checkpoint_without_kullms_state_resumes_from_zero_tokens_and_leaves_the_generators():
+    module = module_on()
+    module.trained_tokens = 99
+    module.on_load_checkpoint({"state_dict": {}})  # a plain Lightning checkpoint
+    torch.manual_seed(5)
+    want = torch.rand(3).tolist()
+    torch.manual_seed(5)
+    module.on_train_start()
+    assert module.trained_tokens == 0 and torch.rand(3).tolist() == want
