@@ -276,26 +276,18 @@ def test_the_grad_norm_is_zero_when_no_parameter_holds_a_gradient():
     assert float(_grad_norm(grads())) == pytest.approx(2.0 * module.trainable_parameters()[0].numel() ** 0.5)
 
 
-class OtherRankHolds(SingleDeviceStrategy):
+class OtherRankHolds(IdenticalSecondRank):
     """Rank 0 of two, where the other rank's validation sums are ``other``: a sum all-reduce adds them."""
 
     def __init__(self, other: torch.Tensor) -> None:
         super().__init__(device=torch.device("cpu"))
         self.other = other
 
-    @property
-    def world_size(self) -> int:
-        return 2
-
-    @world_size.setter
-    def world_size(self, value: int) -> None:
-        pass
-
     def reduce(self, tensor, group=None, reduce_op="mean"):
         if torch.is_tensor(tensor) and tensor.shape == self.other.shape:  # kullm's validation sums
             assert reduce_op == "sum"
             return tensor + self.other.to(tensor)
-        return tensor * 2 if reduce_op == "sum" else tensor  # Lightning's own (the loader length): the same per rank
+        return super().reduce(tensor, group, reduce_op)  # Lightning's own (the loader length): the same per rank
 
 
 def test_val_loss_is_the_mean_per_trained_token_over_every_validation_batch_and_rank():
