@@ -11,6 +11,8 @@ import warnings
 NOISY_LOGS = (
     # bitsandbytes on CPU looks for an optional hub kernel package on import
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # ... through the `kernels` package, which says it cannot check the kernel's publisher while offline
+    ("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/"),
     # DeepSpeed announces the accelerator it detected on import
     ("DeepSpeed", r"Setting ds_accelerator to"),
     # Lightning advertises a logging service
