@@ -17,7 +17,9 @@ half-written adapter nor destroys the previous one.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from kullm.atomic import clean_stale, replace
 from kullm.chat_template import served_prompter, serving
 from kullm.redaction import redact
 from kullm.templates import Prompter
+from kullm.untrusted import read_yaml
 
 CONFIG_FILE = "kullm_config.yaml"
 TEMPLATE_FILE = "template.yaml"
@@ -194,6 +197,7 @@ def verify_adapter(folder: str | Path) -> int:
     for name in ("adapter_config.json", WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise AdapterError(f"{folder}: no {name}: not an adapter folder")
+    check_safetensors(folder / WEIGHTS_FILE)
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
         keys = list(f.keys())
         n = sum(_numel(f, k) for k in keys)
@@ -206,6 +210,64 @@ def verify_adapter(folder: str | Path) -> int:
             "PEFT would load none of them"
         )
     return n
+
+
+# bytes per element of each safetensors dtype
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header lies (a tensor whose bytes lie outside the file, overlap another's, or
+    do not match its shape and dtype), naming the file and the tensor, before any reader trusts it."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+            raise AdapterError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    end = 0
+    tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: _start(kv[1]))
+    for name, info in tensors:
+        why = _tensor_problem(info, size - 8 - n)
+        if why is None and info["data_offsets"][0] != end:
+            why = f"its bytes start at {info['data_offsets'][0]}, where the previous tensor ends at {end}"
+        if why is not None:
+            raise AdapterError(f"{path}: tensor {name}: {why}: the file's header lies, refusing it")
+        end = info["data_offsets"][1]
+
+
+def _start(info) -> int:
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    return offsets[0] if isinstance(offsets, list) and offsets and isinstance(offsets[0], int) else -1
+
+
+def _tensor_problem(info, data_bytes: int) -> str | None:
+    """What is wrong with one tensor's header entry (``None``: nothing)."""
+    if not isinstance(info, dict):
+        return "no dtype, shape and data_offsets"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        return f"data_offsets {offsets!r} are not two integers"
+    start, stop = offsets
+    if not 0 <= start <= stop <= data_bytes:
+        return f"data_offsets {offsets} lie outside the file's {data_bytes} bytes of data"
+    numel = 1
+    for d in shape:
+        numel *= d
+    if stop - start != numel * DTYPE_BYTES[dtype]:
+        return f"shape {shape} ({dtype}) needs {numel * DTYPE_BYTES[dtype]} bytes, data_offsets give {stop - start}"
+    return None
 
 
 def _numel(f, key: str) -> int:
@@ -229,7 +291,7 @@ def read_adapter(folder: str | Path) -> AdapterSpec:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise AdapterError(f"{folder}: no {CONFIG_FILE}: was it written by kullm-train?")
-    config = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    config = read_yaml(cfg_path)  # plain data: a shared folder's interpolations are never resolved
     if not isinstance(config, dict) or "model" not in config:
         raise AdapterError(f"{cfg_path}: has no 'model' node naming the base model")
     tpl = folder / TEMPLATE_FILE
@@ -271,6 +333,32 @@ def load_adapter(
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), trust_remote_code=bool(trust_remote_code))
     base = load_model(model_cfg, quant=quant, device_map=device_map)
     fit_vocabulary(base, tokenizer)  # tokens added in training (model.added_tokens): the trained embedding shape
-    model = PeftModel.from_pretrained(base, str(spec.path), use_safetensors=True)
+    try:
+        model = PeftModel.from_pretrained(base, str(spec.path), use_safetensors=True)
+    except RuntimeError as e:  # PEFT's "size mismatch" (other errors, e.g. out of memory, are not the adapter's)
+        if "size mismatch" not in str(e):
+            raise
+        raise AdapterError(shape_mismatch(spec.path / WEIGHTS_FILE, str(e), model_cfg.get("name_or_path"))) from None
     model.eval()
     return model, tokenizer, spec.prompter
+
+
+_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[.*?\])\)"
+)
+
+
+def shape_mismatch(path: Path, error: str, base: str | None) -> str:
+    """One line for PEFT's "size mismatch" load error: the file, the first tensor, its shape and the base's (any
+    other error is returned as it is, on one line)."""
+    found = _MISMATCH.findall(error)
+    if not found:
+        return f"{path}: {' '.join(error.split())}"
+    name, got, want = found[0]
+    name = name.replace(".default.", ".")  # PEFT's adapter name, which the file's names do not carry
+    more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
+    return (
+        f"{path}: tensor {name} has shape {got} where base model {base!r} needs {want}{more}: an adapter trained "
+        "on another base model (or with another LoRA rank)"
+    )

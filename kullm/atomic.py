@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 STALE = re.compile(r"^\..+\.(tmp|old)-(\d+)$|^.+\.tmp-(\d+)$")
@@ -40,6 +42,19 @@ def replace(src: str | Path, dst: str | Path) -> None:
     fsync_tree(src)
     os.replace(src, dst)
     fsync_dir(Path(dst).parent)
+
+
+@contextmanager
+def rewrite(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` when the block ends without error. A link
+    planted at ``path`` is replaced, never written through, and a kill mid-write leaves the previous file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def clean_stale(folder: str | Path, min_age_s: float = 60.0) -> list[Path]:

@@ -7,7 +7,9 @@ folder's tokenizer (and so a merged checkpoint's) carries it, so an OpenAI-compa
 the format the model was trained on.
 
 The generation prompt is the text from the response marker on (``### 응답:\\n``): every prompt of the template must
-end with the same one, which ``add_generation_prompt`` adds and each assistant turn starts with.
+end with the same one, which ``add_generation_prompt`` adds and each assistant turn starts with. For a tokenizer whose
+own call adds a BOS (Llama, Mistral, Gemma, SOLAR), the template renders it first, as training put it there: servers
+tokenize a chat template's text without adding special tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from kullm.modeling import bos_ids
 from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,9 @@ def generation_prompt(prompter: Prompter) -> str:
     return text[text.rindex(prompter.response_marker) :]
 
 
-def to_chat_template(prompter: Prompter) -> str:
-    """The Jinja ``chat_template`` that renders ``prompter``'s prompts (raises ``ValueError`` if none can)."""
+def to_chat_template(prompter: Prompter, bos: str = "") -> str:
+    """The Jinja ``chat_template`` that renders ``prompter``'s prompts, after ``bos`` (the text of the BOS training
+    put before every prompt; raises ``ValueError`` if none can)."""
     tail = generation_prompt(prompter)
     heads = {}
     for key in ("prompt_no_input", "prompt_system", "prompt_turn"):
@@ -61,7 +65,8 @@ def to_chat_template(prompter: Prompter) -> str:
     return (
         f"{{#- kullm template {prompter.name}: the prompt this model was trained on -#}}\n"
         "{%- set ns = namespace(system=none, first=true) -%}\n"
-        "{%- for message in messages -%}\n"
+        + (f"{{{{- {_literal(bos)} -}}}}\n" if bos else "")
+        + "{%- for message in messages -%}\n"
         "{%- if message['role'] == 'system' -%}\n"
         "{%- if not loop.first -%}{{- raise_exception('a system turn must come first') -}}{%- endif -%}\n"
         "{%- set ns.system = message['content'] -%}\n"
@@ -93,9 +98,10 @@ def _literal(text: str) -> str:
 
 @contextmanager
 def serving(tokenizer, prompter: Prompter | None) -> Iterator[None]:
-    """While the block runs, ``tokenizer.chat_template`` is ``prompter``'s (``None``: left as it is)."""
+    """While the block runs, ``tokenizer.chat_template`` is ``prompter``'s, after the tokenizer's BOS where its call
+    adds one (``None``: left as it is)."""
     try:
-        template = to_chat_template(prompter) if prompter is not None else None
+        template = to_chat_template(prompter, bos_text(tokenizer)) if prompter is not None else None
     except ValueError as e:
         log.warning("%s: the tokenizer keeps its own chat_template", e)
         template = None
@@ -108,6 +114,12 @@ def serving(tokenizer, prompter: Prompter | None) -> Iterator[None]:
         yield
     finally:
         tokenizer.chat_template = old
+
+
+def bos_text(tokenizer) -> str:
+    """The text of the BOS that begins every prompt kullm trains on (:func:`kullm.modeling.bos_ids`; ``""``: none)."""
+    bos = bos_ids(tokenizer)
+    return tokenizer.decode(bos, skip_special_tokens=False, clean_up_tokenization_spaces=False) if bos else ""
 
 
 def served_prompter(prompter: Prompter | None, data_cfg) -> Prompter | None:

@@ -92,23 +92,21 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def expose_hydra_plugins() -> None:
-    """Make kullm's own Hydra plugins (``hydra_plugins/kullm_sweeper``) visible to Hydra's plugin scan.
+    """Register kullm's own Hydra plugins (``hydra_plugins/kullm_sweeper``) with Hydra; call before ``hydra.main``.
 
-    Hydra lists plugins by walking the ``hydra_plugins`` namespace folders; a setuptools editable install maps the
-    package through an import hook that such a walk cannot list, so the plugin would import but never be found."""
-    import importlib.util
+    Hydra finds plugins by walking the folders of the ``hydra_plugins`` namespace once, when its ``Plugins``
+    registry is first used (composing a config is enough). A setuptools editable install serves kullm's part of the
+    namespace through an import hook that such a walk cannot list, so the plugin imports but is never found.
+    Registering the class by name, through Hydra's ``Plugins.register``, works for every kind of install and
+    whenever the walk ran. Without the ``sweeps`` extra there is nothing to register."""
+    from hydra.core.plugins import Plugins
 
+    plugins = Plugins.instance()  # the walk runs first: it would re-import our module and replace the class
     try:
-        import hydra_plugins
-
-        spec = importlib.util.find_spec("hydra_plugins.kullm_sweeper")
+        from hydra_plugins.kullm_sweeper.resumable_optuna import ResumableOptunaSweeper
     except ImportError:
         return
-    if spec is None or not spec.submodule_search_locations:
-        return
-    folder = str(Path(next(iter(spec.submodule_search_locations))).parent)
-    if folder not in list(hydra_plugins.__path__):
-        hydra_plugins.__path__.append(folder)
+    plugins.register(ResumableOptunaSweeper)
 
 
 def exit_on_version(prog: str, argv: Sequence[str]) -> None:
@@ -155,7 +153,7 @@ SCHEMA: dict[str, Any] = {
     "gradient_checkpointing": bool,
     "sampler": ("random", "length_grouped", "sequential"),
     "data.cutoff_len": int,
-    "data.val_set_size": int,
+    "data.val_set_size": float,  # a count of rows (an integer) or a fraction of them (a float below 1)
     "data.train_on_inputs": bool,
     "data.add_eos": bool,
     "data.policy": ("skip", "strict"),
@@ -190,6 +188,14 @@ SCHEMA: dict[str, Any] = {
     "judge.max_retries": int,
     "judge.timeout": float,
     "limit": int,
+    "max_parse_retries": int,
+    "generation.top_p": float,
+    "bootstrap.samples": int,
+    "bootstrap.confidence": float,
+    "optim.warmup_steps": int,
+    "callbacks.checkpoint.every_n_train_steps": int,
+    "callbacks.checkpoint.save_top_k": int,
+    "callbacks.samples.num": int,
 }
 # Lower bounds of numeric knobs (a value below makes a run hang, do nothing, or crash later).
 MINIMUM: dict[str, float] = {
@@ -209,7 +215,24 @@ MINIMUM: dict[str, float] = {
     "judge.max_retries": 0,
     "judge.timeout": 0.001,
     "limit": 1,
+    "max_parse_retries": 0,
+    "bootstrap.samples": 1,
+    "optim.warmup_steps": 0,
+    "callbacks.checkpoint.every_n_train_steps": 1,
+    "callbacks.checkpoint.save_top_k": -1,
+    "callbacks.samples.num": 0,
 }
+# Knobs whose values lie in an interval ("[" / "]": the edge is allowed, "(" / ")": it is not).
+RANGE: dict[str, str] = {
+    "optim.lr": "[0, inf)",
+    "optim.warmup_ratio": "[0, 1]",
+    "optim.min_lr_ratio": "[0, 1]",
+    "lora.lora_dropout": "[0, 1)",
+    "generation.top_p": "(0, 1]",
+    "bootstrap.confidence": "(0, 1)",
+}
+# Values refused although in range: a limit of 0 optimizer steps or epochs trains nothing (-1: no limit).
+EXCLUDED: dict[str, float] = {"trainer.max_steps": 0, "trainer.max_epochs": 0}
 # Nodes instantiated with a ``_target_``: their keys must be arguments of the target.
 TARGET_NODES = ("trainer", "lora", "optim.optimizer", "strategy.impl")
 
@@ -225,12 +248,27 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}={value!r}: must be one of {', '.join(want)}{_nearest(str(value), want)}")
         elif not _is_type(value, want):
             raise ConfigError(f"{key}={value!r}: expected {want.__name__}, got {type(value).__name__}")
-        elif key in MINIMUM and value < MINIMUM[key]:
+        elif key in MINIMUM and not value >= MINIMUM[key]:  # NaN too
             raise ConfigError(f"{key}={value!r}: must be at least {MINIMUM[key]:g}")
+        elif key in RANGE and not _in_range(value, RANGE[key]):
+            raise ConfigError(f"{key}={value!r}: must lie in {RANGE[key]}")
+        elif EXCLUDED.get(key) == value:
+            raise ConfigError(f"{key}={value!r}: trains nothing; give a positive number, or -1 for no limit")
+    held_out = OmegaConf.select(cfg, "data.val_set_size", default=None)
+    if isinstance(held_out, float) and held_out >= 1:
+        raise ConfigError(f"data.val_set_size={held_out!r}: a fraction must lie below 1; a count of rows is an integer")
     for path in TARGET_NODES:
         node = OmegaConf.select(cfg, path, default=None)
         if isinstance(node, DictConfig) and "_target_" in node:
             _check_target_keys(path, node)
+
+
+def _in_range(value: float, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval``, written as ``"[0, 1)"`` (NaN lies in none)."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
 
 
 def _is_type(value, want: type) -> bool:

@@ -13,8 +13,8 @@ NOISY_LOGS = (
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
     # ... through the `kernels` package, which says it cannot check the kernel's publisher while offline
     ("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/"),
-    # DeepSpeed announces the accelerator it detected on import
-    ("DeepSpeed", r"Setting ds_accelerator to"),
+    # DeepSpeed announces the accelerator it detected on import ("Setting accelerator to CPU" without a GPU)
+    ("DeepSpeed", r"Setting (ds_)?accelerator to"),
     # Lightning advertises a logging service
     ("lightning.pytorch.utilities.rank_zero", r"Tip: For seamless cloud logging"),
 )
@@ -22,6 +22,7 @@ NOISY_LOGS = (
 NOISY_WARNINGS = (
     r"`is_gradient_checkpointing` is deprecated",  # transformers 5 renamed it; PEFT still asks
     r"`torch\.utils\._pytree\._register_pytree_node` is deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch 2.13 deprecates what Lightning's _pytree uses
 )
 
 
@@ -42,7 +43,8 @@ def quiet_third_party() -> None:
             logger.addFilter(_DropMatching(pattern))
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # "HTTP Request: POST …" for every judge request
+    for name in ("httpx", "httpcore"):  # "HTTP Request: POST <url>" for every judge request: URL credentials too
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def mirror_to_run_log() -> None:

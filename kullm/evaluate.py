@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
 from kullm.config import CONF_DIR, ConfigError, exit_on_version, fail, print_redacted_cfg, validate
+from kullm.console import quiet_third_party
 from kullm.data.records import DataError
 from kullm.evaluation.judges import JudgeError
 from kullm.evaluation.runs import evaluate
@@ -21,6 +22,7 @@ from kullm.evaluation.runs import evaluate
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    quiet_third_party()  # after Hydra configured logging: no line per judge request
     try:
         validate(cfg)
         summary = evaluate(cfg)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
 from kullm.config import CONF_DIR, exit_on_version, fail, print_redacted_cfg, validate
+from kullm.console import quiet_third_party
 from kullm.data.records import DataError
 from kullm.inference.generation import Generator, chat, generate_file, seed_everything
 
@@ -85,11 +86,16 @@ def _main(cfg: DictConfig) -> None:
         run(cfg)
     except (DataError, AdapterError, ValueError, OSError) as e:
         fail("kullm-generate", e)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; the chat has said goodbye, a file run keeps its rows
+        if cfg.input_file:
+            print("kullm-generate: interrupted; the rows written are kept: the same command resumes", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def main() -> None:
     """``kullm-generate``: the Hydra app, with ``prompt=``/``input=`` text quoted for Hydra first."""
     exit_on_version("kullm-generate", sys.argv[1:])
+    quiet_third_party()
     sys.argv[1:] = quote_text_args(sys.argv[1:])
     if print_redacted_cfg("generate", sys.argv[1:]):
         return

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from kullm.adapter import AdapterError
 from kullm.config import CONF_DIR, exit_on_version, fail, print_redacted_cfg, validate
+from kullm.console import quiet_third_party
 from kullm.inference.merging import MergeError, merge, weight_names
 
 
@@ -37,6 +38,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``kullm-merge``: see ``conf/merge.yaml``."""
     exit_on_version("kullm-merge", sys.argv[1:])
+    quiet_third_party()
     if not print_redacted_cfg("merge", sys.argv[1:]):
         _hydra_main()
 

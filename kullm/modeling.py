@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,11 @@ TINY_SHAPE: dict[str, Any] = {
 # Tiny stand-ins for today's model families (``tiny_shape: {arch: llama}``): each architecture with its family's
 # special tokens, EOS and chat template, so kullm is tested on what users bring without a hub download.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {  # Llama-3 instruct layout: header tokens, <|eot_id|> ends a turn and is the EOS; no pad; tied head
+    "llama": {  # Llama-3 instruct layout: BOS added to every call, header tokens, <|eot_id|> ends a turn and is the
+        # EOS; no pad; tied head
         "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None, "stop": ["<|end_of_text|>", "<|eot_id|>"],
+        "bos": "<|begin_of_text|>", "add_bos": True, "eos": "<|eot_id|>", "pad": None,
+        "stop": ["<|end_of_text|>", "<|eot_id|>"],
         "config": {"num_key_value_heads": 2, "tie_word_embeddings": True},
         "chat_template": (
             "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -73,18 +75,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
         ),
     },
-    "mistral": {  # [INST] turns, </s> ends an answer; no pad
+    "mistral": {  # <s> added to every call, [INST] turns, </s> ends an answer; no pad
         "specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
-        "bos": "<s>", "eos": "</s>", "pad": None, "stop": ["</s>"],
+        "bos": "<s>", "add_bos": True, "eos": "</s>", "pad": None, "stop": ["</s>"],
         "config": {"num_key_value_heads": 2, "tie_word_embeddings": False},
         "chat_template": (
             "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
             "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
         ),
     },
-    "gemma2": {  # <start_of_turn>/<end_of_turn>, soft-capped attention (eager kernel), tied head
+    "gemma2": {  # <bos> added to every call, <start_of_turn>/<end_of_turn>, soft-capped attention (eager), tied head
         "specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
-        "bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>", "stop": ["<eos>", "<end_of_turn>"],
+        "bos": "<bos>", "add_bos": True, "eos": "<end_of_turn>", "pad": "<pad>", "stop": ["<eos>", "<end_of_turn>"],
         "config": {"num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True},
         "attn_implementation": "eager",
         "chat_template": (
@@ -112,12 +114,15 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
     """Build (once) and return a folder holding the tiny GPT-NeoX model and its tokenizer.
 
     Random init in Polyglot-ko's layout, then a brief warm-up on the bundled corpus (see :func:`_warm_up`).
-    The folder name is a hash of the shape and the tokenizer corpus, so a change of either builds anew; the build
-    is written to a temporary folder and renamed, so concurrent builders (DDP ranks, xdist) never see half a model.
+    The folder name is a hash of the shape, the family's definition and the tokenizer corpus, so a change of any
+    builds anew; the build is written to a temporary folder and renamed, so concurrent builders (DDP ranks, xdist)
+    never see half a model.
     """
     shape = {**TINY_SHAPE, **(shape or {})}
     corpus = (ASSETS / "tiny_corpus.txt").read_text(encoding="utf-8")
-    key = hashlib.sha256((json.dumps(shape, sort_keys=True) + corpus).encode()).hexdigest()[:12]
+    family = FAMILIES.get(shape["arch"])
+    what = json.dumps(shape, sort_keys=True) + (json.dumps(family, sort_keys=True) if family else "")
+    key = hashlib.sha256((what + corpus).encode()).hexdigest()[:12]
     out = Path(out) if out is not None else cache_root() / "models" / f"tiny-{key}"
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
@@ -126,7 +131,8 @@ def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = 
     arch = shape["arch"]
     if arch != "gpt_neox" and arch not in FAMILIES:
         raise ConfigError(f"model.tiny_shape.arch={arch!r}: must be gpt_neox or one of {sorted(FAMILIES)}")
-    tok = train_tiny_tokenizer(corpus.splitlines(), vocab_size=shape["tokenizer_vocab"], family=FAMILIES.get(arch))
+    log.info("building the tiny %s model once (later runs load it from %s)", arch, out)
+    tok = train_tiny_tokenizer(corpus.splitlines(), vocab_size=shape["tokenizer_vocab"], family=family)
     with torch.random.fork_rng(devices=[]):  # building must not touch the caller's RNG: runs never depend on the cache
         torch.manual_seed(shape["seed"])
         model = _tiny_model(shape, tok, corpus)
@@ -186,15 +192,17 @@ def _warm_up(model, tok, lines: list[str], steps: int, seed: int, block: int = 1
     steps); after this warm-up the tiny model is a (very small) language model, so fine-tuning visibly learns.
     """
     import torch
+    from tqdm.auto import tqdm
 
     if steps <= 0:
         return
-    ids = [t for row in tok(lines, add_special_tokens=False)["input_ids"] for t in [*row, tok.eos_token_id]]
+    bos = bos_ids(tok)  # each line a document, as the family's pre-training saw them: [BOS] text EOS
+    ids = [t for row in tok(lines, add_special_tokens=False)["input_ids"] for t in [*bos, *row, tok.eos_token_id]]
     data = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="building the tiny model: warm-up", unit="step"):
         rows = data[torch.randint(len(data), (batch,), generator=g)]
         loss = model(input_ids=rows, labels=rows, use_cache=False).loss
         loss.backward()
@@ -232,6 +240,7 @@ def train_tiny_tokenizer(lines: list[str], vocab_size: int = 2000, family: Mappi
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=family["bos"],
+        add_bos_token=bool(family.get("add_bos")),  # as the family's real tokenizer: every call starts with BOS
         eos_token=family["eos"],
         pad_token=family["pad"],
         additional_special_tokens=[t for t in family["specials"] if t not in (family["bos"], family["eos"], family["pad"])],  # noqa: E501
@@ -296,11 +305,29 @@ def set_stop_tokens(model, tokenizer) -> None:
     config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer's own call puts before a text: its BOS where it adds one (Llama, Mistral, Gemma, SOLAR),
+    none for GPT-NeoX (Polyglot-ko) or Qwen. The one place that decides how every prompt kullm trains on, generates
+    from or serves begins (see :func:`with_bos`)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    return list(full[: starts[0]]) if starts else []
+
+
+def with_bos(bos: Sequence[int], ids: list[int]) -> list[int]:
+    """A prompt's ``ids`` behind ``bos`` (:func:`bos_ids`), unless they already begin with it (a chat template that
+    renders ``bos_token`` itself): one BOS, never two."""
+    return ids if list(ids[: len(bos)]) == list(bos) else [*bos, *ids]
+
+
 def tokenizer_fingerprint(tok) -> str:
-    """A hash of everything about a tokenizer that changes token ids (vocab, merges, normalizer, specials)."""
+    """A hash of everything about a tokenizer that changes token ids (vocab, merges, normalizer, specials, the BOS
+    that prompts begin with)."""
     backend = getattr(tok, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-    specials = json.dumps({"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token}, sort_keys=True)
+    specials = {"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token, "bos_ids": bos_ids(tok)}
+    specials = json.dumps(specials, sort_keys=True)
     return hashlib.sha256((body + specials).encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,13 @@ from omegaconf import DictConfig
 
 from kullm.chat_template import served_prompter, serving
 from kullm.config import CONF_DIR, ConfigError, exit_on_version, fail, print_redacted_cfg, validate
+from kullm.console import quiet_third_party
 from kullm.data.preprocess import preprocess, save_processed
-from kullm.data.records import DataError, check_source
+from kullm.data.records import DataError, check_source, open_private
 from kullm.data.stats import format_stats, token_stats
 from kullm.modeling import load_tokenizer
 from kullm.templates import Prompter
+from kullm.untrusted import UntrustedFileError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         tokenizer.save_pretrained(str(out / "tokenizer"))
     prompter.save(out / "template.yaml")
     if processed.rejects_path.exists():
-        shutil.copyfile(processed.rejects_path, out / "rejects.jsonl")
+        with open_private(out / "rejects.jsonl") as f:  # user-only, like the cache's copy: it holds the user's rows
+            f.write(processed.rejects_path.read_text(encoding="utf-8"))
         stats["rejects_file"] = str(out / "rejects.jsonl")
     (out / "data_stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     print(format_stats(stats))
@@ -63,13 +65,14 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, UntrustedFileError) as e:
         fail("kullm-prepare", e)
 
 
 def main() -> None:
     """``kullm-prepare``: see ``conf/prepare.yaml``."""
     exit_on_version("kullm-prepare", sys.argv[1:])
+    quiet_third_party()
     if not print_redacted_cfg("prepare", sys.argv[1:]):
         _hydra_main()
 

@@ -2,7 +2,8 @@
 
 ``kullm-generate`` (responses) and ``kullm-eval`` (judgments) both write one JSON line per finished item and, when
 run again on the same file, skip the ids already there. A kill can leave at most a half-written last line, which
-is cut before anything is appended.
+is cut before anything is appended. A result file that is a symbolic link is refused, never read, cut or appended
+through: a link planted there could point anywhere.
 """
 
 from __future__ import annotations
@@ -10,23 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def read_done(path: Path, what: str = "row") -> dict[str, dict[str, Any]]:
-    """The rows already in ``path`` by id, in file order; the first of duplicate ids wins (``what`` names a row in
-    warnings: ``response``, ``judgment``).
+def read_done(path: Path, what: str = "row", key: Callable[[dict], Hashable] = lambda row: str(row["id"])) -> dict:
+    """The rows already in ``path`` by id (or by ``key(row)``), in file order; the first of duplicates wins (``what``
+    names a row in warnings: ``response``, ``judgment``).
 
     A half-written last line (from a kill mid-write) is cut from the file; other unreadable lines are skipped,
     named by file and line.
     """
     path = Path(path)
     cut_partial_line(path)
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[Hashable, dict[str, Any]] = {}
     if not path.exists():
         return done
     with path.open(encoding="utf-8") as f:
@@ -35,8 +36,8 @@ def read_done(path: Path, what: str = "row") -> dict[str, dict[str, Any]]:
                 continue
             try:
                 row = json.loads(line)
-                rid = str(row["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+                rid = key(row)
+            except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
                 log.warning("%s:%d: unreadable %s skipped (an interrupted write?)", path, lineno, what)
                 continue
             if rid in done:
@@ -48,6 +49,7 @@ def read_done(path: Path, what: str = "row") -> dict[str, dict[str, Any]]:
 
 def cut_partial_line(path: Path) -> None:
     """Cut a last line that has no newline: what a kill in the middle of a write leaves."""
+    refuse_link(path)
     if not path.exists() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
@@ -59,6 +61,12 @@ def cut_partial_line(path: Path) -> None:
         f.truncate(keep)
 
 
+def refuse_link(path: Path) -> None:
+    """Raise :class:`OSError` (one line, naming the file and where it points) when ``path`` is a symbolic link."""
+    if os.path.islink(path):
+        raise OSError(f"{path}: a symbolic link (to {os.readlink(path)}): results are never written through a link")
+
+
 class AppendLog:
     """Appends one JSON line per finished item, flushed and fsynced, after cutting a half-written last line."""
 
@@ -68,7 +76,12 @@ class AppendLog:
     def __enter__(self) -> AppendLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         cut_partial_line(self.path)
-        self.f = self.path.open("a", encoding="utf-8")
+        try:  # O_NOFOLLOW: a link planted after the check above is refused too
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError:
+            refuse_link(self.path)
+            raise
+        self.f = open(fd, "a", encoding="utf-8")
         return self
 
     def write(self, obj: Mapping[str, Any]) -> None:

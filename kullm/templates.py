@@ -61,10 +61,13 @@ class Prompter:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Prompter:
-        """Load a template saved by :meth:`save` (``template.yaml`` in an adapter folder)."""
-        from omegaconf import OmegaConf
+        """Load a template saved by :meth:`save` (``template.yaml`` in an adapter folder: plain data, unresolved)."""
+        from kullm.untrusted import read_yaml
 
-        return cls.from_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        data = read_yaml(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a template (a mapping of prompt_input, prompt_no_input, response_marker…)")
+        return cls.from_config(data)
 
     def save(self, path: str | Path) -> None:
         """Write the template as YAML, so that generation uses exactly what training used."""

@@ -40,6 +40,7 @@ from kullm.data.records import DataError, check_source
 from kullm.training.checkpointing import (
     AdapterCheckpoint,
     AtomicCheckpointIO,
+    Diverged,
     GracefulStop,
     Interrupted,
     RunIdentity,
@@ -52,6 +53,7 @@ from kullm.training.loggers import build_loggers, finish_wandb, log_adapter_arti
 from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
 from kullm.training.preemption import own_last_checkpoint, requeue
 from kullm.training.sweep import RunRecord
+from kullm.untrusted import UntrustedFileError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     check_source(cfg.data.path, cfg.data.get("source", "auto"), cfg.data.get("missing_hint"))
     world = world_size(cfg.trainer)
     accumulate = accumulation(int(cfg.batch_size), int(cfg.micro_batch_size), world)
-    has_val = int(cfg.data.get("val_set_size", 0)) > 0
+    has_val = cfg.data.get("val_set_size", 0) > 0  # a count or a fraction
     trainer_kwargs = validation_schedule(cfg, accumulate) if has_val else {"limit_val_batches": 0}
     final = final_adapter_choice(cfg, has_val)
     ckpt_path = cfg.get("ckpt_path")
@@ -168,7 +170,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     # kullm's module skips the batches an interrupted epoch trained (KullmDataModule.resume_at), so Lightning's
     # "dataloader is not resumable" warning does not apply
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Diverged as e:  # nothing is saved on the way out: the checkpoints written before stay as they were
+        raise Diverged(f"{e}; last checkpoint: {_last_checkpoint(trainer) or 'none'}") from None
     if stopper.signum is not None:  # no final adapter for an unfinished run: resume it from last
         record.write(trainer, "interrupted")
         requeue(trainer, stopper.signum)  # under SLURM after its pre-timeout signal: back in the queue
@@ -189,9 +194,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     if trainer.is_global_zero:
         source = f" (the best checkpoint, {best.name})" if best is not None else ""
         what = "adapter" if adapter.name == "adapter" else "model"
-        rank_zero_info(f"kullm-train: {what} saved to {adapter}{source}")
         log_adapter_artifact(loggers, adapter)
-        finish_wandb(loggers)
+        finish_wandb(loggers)  # W&B's end-of-run summary first: the run's last line says where its result is
+        rank_zero_info(f"kullm-train: {what} saved to {adapter}{source}")
     return {
         "metrics": metrics,
         "adapter": str(adapter),  # lora=none: the model folder
@@ -234,7 +239,7 @@ def _count(model) -> tuple[int, int]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, UntrustedFileError, Diverged) as e:
         fail("kullm-train", e)
     except Interrupted as e:
         again = f" (or run the same command again: run_name={cfg.run_name})" if cfg.get("run_name") else ""

@@ -9,6 +9,8 @@ plan ``faults(key, n)`` picks what the n-th request for that key gets:
 ``slow``        the reply only after ``slow_s`` seconds (past the client's timeout)
 ``truncated``   a 200 whose body is cut half-way and the connection closed
 ``badjson``     a complete 200 body that is not JSON
+``deep``        a 200 body of 200,000 ``[`` (too deep for any JSON decoder's recursion)
+``surrogate``   a valid reply whose text holds a lone surrogate (the JSON escape ``\\ud800``)
 ``garbage``     a valid reply whose text holds no scores
 ``outofrange``  a valid reply scoring 이해 가능성 as 7
 ``drop``        the connection closed without any response
@@ -28,6 +30,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 CRITERIA = [
     ("이해 가능성", 0, 1),
@@ -104,6 +107,7 @@ class ChatServer:
         self.served: Counter[str] = Counter()  # fault kind -> requests answered that way
         self.requests: list[dict] = []  # the request bodies, in arrival order
         self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []  # the request targets (path and query), in arrival order
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -190,7 +194,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
         s = self.owner
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if not self.path.rstrip("/").endswith("/chat/completions"):
+        with s._lock:
+            s.paths.append(self.path)
+        if not urlsplit(self.path).path.rstrip("/").endswith("/chat/completions"):
             return self._send(404, b'{"error": {"message": "not found"}}')
         body = json.loads(raw)
         with s._lock:
@@ -219,6 +225,12 @@ class _Handler(BaseHTTPRequestHandler):
             s._stop.wait(s.slow_s)
         if kind == "badjson":
             return self._send(200, b'{"id": "chatcmpl-test", "choices": [{"message": ')
+        if kind == "deep":
+            return self._send(200, b"[" * 200_000)
+        if kind == "surrogate":  # json.dumps writes the lone surrogate as the escape \ud800
+            text = "\ud800" + reply_text(s.scores(key))
+            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+            return self._send(200, json.dumps(reply).encode())
         if kind == "echo400":  # a server that echoes the request headers in its error body
             return self._send(400, json.dumps({"error": {"headers": dict(self.headers)}}).encode())
         if kind == "echo":  # ... or in its reply

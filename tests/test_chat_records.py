@@ -195,3 +195,22 @@ def test_open_conversations_end_with_the_user_turn_to_answer(tmp_path):
     judged, report = read_records(path, fields={"output": "response"}, open_conversations=True)
     assert [(r.id, r.output) for r in judged] == [("open.jsonl:2", CONV[-1]["content"]), ("r", rows[2]["response"])]
     assert report.rejected == {"missing_field": 1, "alternation": 1}  # row 1: nothing to judge
+
+
+def test_a_lone_surrogate_or_a_turns_cell_too_deep_is_a_named_reject(tmp_path):
+    """``\\ud800`` is a valid JSON escape but no text (tokenizers and file writers fail on it)."""
+    bad = [{"role": "user", "content": "안녕\ud800"}, {"role": "assistant", "content": "네"}]
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"messages": CONV}) + "\n" + json.dumps({"messages": bad}) + "\n", encoding="utf-8")
+    recs, report = read_records(path)
+    assert len(recs) == 1
+    assert [(r.field, r.reason) for r in report.rejects] == [("messages[0].content", "lone_surrogate")]
+    with (tmp_path / "c.csv").open("w", newline="", encoding="utf-8") as f:
+        deep = "[" * 50_000 + "]" * 50_000  # under csv's cell limit, far past any recursion limit
+        csv.writer(f).writerows([["messages"], [json.dumps(CONV)], [json.dumps(bad)], [deep]])
+    recs, report = read_records(tmp_path / "c.csv")
+    assert len(recs) == 1
+    assert [(r.source.rsplit(":", 1)[1], r.field, r.reason) for r in report.rejects] == [
+        ("3", "messages[0].content", "lone_surrogate"),
+        ("4", "messages", "nested_too_deep"),
+    ]

@@ -88,8 +88,8 @@ def test_prepare_reads_both_layouts_to_the_same_examples_and_names_bad_turns(tmp
     (folder / "chat.jsonl").write_text("\n".join([*rows, json.dumps(bad, ensure_ascii=False)]) + "\n", encoding="utf-8")
 
     def run(path, out, *extra):
-        cfg = compose("prepare", [f"output_dir={out}", f"data.path={path}", f"data.cache_dir={tmp_path}/cache", *extra])
-        return prepare(cfg)
+        overrides = [f"output_dir={out}", f"data.path={path}", f"data.cache_dir={tmp_path}/cache", *extra]
+        return prepare(compose("prepare", [*overrides, "data.val_set_size=8"]))  # the cut answer held out
 
     stats = run(folder, tmp_path / "a", "data.train_on=last")
     assert stats["read"]["rejected"] == {"alternation": 1}

@@ -13,6 +13,7 @@ import random
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from test_gradient_scaling import tiny_lora
@@ -118,3 +119,52 @@ def test_a_checkpoint_without_kullms_state_resumes_from_zero_tokens_and_leaves_t
     torch.manual_seed(5)
     module.on_train_start()
     assert module.trained_tokens == 0 and torch.rand(3).tolist() == want
+
+
+# One override per key of the resume identity: each must change that key alone, and a checkpoint of the base
+# settings must then be refused naming it. A key added to run_identity without a line here fails the test.
+IDENTITY_VARIANTS = {
+    "model.name_or_path": "model.name_or_path=someone/other-model",
+    "model.revision": "model.revision=abc123",
+    "model.shape_only": "model.shape_only=true",
+    "lora.r": "lora.r=8",
+    "lora.lora_alpha": "lora.lora_alpha=8",
+    "lora.lora_dropout": "lora.lora_dropout=0.2",
+    "lora.target_modules": "lora.target_modules=[query_key_value]",
+    "init_adapter": "init_adapter=/some/adapter",
+    "data.path": "data.path=/some/other.jsonl",
+    "data.cutoff_len": "data.cutoff_len=128",
+    "data.train_on_inputs": "data.train_on_inputs=true",
+    "data.val_set_size": "data.val_set_size=16",
+    "data.packing": "data.packing=true",
+    "data.train_on": "data.train_on=last",
+    "data.chat_template": "data.chat_template=tokenizer",
+    "template": "template=alpaca",
+    "batch_size": "batch_size=16",
+    "micro_batch_size": "micro_batch_size=2",
+    "sampler": "sampler=random",
+}
+
+
+def test_every_resume_identity_key_is_recorded_and_a_change_to_it_alone_is_refused(tmp_path):
+    from kullm.config import ConfigError, compose
+    from kullm.training.checkpointing import RunIdentity, resolve_resume, run_identity
+
+    def cfg(*extra: str):
+        return compose("train", ["experiment=smoke", f"output_dir={tmp_path}", *extra])
+
+    base = cfg()
+    ckpt = {"state_dict": {}, "loops": {}, "global_step": 3}
+    RunIdentity(base).on_save_checkpoint(None, None, ckpt)  # what every checkpoint of the run carries
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+    assert set(IDENTITY_VARIANTS) == set(run_identity(base))
+    assert resolve_resume(path, base) == str(path)
+    for key, override in IDENTITY_VARIANTS.items():
+        other = cfg(override)
+        changed = [k for k, v in run_identity(other).items() if v != run_identity(base)[k]]
+        assert changed == [key], f"{override} changes {changed}, not only {key}"
+        with pytest.raises(ConfigError) as e:
+            resolve_resume(path, other)
+        assert f"({key}: checkpoint " in str(e.value) and "allow_resume_changes=true" in str(e.value)
+        assert resolve_resume(path, other, allow_changes=True) == str(path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from chat_server import CRITERIA, ChatServer, default_scores, random_faults
+from omegaconf import OmegaConf
 
 from kullm.config import ROOT, compose
 from kullm.data.records import read_records
@@ -351,13 +352,18 @@ def test_adapter_mode_generates_first(tmp_path, eval_records, monkeypatch):
         return write_responses(Path(cfg["output_file"]), eval_records[:3])
 
     monkeypatch.setitem(sys.modules, "kullm.inference.generation", types.SimpleNamespace(generate_file=generate_file))
-    monkeypatch.setattr(ev, "_compose_generate", lambda overrides: dict(o.lstrip("+").split("=", 1) for o in overrides))
+    monkeypatch.setattr(
+        ev,
+        "_compose_generate",
+        lambda overrides: OmegaConf.create({"generation": {}, **dict(o.lstrip("+").split("=", 1) for o in overrides)}),
+    )
     adapter = tmp_path / "run1" / "adapter"
     with ChatServer() as s:
         for _ in range(2):
             summary = ev.evaluate(eval_cfg(s, tmp_path / "o", f"adapter={adapter}", f"eval_set={EVAL_SET}"))
         assert len(calls) == 1
         assert calls[0]["adapter"] == str(adapter) and calls[0]["input_file"] == str(EVAL_SET)
+        assert calls[0]["generation"] == eval_cfg(s, tmp_path / "o").generation  # kullm-eval's generation.* settings
         assert summary["runs"]["run1-adapter"]["judged"] == 3
         assert (tmp_path / "o" / "run1-adapter.responses.jsonl").exists()
         with pytest.raises(ValueError, match="exactly one of"):
@@ -530,3 +536,76 @@ def test_multi_turn_responses_are_judged_with_their_conversation(tmp_path):
         f"{resp}:5: response: missing_field",
         f"{resp}:6: messages[1]: alternation",
     ]
+
+
+def rewrite(path: Path, edit) -> None:
+    """Apply ``edit(rows)`` to a responses JSONL in place (what a user does between two runs)."""
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    edit(rows)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_an_edited_response_instruction_or_input_is_judged_again_and_nothing_else(tmp_path, eval_records, caplog):
+    recs = eval_records[:6]
+    resp = write_responses(tmp_path / "resp.jsonl", recs)
+    out = tmp_path / "out"
+
+    def edit(rows):
+        rows[0]["response"] = "고친 응답"
+        rows[1]["instruction"] += " (고침)"
+        rows[2]["input"] += " 추가 입력"
+
+    with ChatServer() as s:
+        ev.evaluate(eval_cfg(s, out, f"responses={resp}"))
+        rewrite(resp, edit)
+        caplog.set_level(logging.WARNING)
+        summary = ev.evaluate(eval_cfg(s, out, f"responses={resp}"))
+        again = ev.evaluate(eval_cfg(s, out, f"responses={resp}"))  # the new judgments are current: nothing asked
+        asked = dict(s.counts)
+    assert asked == {"고친 응답": 1, **{f"응답 {r.id}": 2 if r in recs[1:3] else 1 for r in recs}}
+    run = summary["runs"]["resp"]
+    note = f"3 responses changed since they were judged: judged again ({', '.join(r.id for r in recs[:3])})"
+    assert run["notes"] == [note] and note in caplog.text
+    assert (run["total"], run["judged"]) == (6, 6)
+    assert run["means"] == pytest.approx(expected_means(["고친 응답", *(f"응답 {r.id}" for r in recs[1:])]))
+    assert again["runs"]["resp"]["notes"] == [] and again["runs"]["resp"]["means"] == run["means"]
+
+
+def test_judgments_written_before_keys_are_kept_with_a_note(tmp_path, eval_records):
+    """An older kullm did not record what it judged: its judgments are taken as they are (no request, no spend),
+    and the report says so and how to judge edited responses again."""
+    recs = eval_records[:3]
+    resp = write_responses(tmp_path / "resp.jsonl", recs)
+    out = tmp_path / "out"
+    path = out / "resp.judgments.jsonl"
+    with ChatServer() as s:
+        first = ev.evaluate(eval_cfg(s, out, f"responses={resp}"))
+        path.write_text("".join(json.dumps({k: v for k, v in j.items() if k != "key"}, ensure_ascii=False) + "\n"
+                                for j in judgments(path)), encoding="utf-8")  # fmt: skip
+        rewrite(resp, lambda rows: rows[0].update(response="고친 응답"))
+        summary = ev.evaluate(eval_cfg(s, out, f"responses={resp}"))
+        assert sum(s.counts.values()) == 3
+    run = summary["runs"]["resp"]
+    assert run["notes"] == [
+        "3 judgments in resp.judgments.jsonl come from an older kullm that did not record what was judged: kept as "
+        "they are (delete the file to judge edited responses again)"
+    ]
+    assert run["means"] == first["runs"]["resp"]["means"]
+
+
+def test_a_smaller_limit_than_before_reports_only_its_ids_and_asks_nothing(tmp_path, eval_records):
+    recs = eval_records[:5]
+    resp = write_responses(tmp_path / "resp.jsonl", recs)
+    out = tmp_path / "out"
+    with ChatServer() as s:
+        ev.evaluate(eval_cfg(s, out, f"responses={resp}", "limit=4"))
+        small = ev.evaluate(eval_cfg(s, out, f"responses={resp}", "limit=2"))
+        assert sum(s.counts.values()) == 4
+        report = (out / "report.md").read_text(encoding="utf-8")
+        larger = ev.evaluate(eval_cfg(s, out, f"responses={resp}", "limit=5"))
+        assert sum(s.counts.values()) == 5 and s.counts[f"응답 {recs[4].id}"] == 1  # only the one never judged
+    run = small["runs"]["resp"]
+    assert (run["total"], run["judged"], run["failed"], run["not_judged"]) == (2, 2, 0, 0)
+    assert run["means"] == pytest.approx(expected_means(f"응답 {r.id}" for r in recs[:2]))
+    assert "| resp | 2 | 0 | 0 |" in report
+    assert (larger["runs"]["resp"]["total"], larger["runs"]["resp"]["judged"]) == (5, 5)

@@ -126,3 +126,46 @@ def test_fsdp_full_fine_tuning_on_two_processes_ends_with_the_ddp_runs_model_and
     _run(tmp_path, "from2", "strategy=fsdp", *full, f"ckpt_path={ckpt}")
     got = load_file(tmp_path / "from2" / "model" / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.timeout(900)
+def test_fsdp_on_two_processes_saves_plain_names_and_resumes_exactly(tmp_path):
+    """The fast suite's FSDP save and load on two CPU processes (gloo): the run ends with the one-process run's
+    adapter; its checkpoints carry the same plain weight names (no wrapper segment); every adapter folder PEFT
+    reloads keeps the run's secret out of its config; resumed from its mid-run checkpoint, it ends bit for bit where
+    it did."""
+    from kullm.train import train
+
+    common = ["trainer.max_steps=4", "lora.lora_dropout=0.0", "callbacks.checkpoint.every_n_train_steps=2",
+              "callbacks.checkpoint.monitor=train/loss", "callbacks.checkpoint.save_top_k=-1",
+              "callbacks.samples.num=0", "trainer.limit_val_batches=0", "seed=7"]  # fmt: skip
+    one = train(cfg_for(tmp_path / "one", *common))
+    want = load_file(Path(one["adapter"]) / "adapter_model.safetensors")
+    plain = torch.load(tmp_path / "one" / "checkpoints" / "step000004.ckpt", weights_only=True)
+
+    secret = "hf_FSDPsecret0123456789"
+
+    def fsdp(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        cmd = [sys.executable, "-m", "kullm.train", "experiment=smoke", "logger=csv", "strategy=fsdp",
+               "trainer.devices=2", *common, f"+hub.hf_token={secret}", *extra, f"hydra.run.dir={tmp_path}/{name}",
+               f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+        assert res.returncode == 0, res.stderr[-4000:]
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    got = fsdp("fsdp")
+    out = tmp_path / "fsdp"
+    assert got.keys() == want.keys() and all("_fsdp" not in k for k in got)
+    for k in want:  # the same global batches, reduced over two ranks: equal up to summation order
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0)
+    saved = torch.load(out / "checkpoints" / "step000004.ckpt", weights_only=True)
+    assert saved["global_step"] == 4 and list(saved["state_dict"]) == list(plain["state_dict"])
+    assert len(saved["optimizer_states"][0]["state"]) == len(plain["state_dict"])
+    for folder in (out / "adapter", out / "checkpoints" / "last", out / "checkpoints" / "step000002"):
+        verify_adapter(folder)
+        text = (folder / "kullm_config.yaml").read_text(encoding="utf-8")
+        assert "hf_token: <redacted>" in text and secret not in text and "fsdp" in text
+
+    resumed = fsdp("resumed", f"ckpt_path={out / 'checkpoints' / 'step000002.ckpt'}")
+    assert all(torch.equal(resumed[k], got[k]) for k in got)

@@ -1,6 +1,7 @@
 """kullm-generate on the tiny model: batching, streaming, extraction, resumable file runs, bad rows, chat."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from console_scripts import run_script, script
 
 from kullm.config import compose
 from kullm.data.records import DataError, read_records
@@ -158,42 +160,44 @@ def test_extraction_keeps_a_marker_inside_the_response(generator, monkeypatch):
     assert generator.generate([item, "짧은 명령"]) == [answer, answer]
 
 
-def test_file_run_killed_then_resumed_has_every_id_once(generator, tmp_path):
+def test_file_run_killed_then_resumed_has_every_id_once_in_input_order(generator, tmp_path):
+    """Rows are written window by window (4 batches), each in input order: a kill keeps the windows done."""
     src = write_jsonl(
-        tmp_path / "in.jsonl", [{"id": f"r{i}", "instruction": f"{i}번째 질문입니다", "output": "-"} for i in range(9)]
+        tmp_path / "in.jsonl",
+        [{"id": f"r{i}", "instruction": f"{i}번째 {'아주 ' * (i % 5)}긴 질문입니다", "output": "-"} for i in range(20)],
     )
     out = tmp_path / "responses.jsonl"
     full = run_file(generator, src, tmp_path / "reference.jsonl", batch_size=2, progress=False)
     reference = {r["id"]: r["response"] for r in lines(full)}
+    assert [r["id"] for r in lines(full)] == [f"r{i}" for i in range(20)]
 
     class Killed(Exception):
         pass
 
     original = generator.generate
+    calls = []
 
-    def dies_after_two_batches(items, batch_size=None, on_batch=None):
-        calls = []
-
+    def dies_in_the_sixth_batch(items, batch_size=None, on_batch=None):
         def cb(idx, answers):
             on_batch(idx, answers)
             calls.append(idx)
-            if len(calls) == 2:
+            if len(calls) == 6:  # the second window of 4 batches × 2 rows
                 raise Killed
 
         return original(items, batch_size, cb)
 
-    generator.generate = dies_after_two_batches
+    generator.generate = dies_in_the_sixth_batch
     try:
         with pytest.raises(Killed):
             run_file(generator, src, out, batch_size=2, progress=False)
     finally:
         del generator.generate
-    assert len(lines(out)) == 4
+    assert [r["id"] for r in lines(out)] == [f"r{i}" for i in range(8)]
     with out.open("a") as f:  # a write torn by the kill
         f.write('{"id": "r8", "instruction": "8번째')
     run_file(generator, src, out, batch_size=3, progress=False)
     rows = lines(out)
-    assert sorted(r["id"] for r in rows) == sorted(reference)
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(20)]
     assert {r["id"]: r["response"] for r in rows} == reference
     assert set(rows[0]) == {"id", "instruction", "input", "response", "generation"}
     assert rows[0]["generation"]["max_new_tokens"] == 16
@@ -343,6 +347,27 @@ def test_an_empty_instruction_with_an_input_as_in_kullms_readme(adapter, generat
     assert answer in capsys.readouterr().out
 
 
+def test_an_input_file_row_with_an_empty_instruction_is_answered_as_input_is_and_a_broken_row_is_named(
+    generator, tmp_path
+):
+    questions = tmp_path / "q.jsonl"
+    readme = json.dumps({"id": "kullm", "instruction": "", "input": "고려대학교에 대해서 알려줘"}, ensure_ascii=False)
+    surrogate = '{"id": "s", "instruction": "깨진 \\ud800 글자"}'  # a valid JSON escape, but no text
+    questions.write_text("\n".join([readme, surrogate, "[" * 100_000 + "]" * 100_000]) + "\n", encoding="utf-8")
+    out = run_file(generator, questions, tmp_path / "r.jsonl")
+    answered = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["response"]) for r in answered] == [
+        ("kullm", generator.generate([("", "고려대학교에 대해서 알려줘")])[0])  # what input= answers
+    ]
+    rejects = tmp_path / "r.rejects.jsonl"
+    written = [json.loads(x) for x in rejects.read_text(encoding="utf-8").splitlines()]
+    assert [(r["source"], r["field"], r["reason"]) for r in written] == [
+        (f"{questions}:2", "instruction", "lone_surrogate"),
+        (f"{questions}:3", "<row>", "nested_too_deep"),
+    ]
+    assert rejects.stat().st_mode & 0o777 == 0o600  # the rows copied are the user's
+
+
 def test_unquoted_words_after_prompt_are_one_text():
     """``kullm-generate prompt=고려대학교에 대해서 알려줘`` as typed in a shell reaches argv as three words."""
     args = [
@@ -375,3 +400,36 @@ def test_inserting_an_id_less_row_then_resuming_answers_it_and_no_other_twice(ge
     answered = lines(out)
     assert len(answered) == 4 and len({r["id"] for r in answered}) == 4
     assert sorted(r["instruction"] for r in answered) == sorted(["새로 넣은 질문", *(r["instruction"] for r in rows)])
+
+
+def test_the_console_script_writes_a_file_run_in_input_order(adapter, tmp_path):
+    """Batches go by prompt length; the output file still follows the input file, row for row."""
+    ids = [f"q{i}" for i in range(9)]
+    rows = [{"id": rid, "instruction": f"{'아주 ' * (i * 5 % 9)}긴 질문", "output": "-"} for i, rid in enumerate(ids)]
+    src, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    proc = run_script("kullm-generate", f"adapter={adapter}", f"input_file={src}", f"output_file={out}",
+                      "generation=greedy", "generation.max_new_tokens=2", "generation.batch_size=3",
+                      cwd=tmp_path, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["id"] for r in lines(out)] == ids
+
+
+@pytest.mark.parametrize(("key", "code"), [("ctrl-c", 130), ("ctrl-d", 0)])
+def test_leaving_the_chat_with_ctrl_c_or_ctrl_d_says_goodbye_without_a_traceback(adapter, tmp_path, key, code):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen([script("kullm-generate"), f"adapter={adapter}", "generation=greedy"], cwd=tmp_path,
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        shown = ""
+        while not shown.endswith(">>> ") and proc.poll() is None:
+            shown += proc.stdout.read(1)
+        if key == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        out, err = proc.communicate(timeout=60)  # closes stdin: end of input, as Ctrl-D at a terminal
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-2000:]
+    assert (shown + out).endswith(">>> \nbye\n")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]

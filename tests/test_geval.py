@@ -128,6 +128,38 @@ def test_parser_failures_are_errors_not_zero(reply, error, crits):
     assert error.split(":")[0] not in parsed.scores  # the bad criterion has no score at all (not a 0)
 
 
+@pytest.mark.parametrize(
+    "written, score, error",
+    [
+        ("1e308", None, "1e308 outside 1-5"),  # read whole: a huge number, not 1
+        ("4.5.6", None, "4.5.6 is not a number"),  # not 4.5
+        ("10", None, "10 outside 1-5"),  # not 1
+        ("3-4", None, "3-4 is not a number"),  # a range is no score (not 3)
+        ("1,000", None, "1,000 is not a number"),
+        ("0x3", None, "0x3 is not a number"),
+        ("3/10", None, "3/10 is not a score on 1-5"),  # another scale: not 3
+        ("3 / 10", None, "3/10 is not a score on 1-5"),
+        ("3/5", 3, None),  # the judge restating the scale
+        ("3 / 5점", 3, None),
+        ("３", 3, None),  # full-width
+        ("３／５", 3, None),
+        ("4.5", 4.5, None),  # fractional scores are in range
+        ("3.", 3, None),  # the end of a sentence
+        ("3, 이유: 명확함", 3, None),
+        ("3점", 3, None),
+    ],
+)
+def test_a_score_is_read_whole_or_not_at_all(written, score, error):
+    crit = Criterion("전반적인 품질", 1, 5)
+    reply = f"- 전반적인 품질 (1 - 5): {written}\n"
+    parsed = parse_scores(reply, [crit])
+    assert parsed.error == (None if error is None else f"전반적인 품질: {error}")
+    assert parsed.scores == ({} if score is None else {"전반적인 품질": score})
+    if score is not None:  # the span holds the score itself (what weighted scores read the token at)
+        a, b = parsed.spans["전반적인 품질"]
+        assert reply[a:b] in ("3", "4.5", "３")
+
+
 def test_weighted_mean_math():
     assert weighted_mean({1: 0.2, 2: 0.3, 3: 0.5}) == pytest.approx(0.2 + 0.6 + 1.5)
     assert weighted_mean({0: 0.3, 1: 0.6}) == pytest.approx(0.6 / 0.9)  # renormalised over the allowed values

@@ -66,6 +66,16 @@ def test_transient_fault_is_retried(fault):
     assert r.text == reply_text(default_scores("K"))
 
 
+@pytest.mark.parametrize("fault", ["deep", "surrogate"])
+def test_a_body_too_deep_to_decode_or_holding_a_lone_surrogate_is_an_invalid_reply_asked_again(fault):
+    with ChatServer(faults=script({"K": [fault]})) as s:
+        r = ask(judge_cfg(s.url))
+    assert r.attempts == 2 and s.served[fault] == 1
+    assert r.text == reply_text(default_scores("K"))
+    with ChatServer(faults=lambda key, n: fault) as s, pytest.raises(JudgeError, match="invalid response body"):
+        ask(judge_cfg(s.url, max_retries=1))
+
+
 def test_retry_after_is_honoured():
     with ChatServer(faults=script({"K": ["429"]}), retry_after="1") as s:
         t = time.monotonic()

@@ -49,6 +49,7 @@ def test_prepare_on_unseen_data_writes_dataset_stats_tokenizer_and_rejects(tmp_p
         "duplicates_dropped": 1,
         "ids_renamed": 1,
         "hidden_files_skipped": 0,
+        "links_skipped": 0,
     }
     assert stats["encoded"]["train"]["kept"] == 26 and stats["encoded"]["validation"]["kept"] == 5
     assert (

@@ -1,4 +1,6 @@
 import json
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -232,3 +234,51 @@ def test_num_proc_processes_give_the_same_dataset_with_the_cached_types(tmp_path
     rows = a.to_list()
     assert all(r["attention_mask"] == [1] * len(r["input_ids"]) == [1] * r["length"] for r in rows)
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(2000)]
+
+
+def _alter_a_token_id(arrow_file) -> None:
+    """Rewrite the file as a valid Arrow stream whose first token id is another one."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(arrow_file.read_bytes()).read_all()  # in memory: the file is rewritten below
+    ids = table.column("input_ids").to_pylist()
+    ids[0][0] += 1
+    i = table.schema.get_field_index("input_ids")
+    table = table.set_column(i, table.schema.field(i), pa.array(ids, table.schema.field(i).type))
+    with pa.OSFile(str(arrow_file), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _truncate(arrow_file) -> None:
+    size = arrow_file.stat().st_size
+    with open(arrow_file, "r+b") as f:
+        f.truncate(size // 2)
+
+
+DAMAGE = {
+    "a token id altered": lambda entry: _alter_a_token_id(next((entry / "dataset" / "train").glob("*.arrow"))),
+    "an arrow file truncated": lambda entry: _truncate(next((entry / "dataset" / "train").glob("*.arrow"))),
+    "a split folder deleted": lambda entry: shutil.rmtree(entry / "dataset" / "validation"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_cache_is_rebuilt_with_one_warning_line(tmp_path, caplog, damage):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(Path(write_rows(tmp_path / "raw.jsonl", 20)).read_text().splitlines(True)[:-1]))
+    cfg, tok, p = setup(tmp_path, f"data.path={path}", "data.val_set_size=4")
+    first = preprocess(cfg.data, tok, p)
+    want = {name: split.to_dict() for name, split in first.dataset.items()}
+    entry = first.cache_dir
+    del first  # its files are memory-mapped
+    DAMAGE[damage](entry)
+    with caplog.at_level(logging.WARNING, logger="kullm.data.preprocess"):
+        rebuilt = preprocess(cfg.data, tok, p)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"processed-data cache {entry} failed its check ("), warnings
+    assert warnings[0].endswith("): rebuilding it")
+    assert not rebuilt.cache_hit and rebuilt.cache_dir == entry
+    assert {name: split.to_dict() for name, split in rebuilt.dataset.items()} == want
+    caplog.clear()
+    again = preprocess(cfg.data, tok, p)
+    assert again.cache_hit and not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -66,6 +66,14 @@ BAD_ROWS = [
     (row(instruction="a", instances=[]), "bad_instances", "instances"),
     (row(instruction="a", instances=[{"input": "x", "output": ""}]), "empty_output", "instances[0].output"),
     (b'{"instruction": "\xed\x95", "output": "x"}', "invalid_utf8", "<row>"),
+    # a lone surrogate is a valid JSON escape but no text: tokenizers and every file writer fail on it
+    ('{"instruction": "a\\ud800", "output": "x"}', "lone_surrogate", "instruction"),
+    ('{"instruction": "a", "input": "\\udfff", "output": "x"}', "lone_surrogate", "input"),
+    ('{"instruction": "a", "output": "x\\ud800y"}', "lone_surrogate", "output"),
+    ('{"id": "\\ud800", "instruction": "a", "output": "x"}', "lone_surrogate", "id"),
+    ('{"instruction": "a", "instances": [{"input": "\\ud800"}]}', "lone_surrogate", "instances[0].input"),
+    pytest.param("[" * 100_000 + "]" * 100_000, "nested_too_deep", "<row>", id="deep-array"),  # past any limit
+    pytest.param('{"output": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested_too_deep", "<row>", id="deep-field"),
 ]
 
 
@@ -241,3 +249,75 @@ def test_an_unreadable_file_is_one_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "open", deny)
     with pytest.raises(DataError, match=r"locked.jsonl: cannot read it \(Permission denied\)"):
         read_records(p)
+
+
+def test_an_element_too_deep_in_a_json_array_is_a_reject_and_the_next_ones_are_read(tmp_path):
+    deep = "[" * 50_000 + '"a ] \\" [ string"' + "]" * 50_000  # brackets inside a string do not count
+    p = tmp_path / "d.json"
+    good = [row(id="a", instruction="x", output="y"), row(id="b", instruction="z", output="w")]
+    p.write_text(f"[\n{good[0]},\n{deep},\n{good[1]}\n]")
+    recs, rep = read_records(p)
+    assert [r.id for r in recs] == ["a", "b"]
+    assert [(r.source, r.field, r.reason) for r in rep.rejects] == [(f"{p}:3", "<row>", "nested_too_deep")]
+    assert rep.rejects[0].raw == deep
+
+
+def test_an_empty_instruction_with_an_input_is_a_prompt_as_in_kullms_readme(tmp_path):
+    p = write_lines(
+        tmp_path / "q.jsonl",
+        [row(id="a", instruction="", input="고려대학교에 대해서 알려줘"), row(id="b", instruction=" ", input="")],
+    )
+    recs, rep = read_records(p, require_output=False)
+    assert [(r.id, r.instruction, r.input) for r in recs] == [("a", "", "고려대학교에 대해서 알려줘")]
+    assert [(r.source, r.field, r.reason) for r in rep.rejects] == [(f"{p}:2", "instruction", "empty_instruction")]
+
+
+def test_an_empty_csv_cell_is_an_empty_field_shown_as_its_csv_line(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text(
+        'instruction,input,output\n질문,,답\n"여러 줄\n질문",,\n,,답\n,맥락만 있는 질문,답\n', encoding="utf-8"
+    )
+    rejects = tmp_path / "rejects.jsonl"
+    recs, rep = read_records(p, rejects_path=rejects)
+    assert [(r.instruction, r.input) for r in recs] == [("질문", ""), ("", "맥락만 있는 질문")]
+    assert [str(r) for r in rep.rejects] == [
+        f"{p}:3: output: empty_field (the 'output' cell is empty in '\"여러 줄\\n질문\",,')",
+        f"{p}:5: instruction: empty_field (the 'instruction' cell is empty in ',,답')",
+    ]
+    with pytest.raises(DataError, match=f"^{p}:3: output: empty_field: the 'output' cell is empty in"):
+        read_records(p, policy="strict")
+    raws = [json.loads(x)["raw"] for x in rejects.read_text(encoding="utf-8").splitlines()]
+    assert raws == ['"여러 줄\n질문",,', ",,답"]  # the lines as in the file
+    recs, rep = read_records(p, require_output=False)  # prompts to answer: no output needed
+    assert len(recs) == 3 and rep.rejected == {"empty_field": 1}
+
+
+def test_a_link_out_of_the_data_folder_is_not_read_and_rejects_are_user_only(tmp_path, caplog):
+    secret = tmp_path / "etc" / "passwd"
+    secret.parent.mkdir()
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    data = tmp_path / "data"
+    write_lines(data / "train.jsonl", [row(id="a", instruction="질문", output="답"), '{"broken'])
+    (data / "passwd.jsonl").symlink_to(secret)
+    (data / "sub").mkdir()
+    (data / "sub" / "again.jsonl").symlink_to(data / "train.jsonl")  # a link that stays inside: read
+    rejects = tmp_path / "out" / "rejects.jsonl"
+    recs, rep = read_records(data, rejects_path=rejects)
+    assert [r.source for r in recs] == [f"{data}/sub/again.jsonl:1", f"{data}/train.jsonl:1"]
+    assert rep.links_skipped == 1 and rep.as_dict()["links_skipped"] == 1
+    warning = f"1 link(s) under {data} lead out of it and were not read, e.g. {data}/passwd.jsonl -> {secret}"
+    assert warning in caplog.text
+    assert "root:" not in rejects.read_text() and rejects.stat().st_mode & 0o777 == 0o600
+    rejects.chmod(0o644)  # a rejects file written before: made user-only again
+    read_records(data, rejects_path=rejects)
+    assert rejects.stat().st_mode & 0o777 == 0o600
+
+
+def test_rejects_are_never_written_through_a_link(tmp_path):
+    target = tmp_path / "target.txt"
+    target.write_text("keep me")
+    p = write_lines(tmp_path / "d.jsonl", [row(id="a", instruction="x", output="y"), '{"broken'])
+    (tmp_path / "rejects.jsonl").symlink_to(target)
+    with pytest.raises(DataError, match="rejects.jsonl: a symbolic link: refusing to write rejected rows through it"):
+        read_records(p, rejects_path=tmp_path / "rejects.jsonl")
+    assert target.read_text() == "keep me"

@@ -56,3 +56,36 @@ def test_secret_values_scrub_and_command_lines():
         "token <redacted>, pass <redacted> and <redacted>"
     )
     assert redact_args(["+hub.hf_token='hf_abc'", "lr=0.1"]) == ["+hub.hf_token='<redacted>'", "lr=0.1"]
+
+
+def test_url_credentials_are_hidden_by_shape_whatever_key_holds_them():
+    from kullm.redaction import scrub, scrub_urls
+
+    url = "https://me:pw9@judge.example/v1?api-key=k1&api-version=2024-06-01&sig=s2&access_token=t3"
+    assert scrub_urls(url) == (
+        "https://<redacted>@judge.example/v1?api-key=<redacted>&api-version=2024-06-01&sig=<redacted>"
+        "&access_token=<redacted>"
+    )
+    assert scrub_urls("git clone https://ghp_tok@github.com/x/y and http://host/a?b=c") == (
+        "git clone https://<redacted>@github.com/x/y and http://host/a?b=c"
+    )
+    assert redact({"judge": {"base_url": url, "max_tokens": 64}})["judge"]["base_url"] == scrub_urls(url)
+    assert scrub(f"- judge.base_url='{url}'", set()) == f"- judge.base_url='{scrub_urls(url)}'"
+
+
+def test_a_run_log_line_is_scrubbed_of_url_credentials_and_secret_values():
+    import io
+    import logging
+
+    from kullm.redaction import ScrubLog
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(ScrubLog({"hf_abc"}))
+    logger = logging.getLogger("kullm.test_redact")
+    logger.addHandler(handler)
+    try:
+        logger.warning("POST %s with %s", "http://u:pw@h/v1?api-key=k&n=2", "hf_abc")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "POST http://<redacted>@h/v1?api-key=<redacted>&n=2 with <redacted>\n"

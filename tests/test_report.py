@@ -151,3 +151,21 @@ def test_the_csv_rows_and_file_exactly(tmp_path):
     assert lines[4] == "mine,overall,Overall,0,100,3,60.4167,50.0,70.25,60.4167,,120.5"
     assert lines[5] == "빈 실행,a,A,0,1,0,,,,,,"  # NaN is an empty cell too, not "nan"
     assert lines[8] == "빈 실행,overall,Overall,0,100,0,,,,,," and lines[9] == ""
+
+
+def test_report_files_replace_links_planted_in_their_place_and_never_write_through_them(tmp_path):
+    from kullm.evaluation.report import write_report
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in ("report.md", "report.csv", "report.png"):
+        (outside / name).write_text("someone else's file", encoding="utf-8")
+        (out / name).symlink_to(outside / name)
+    paths = write_report(_two_runs()[:1], CRITERIA, out)
+    for name, path in zip(("report.md", "report.csv", "report.png"), paths.values(), strict=True):
+        assert (outside / name).read_text(encoding="utf-8") == "someone else's file"
+        assert not path.is_symlink() and path.stat().st_size > 0
+    assert paths["png"].read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md", "report.png"]  # no temporaries

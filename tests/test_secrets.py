@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from chat_server import ChatServer
+from console_scripts import run_script
 from test_generate import make_adapter
 
 TOKEN, PASSWORD, KEY = "hf_PLANTEDtoken9137", "PLANTEDpass4242", "sk-PLANTEDkey5151"
@@ -89,3 +90,27 @@ def test_generate_and_eval_runs_leave_no_secret(tmp_path):
     )
     assert "HTTP 400" in pending and "Bearer <redacted>" in pending  # the echoed error body, scrubbed
     assert leaks(ev) == []
+
+
+def test_a_judge_url_with_a_password_and_a_query_key_leaves_no_trace_and_reaches_the_right_endpoint(tmp_path):
+    rows = [{"id": f"q{i}", "instruction": f"질문 {i}", "input": "", "response": "답"} for i in range(2)]
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    ev = tmp_path / "eval"
+    with ChatServer() as s:
+        base = s.url.replace("http://", f"http://judge-user:{PASSWORD}@") + f"?api-key={KEY}&api-version=2024-06-01"
+        proc = run_script(
+            "kullm-eval", f"responses={resp}", f"judge.base_url='{base}'", "progress=false", "references=null",
+            f"output_dir={ev}", cwd=tmp_path, timeout=300,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert s.paths == [f"/v1/chat/completions?api-key={KEY}&api-version=2024-06-01"] * 2
+    for secret in (PASSWORD, KEY):
+        assert secret not in proc.stdout + proc.stderr
+    assert leaks(ev) == []
+    log = (ev / "evaluate.log").read_text(encoding="utf-8")
+    assert "HTTP Request" not in log  # no line per request
+    overrides = (ev / ".hydra" / "overrides.yaml").read_text(encoding="utf-8")
+    assert "http://<redacted>@127.0.0.1:" in overrides and "api-key=<redacted>&api-version=2024-06-01" in overrides
+    private = [ev / ".hydra" / n for n in ("config.yaml", "hydra.yaml", "overrides.yaml")] + [ev / "evaluate.log"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in private} == {p.name: "0o600" for p in private}

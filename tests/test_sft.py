@@ -241,8 +241,9 @@ def test_cutoff_boundaries_and_lengths_are_exact():
         encode_batch(tok, ["a"], ["b"], cutoff_len=1)
 
 
-def test_a_tokenizer_that_adds_bos_adds_none_inside_an_example():
-    """Llama-style tokenizers add BOS to every call: prompt and response are encoded without special tokens."""
+def test_a_tokenizer_that_adds_bos_gets_it_once_at_the_start_of_the_prompt_and_none_inside():
+    """Llama-style tokenizers add BOS to every call: an example starts with it, as the tokenizer's own call would,
+    masked with the prompt; prompt and response are still encoded without special tokens."""
     import copy
 
     from tokenizers.processors import TemplateProcessing
@@ -251,10 +252,17 @@ def test_a_tokenizer_that_adds_bos_adds_none_inside_an_example():
     bos = tok.convert_ids_to_tokens(3)
     tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 3)])
     assert tok("안녕")["input_ids"][0] == 3
-    enc = encode_batch(tok, ["질문"], ["답"], cutoff_len=64)
-    plain = tokenizer()
-    expected = plain("질문", add_special_tokens=False)["input_ids"] + plain("답", add_special_tokens=False)["input_ids"]
-    assert enc["input_ids"][0] == [*expected, tok.eos_token_id]
+    enc = encode_batch(tok, ["질문", f"{bos}질문"], ["답", "답"], cutoff_len=64)
+    expected = [3, *ids("질문"), *ids("답"), tok.eos_token_id]
+    assert enc["input_ids"] == [expected, expected]  # a prompt that already starts with BOS gets no second one
+    n_prompt = 1 + len(ids("질문"))
+    assert enc["prompt_len"] == [n_prompt, n_prompt]
+    assert enc["labels"][0] == [IGNORE_INDEX] * n_prompt + expected[n_prompt:]
+    assert check_example(tok, enc["input_ids"][0], enc["labels"][0], "답") == ""
+    whole = encode_batch(tok, ["질문"], ["답"], cutoff_len=64, train_on_inputs=True)
+    assert whole["labels"][0] == expected
+    assert check_example(tok, expected, expected, "답", train_on_inputs=True, prompt_len=n_prompt) == ""
+    assert encode_batch(tokenizer(), ["질문"], ["답"], cutoff_len=64)["input_ids"][0] == expected[1:]  # none added
 
 
 def test_the_invariant_decodes_specials_and_spacing_verbatim():

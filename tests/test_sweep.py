@@ -3,14 +3,17 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from console_scripts import ROOT, run_script
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
@@ -59,13 +62,13 @@ def test_summary_ranks_finished_jobs_by_val_loss_and_lists_failures_with_their_e
 
 def test_a_failed_job_records_its_error_on_one_line_without_secrets(tmp_path):
     folder = tmp_path / "sweep" / "4"
-    config = OmegaConf.create({"output_dir": str(folder), "judge": {"api_key": "sk-SECRET123"}})
     hydra_cfg = OmegaConf.create(
         {"hydra": {"job": {"num": 4}, "mode": "MULTIRUN", "sweep": {"dir": str(tmp_path / "sweep")}}}
     )
     from hydra.types import RunMode
 
     hydra_cfg.hydra.mode = RunMode.MULTIRUN
+    config = OmegaConf.merge(hydra_cfg, {"output_dir": str(folder), "judge": {"api_key": "sk-SECRET123"}})
     callback = SweepSummary()
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("- optim.lr=1e-3\n")
@@ -107,7 +110,7 @@ def test_optuna_search_names_the_best_trial_and_continues_its_stored_study(tmp_p
     sweep = tmp_path / "optuna"
     common = ["-m", *SHORT, "hparams_search=lora_optuna", f"hydra.sweep.dir={sweep}",
               f"data.cache_dir={tmp_path}/cache", "+notes.api_key=sk-SWEEPSECRET"]  # fmt: skip
-    res = kullm_train(*common, "hydra.sweeper.n_trials=4")
+    res = run_script("kullm-train", *common, "hydra.sweeper.n_trials=4", cwd=tmp_path, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="lora", storage=f"sqlite:///{sweep}/optuna.db")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
@@ -127,10 +130,11 @@ def test_optuna_search_names_the_best_trial_and_continues_its_stored_study(tmp_p
 
     # the same command with a larger budget continues the stored study: two more trials, in new folders
     before = {j: (sweep / j / "result.json").read_text() for j in "0123"}
-    res = kullm_train(*common, "hydra.sweeper.n_trials=6")
+    res = run_script("kullm-train", *common, "hydra.sweeper.n_trials=6", cwd=tmp_path, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="lora", storage=f"sqlite:///{sweep}/optuna.db")
     assert len(study.trials) == 6
+    assert not [t.params for t in study.trials[4:] if t.params in [u.params for u in study.trials[:4]]]
     assert {j: (sweep / j / "result.json").read_text() for j in "0123"} == before
     assert sorted(r["job"] for r in summary_rows(sweep)) == ["0", "1", "2", "3", "4", "5"]
     leaks = [p for p in sweep.rglob("*") if p.is_file() and b"sk-SWEEPSECRET" in p.read_bytes()]
@@ -148,6 +152,118 @@ def test_hydra_finds_the_resumable_optuna_sweeper():
     found = {f"{p.__module__}.{p.__name__}" for p in Plugins.instance().discover(Sweeper)}
     target = "hydra_plugins.kullm_sweeper.resumable_optuna.ResumableOptunaSweeper"
     assert target in found and f"_target_: {target}" in (CONF_DIR / "hparams_search" / "lora_optuna.yaml").read_text()
+
+
+def test_a_grid_sweep_rewrites_its_summary_after_each_job_so_a_sweep_that_stops_early_has_one(tmp_path):
+    """The sweep folder is named by run_name (hydra.sweep.dir interpolates it). Job 1 fails, so the sweep ends in
+    an error and Hydra skips on_multirun_end: only the summary rewritten after each job is left."""
+    res = run_script("kullm-train", "-m", *SHORT, "run_name=grid", "lora.r=4,0", f"data.cache_dir={tmp_path}/cache",
+                     cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "InterpolationKeyError" not in res.stderr and "on_job_end" not in res.stderr
+    rows = summary_rows(tmp_path / "outputs" / "multirun" / "grid")
+    assert [(r["job"], r["status"], r["overrides"]) for r in rows] == [
+        ("0", "finished", "lora.r=4"),
+        ("1", "failed", "lora.r=0"),
+    ]
+    assert rows[0]["val_loss"] and rows[1]["error"] == "kullm-train: lora.r=0: must be at least 1"
+
+
+def one_trial(cache: Path) -> list[str]:
+    """README's Optuna command, cut to one short trial."""
+    return ["-m", *SHORT, "trainer.max_steps=1", "val_every_n_steps=1", "hparams_search=lora_optuna",
+            "hydra.sweeper.n_trials=1", f"data.cache_dir={cache}"]  # fmt: skip
+
+
+def assert_one_trial_done(tmp_path: Path, res: subprocess.CompletedProcess) -> None:
+    optuna = pytest.importorskip("optuna")
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name="lora", storage=f"sqlite:///{tmp_path}/outputs/optuna/lora/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert "kullm: sweep summary " in res.stdout and "best: job 0 (optim.lr=" in res.stdout
+
+
+def test_the_optuna_search_runs_from_another_folder_after_an_editable_install(tmp_path):
+    """A key override (trainer.max_steps=…) makes kullm-train compose the config before Hydra starts, which is when
+    Hydra scans its plugins: an editable install's import hook hides kullm's sweeper from that scan."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    res = run_script("kullm-train", *one_trial(tmp_path / "cache"), cwd=tmp_path)
+    assert "Unknown plugin class" not in res.stderr
+    assert_one_trial_done(tmp_path, res)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_optuna_search_runs_from_an_installed_wheel(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    src, wheels, site = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "build", "*.egg-info", "__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], check=True,
+                   timeout=300)  # fmt: skip
+    (wheel,) = wheels.glob("kullm-*.whl")
+    assert "hydra_plugins/kullm_sweeper/resumable_optuna.py" in zipfile.ZipFile(wheel).namelist()
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}  # the wheel's kullm and plugin come first, as in a venv
+    args = [*one_trial(tmp_path / "cache"), f"data.path={src}/data/sample"]  # a wheel carries no data/sample
+    res = subprocess.run([str(site / "bin" / "kullm-train"), *args], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert_one_trial_done(work, res)
+    config = OmegaConf.load(work / "outputs" / "optuna" / "lora" / "0" / ".hydra" / "hydra.yaml")
+    assert config.hydra.runtime.config_sources[1].path == str(site / "kullm" / "conf")  # the wheel's, not ours
+
+
+STAND_IN = """
+import hydra
+
+from kullm.config import CONF_DIR, expose_hydra_plugins
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def objective(cfg) -> float:  # kullm-train's config and search, with a stand-in for training
+    return float(cfg.optim.lr)
+
+
+expose_hydra_plugins()
+objective()
+"""
+
+
+def test_a_continued_optuna_study_proposes_new_points_and_a_fresh_one_repeats_its_seed(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    (tmp_path / "search.py").write_text(STAND_IN)
+
+    def search(study: str, n_trials: int) -> list[dict]:
+        args = ["-m", "hparams_search=lora_optuna", f"hydra.sweeper.study_name={study}",
+                f"hydra.sweeper.n_trials={n_trials}", "~hydra.callbacks.summary"]  # fmt: skip (no Lightning import)
+        res = subprocess.run([sys.executable, "search.py", *args], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        storage = f"sqlite:///{tmp_path}/outputs/optuna/{study}/optuna.db"
+        return [t.params for t in optuna.load_study(study_name=study, storage=storage).trials]
+
+    first = search("a", 2)
+    continued = search("a", 4)  # the same command with a larger budget: two more trials
+    assert len(continued) == 4 and continued[:2] == first
+    assert [p for p in continued[2:] if p in first] == []  # not trial 0 and 1 again
+    assert len({p["optim.lr"] for p in continued}) == 4
+    assert search("b", 2) == first  # seed 42 still gives a new study the same points
+
+
+def test_a_search_in_which_no_trial_returns_a_val_loss_ends_in_one_line_saying_why(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    (tmp_path / "search.py").write_text(STAND_IN.replace("return float(cfg.optim.lr)", "return None"))
+    args = ["-m", "hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "~hydra.callbacks.summary"]
+    res = subprocess.run([sys.executable, "search.py", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.splitlines()[-1] == (
+        "kullm-train: no trial of study 'lora' returned a val/loss to minimise (each failed, or ran no validation: "
+        "it needs data.val_set_size > 0); see each trial's log in the sweep folder"
+    )
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from console_scripts import run_script
 from test_generate import make_adapter
 
 from kullm.adapter import AdapterError, load_adapter
@@ -76,3 +77,111 @@ def test_every_cli_refuses_the_booby_trapped_adapter(trapped, tmp_path, module, 
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"{prog}: " in proc.stderr and "never takes that from a shared folder" in proc.stderr
     assert not marker.exists()
+
+
+# --- a shared adapter's files are data, read within bounds, refused in one line ------------------------------------
+
+CLI_ARGS = {"kullm-generate": ["prompt=안녕"], "kullm-merge": ["out={tmp}/merged"]}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    return make_adapter(tmp_path_factory.mktemp("shared") / "adapter")
+
+
+def refused(prog: str, adapter: Path, tmp_path: Path, env: dict | None = None) -> str:
+    """Run ``prog adapter=…`` from outside the checkout; assert it failed in one line and wrote nothing; the line."""
+    args = [a.format(tmp=tmp_path) for a in CLI_ARGS[prog]]
+    proc = run_script(prog, f"adapter={adapter}", *args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env,
+                      timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "merged").exists()
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(f"{prog}: ")]
+    return line
+
+
+def test_merge_never_resolves_an_interpolation_in_a_shared_adapter_config(shared, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(shared, adapter)
+    cfg_path = adapter / "kullm_config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    cfg["data"]["missing_hint"] = "${oc.env:OPENAI_API_KEY}"
+    cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    line = refused("kullm-merge", adapter, tmp_path, env={"OPENAI_API_KEY": "sk-PLANTEDkey5151"})
+    assert line == (
+        f"kullm-merge: {cfg_path}: data.missing_hint: '${{oc.env:OPENAI_API_KEY}}' is an interpolation; a shared "
+        "folder's files are read as plain data and never resolved (one could read your environment's secrets): "
+        "remove it"
+    )
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"sk-PLANTEDkey5151" in p.read_bytes()]
+
+
+def test_an_alias_bomb_in_a_shared_template_is_refused_at_once(shared, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(shared, adapter)
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    ]
+    (adapter / "template.yaml").write_text("\n".join(bomb) + "\n", encoding="utf-8")
+    line = refused("kullm-generate", adapter, tmp_path)
+    assert line == (
+        f"kullm-generate: {adapter / 'template.yaml'}: line 2: an alias (*a): kullm's files have none, and aliases "
+        "can expand without bound"
+    )
+
+
+def lie(path: Path, edit) -> str:
+    """Rewrite a safetensors header through ``edit(header)``, which returns the name of the tensor it changed."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+    return name
+
+
+def past_the_end(header: dict) -> str:
+    name = min(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 10**9
+    return name
+
+
+def bigger_shape(header: dict) -> str:
+    name = min(k for k in header if k != "__metadata__")
+    header[name]["shape"][0] *= 1000
+    return name
+
+
+@pytest.mark.parametrize(
+    ("prog", "edit", "why"),
+    [
+        ("kullm-generate", past_the_end, "data_offsets [0, 1000002048] lie outside the file's 16384 bytes of data"),
+        ("kullm-merge", bigger_shape, "shape [8000, 64] (F32) needs 2048000 bytes, data_offsets give 2048"),
+    ],
+)
+def test_a_lying_safetensors_header_is_refused_naming_file_and_tensor(shared, tmp_path, prog, edit, why):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(shared, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    name = lie(weights, edit)
+    assert refused(prog, adapter, tmp_path) == (
+        f"{prog}: {weights}: tensor {name}: {why}: the file's header lies, refusing it"
+    )
+
+
+@pytest.mark.parametrize("prog", ["kullm-generate", "kullm-merge"])
+def test_a_tensor_shaped_for_another_base_is_refused_naming_file_and_tensor(shared, tmp_path, prog):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(shared, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = min(tensors)
+    tensors[name] = tensors[name].new_zeros(11, tensors[name].shape[1])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert refused(prog, adapter, tmp_path) == (
+        f"{prog}: {weights}: tensor {name} has shape [11, 64] where base model 'kullm:tiny' needs [8, 64]: an "
+        "adapter trained on another base model (or with another LoRA rank)"
+    )

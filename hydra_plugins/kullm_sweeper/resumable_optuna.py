@@ -38,11 +38,26 @@ if OptunaSweeper is not None:
                 return
             done = sum(1 for t in stored if t.state.is_finished())
             impl.job_idx = len(stored)  # trial k runs as job k: a continued search never reuses a folder
+            impl.sampler = _continued_sampler(kwargs["config"].hydra.sweeper.get("sampler"), impl.sampler, len(stored))
             impl.n_trials = max(int(impl.n_trials) - done, 0)
             log.info(
                 f"Study {name}: {done} trial(s) finished before, {len(stored) - done} interrupted; "
                 f"{impl.n_trials} to run"
             )
+
+        def sweep(self, arguments: list[str]) -> None:
+            try:
+                return super().sweep(arguments)
+            except ValueError:  # Optuna's study.best_trial when no trial completed: "Record does not exist."
+                impl = self.sweeper
+                if impl.storage and impl.study_name and any(
+                    t.state.name == "COMPLETE" for t in _stored_trials(impl.storage, impl.study_name)
+                ):
+                    raise
+                raise SystemExit(
+                    f"kullm-train: no trial of study {impl.study_name!r} returned a val/loss to minimise (each failed, "
+                    "or ran no validation: it needs data.val_set_size > 0); see each trial's log in the sweep folder"
+                ) from None
 
     def _without_stored_secrets(configure):
         from kullm.redaction import is_secret_key
@@ -57,6 +72,17 @@ if OptunaSweeper is not None:
             return [tuple(real.get(o, o) for o in trial) for trial in overrides]
 
         return configure_trials
+
+    def _continued_sampler(sampler_cfg: Any, sampler: Any, stored: int) -> Any:
+        """The sampler seeded with ``seed + stored trials``: seeded as at the first launch, a continued study would
+        propose the first launch's points again (trial 0 once more); seeded by its length, the same continuation
+        still proposes the same points. An unseeded sampler (or a grid, which has no seed) is left as it is."""
+        seed = sampler_cfg.get("seed") if sampler_cfg is not None else None
+        if seed is None:
+            return sampler
+        from hydra.utils import instantiate
+
+        return instantiate(sampler_cfg, seed=int(seed) + stored)
 
     def _stored_trials(storage: str, name: str) -> list:
         import optuna

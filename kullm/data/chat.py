@@ -80,6 +80,8 @@ def parse_turns(
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise BadTurn("malformed_json", key, f"column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise BadTurn("nested_too_deep", key, "JSON nested too deeply to read") from None
     if not isinstance(value, list):
         raise BadTurn("bad_turns", key, f"expected a list of turns, got {type(value).__name__}")
     if not value:
@@ -101,12 +103,26 @@ def parse_turns(
             raise BadTurn("missing_field", f"{where}.{content_key}", f"no {content_key!r} field")
         if not isinstance(content, str):
             raise BadTurn("not_a_string", f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
+        if (why := unencodable(content)) is not None:
+            raise BadTurn("lone_surrogate", f"{where}.{content_key}", why)
         content = content.replace("\r\n", "\n")
         if not content.strip():
             raise BadTurn("empty_turn", f"{where}.{content_key}", f"the {role} turn is empty")
         turns.append((role, content))
     check_turns(turns, key, open_end=open_end)
     return tuple(turns)
+
+
+def unencodable(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (a lone surrogate, which a JSON escape such as ``\\ud800`` can
+    make: tokenizers and every file writer fail on it), or ``None``."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate {text[e.start]!r} at character {e.start}: not text UTF-8 can hold"
+    return None
 
 
 def check_turns(turns: list[Turn] | tuple[Turn, ...], key: str = "messages", *, open_end: bool = False) -> None:

@@ -26,7 +26,7 @@ def eval_overlap(records: Sequence[Record], eval_set: str | Path | None) -> list
     if not eval_set or not Path(str(eval_set)).expanduser().is_file():
         return []
     evals, _ = read_records(eval_set, source="files", require_output=False, allow_empty_output=True)
-    instructions = {normalise(r.instruction) for r in evals}
+    instructions = {normalise(r.instruction) for r in evals} - {""}  # an empty instruction (the text is the input)
     ids = {r.id for r in evals}
     return [r.id for r in records if r.id in ids or normalise(r.instruction) in instructions]
 

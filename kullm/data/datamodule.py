@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from kullm.data.preprocess import Processed, preprocess
@@ -46,18 +47,25 @@ class KullmDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.collator = Collator(pad_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         self.processed: Processed | None = None
+        self.prepared: Processed | None = None
         self.packed = None
         self.pack_stats = None
         self.train_sampler: EpochSampler | TokenBudgetBatchSampler | None = None
 
     def prepare_data(self) -> None:
-        preprocess(self.data, self.tokenizer, self.prompter)  # rank 0 builds the cache; the others wait
+        # rank 0 builds the cache and keeps it for its setup (one check, one set of lines); the others wait
+        self.prepared = preprocess(self.data, self.tokenizer, self.prompter)
 
     def setup(self, stage: str | None = None) -> None:
         if self.processed is None:
-            self.processed = preprocess(self.data, self.tokenizer, self.prompter)
+            self.processed = self.prepared or preprocess(self.data, self.tokenizer, self.prompter)
             if len(self.processed.dataset["train"]) == 0:
                 raise ValueError(f"{self.data['path']}: no training example is left after preprocessing")
+            rank_zero_info(
+                f"kullm-train: {len(self.processed.dataset['train'])} training and "
+                f"{len(self.processed.dataset['validation'])} validation examples "
+                f"(data.val_set_size={self.data.get('val_set_size', 0)})"
+            )
             if self.data.get("packing"):
                 from kullm.data.packing import pack_dataset
 

@@ -2,7 +2,8 @@
 
 The cache key covers everything that changes the result: the data's bytes (or the hub dataset's fingerprint),
 field names and policy, the tokenizer, the template strings, ``cutoff_len``, ``train_on_inputs``, ``add_eos``,
-``val_set_size`` and ``seed``. A second run with the same inputs loads from disk in seconds.
+``val_set_size`` and ``seed``. A second run with the same inputs loads from disk in seconds, after checking the
+files against the checksums written with them (a damaged entry is rebuilt, with one warning line).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3  # 3: mask-invariant violations dropped; 2: colliding ids renamed, exact duplicates dropped
 COLUMNS = ["id", "input_ids", "labels", "attention_mask", "length", "prompt_len", "response_len"]
+CHECKSUMS = "checksums.json"  # size and sha256 of every other file of a cache entry, written last
+MAX_HELD_OUT = 0.2  # a larger share of the records held out for validation is warned about
 
 
 @dataclass
@@ -57,8 +61,9 @@ def preprocess(
     key = cache_key(data, tokenizer, prompter)
     root = Path(cache_dir or data.get("cache_dir") or cache_root() / "processed").expanduser()
     target = root / key
-    if (target / "stats.json").exists():
+    if target.is_dir() and _intact(target):
         stats = json.loads((target / "stats.json").read_text(encoding="utf-8"))
+        _warn_held_out(data, stats["split"])
         eval_set = _eval_set(data)
         if stats.get("eval_set") != eval_set:  # cached against another evaluation set: look again
             stats["eval_set"], stats["eval_overlap_ids"] = eval_set, eval_overlap(_read(data)[0], eval_set)
@@ -79,7 +84,8 @@ def preprocess(
         raise DataError(f"{data['path']}: no usable record ({report.n_rejected} rejected: {dict(report.rejected)})")
     overlap = eval_overlap(records, _eval_set(data))
     check_overlap(data, overlap)
-    train_recs, val_recs = split_records(records, int(data.get("val_set_size", 0)), int(data.get("seed", 42)))
+    train_recs, val_recs = split_records(records, data.get("val_set_size", 0), int(data.get("seed", 42)))
+    _warn_held_out(data, {"train": len(train_recs), "validation": len(val_recs)})
 
     splits = {}
     counts: dict[str, dict[str, int]] = {}
@@ -106,6 +112,8 @@ def preprocess(
     }
     save_processed(dsd, tmp / "dataset")
     (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_checksums(tmp)
+    _discard(target)  # one that failed its check
     try:
         replace(tmp, target)
     except OSError:  # a concurrent run finished first: use its result
@@ -159,18 +167,93 @@ def load_processed(path: str | Path):
     return dsd
 
 
-def split_records(records: list[Record], val_set_size: int, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out ``val_set_size`` records chosen by ``seed``; the rest keep their order. Deterministic."""
+def held_out(val_set_size: float, n: int) -> int:
+    """How many of ``n`` records ``val_set_size`` holds out: a count as is, a fraction in (0, 1) rounded up."""
+    if isinstance(val_set_size, float) and 0 < val_set_size < 1:
+        return math.ceil(val_set_size * n)
+    return int(val_set_size)
+
+
+def split_records(records: list[Record], val_set_size: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Hold out ``val_set_size`` records (a count or a fraction) chosen by ``seed``; the rest keep their order.
+    Deterministic."""
     import numpy as np
 
-    if val_set_size <= 0:
+    n_val = held_out(val_set_size, len(records))
+    if n_val <= 0:
         return records, []
-    if val_set_size >= len(records):
-        raise DataError(f"val_set_size={val_set_size} leaves no training rows: only {len(records)} records were read")
-    held = set(np.random.default_rng(seed).permutation(len(records))[:val_set_size].tolist())
+    if n_val >= len(records):
+        rows = f" ({n_val} rows)" if n_val != val_set_size else ""
+        raise DataError(
+            f"val_set_size={val_set_size}{rows} leaves no training rows: only {len(records)} records were read"
+        )
+    held = set(np.random.default_rng(seed).permutation(len(records))[:n_val].tolist())
     train = [r for i, r in enumerate(records) if i not in held]
     val = [r for i, r in enumerate(records) if i in held]
     return train, val
+
+
+def _warn_held_out(data: Mapping[str, Any], split: Mapping[str, int]) -> None:
+    total = split["train"] + split["validation"]
+    if total and split["validation"] > MAX_HELD_OUT * total:
+        log.warning(
+            "data.val_set_size=%s holds out %d of %d records (%.0f%%) for validation, leaving %d to train on: "
+            "give a smaller count or a fraction (e.g. data.val_set_size=0.05)",
+            data.get("val_set_size"),
+            split["validation"],
+            total,
+            100 * split["validation"] / total,
+            split["train"],
+        )
+
+
+def write_checksums(entry: Path) -> None:
+    """Record the size and sha256 of every file of a cache entry, in ``CHECKSUMS``."""
+    files = sorted(p for p in entry.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(entry)): [p.stat().st_size, _sha256(p)] for p in files}
+    (entry / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
+
+
+def cache_damage(entry: Path) -> str | None:
+    """What is wrong with a cache entry's files (missing, resized, altered, no checksums), or ``None``."""
+    try:
+        sums = json.loads((entry / CHECKSUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {CHECKSUMS}: made by an older kullm"
+    except (OSError, ValueError) as e:
+        return f"{CHECKSUMS} unreadable ({type(e).__name__})"
+    for name, (size, _) in sums.items():  # sizes first: a missing or truncated file costs no hashing
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    for name, (_, digest) in sums.items():
+        if _sha256(entry / name) != digest:
+            return f"{name} differs from what was written"
+    return None
+
+
+def _intact(entry: Path) -> bool:
+    damage = cache_damage(entry)
+    if damage is not None:
+        log.warning("processed-data cache %s failed its check (%s): rebuilding it", entry, damage)
+    return damage is None
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _discard(entry: Path) -> None:
+    """Remove a cache entry: renamed away first, so no reader sees it half deleted."""
+    old = entry.with_name(f".{entry.name}.old-{os.getpid()}")
+    try:
+        os.replace(entry, old)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def cache_key(data: Mapping[str, Any], tokenizer, prompter: Prompter) -> str:
@@ -224,7 +307,7 @@ def _settings(data: Mapping[str, Any], prompter: Prompter) -> dict[str, Any]:
         "cutoff_len": int(data["cutoff_len"]),
         "train_on_inputs": bool(data.get("train_on_inputs", False)),
         "add_eos": bool(data.get("add_eos", True)),
-        "val_set_size": int(data.get("val_set_size", 0)),
+        "val_set_size": data.get("val_set_size", 0),
         "seed": int(data.get("seed", 42)),
         "drop_duplicates": bool(data.get("drop_duplicates", True)),
     }

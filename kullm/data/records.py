@@ -12,7 +12,9 @@ The layout is detected per file from its first row (``format="auto"``) or given.
 hub dataset id (through ``datasets``).
 Under ``policy="skip"`` bad rows are counted by reason and written to a rejects file with ``file:line``;
 under ``policy="strict"`` the first bad row raises :class:`DataError` naming ``file:line: field: reason``.
-Harmless encoding quirks (a byte-order mark, CRLF line ends) are repaired and counted, never rejected.
+Harmless encoding quirks (a byte-order mark, CRLF line ends) are repaired and counted, never rejected. A folder's
+links are read only when they resolve inside it, and rejects files are written user-only (0600), never through a link:
+a shared data folder cannot get another file's lines copied out.
 
 Duplicates never cost a distinct row: a row whose id was already used but whose content (instruction, input,
 output) differs is kept under a deterministic new id (``<id>#<content hash>``), counted and reported; exact
@@ -22,15 +24,17 @@ duplicate rows (same content) can be dropped and counted (``drop_duplicates``, o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kullm.data.chat import FORMATS, Turn, detect_format, parse_turns, split_reference
+from kullm.data.chat import FORMATS, Turn, detect_format, parse_turns, split_reference, unencodable
 from kullm.data.chat import BadTurn as _BadTurn
 
 log = logging.getLogger(__name__)
@@ -104,6 +108,7 @@ class ReadReport:
     rejects: list[Reject] = field(default_factory=list)
     duplicates: int = 0  # exact duplicate rows dropped (drop_duplicates)
     hidden_files: int = 0  # files under hidden folders (or hidden themselves) not read
+    links_skipped: int = 0  # links under the data folder that lead out of it, not read
     conversations: int = 0  # records that are conversations (messages / ShareGPT)
     renamed: list[tuple[str, str, str]] = field(default_factory=list)  # (source, id, new id) for colliding ids
 
@@ -121,6 +126,7 @@ class ReadReport:
             "duplicates_dropped": self.duplicates,
             "ids_renamed": len(self.renamed),
             "hidden_files_skipped": self.hidden_files,
+            "links_skipped": self.links_skipped,
         }
 
 
@@ -128,6 +134,10 @@ class _Bad(Exception):
     def __init__(self, reason: str, field: str, message: str) -> None:
         super().__init__(message)
         self.reason, self.field, self.message = reason, field, message
+
+
+def _too_deep() -> _Bad:
+    return _Bad("nested_too_deep", "<row>", "JSON nested too deeply to read")
 
 
 @dataclass
@@ -139,6 +149,7 @@ class _Row:
     obj: Any = None
     bad: _Bad | None = None
     default_id: str = ""  # for rows without an id: ``<path relative to the data root>:<line>``
+    empty: tuple[str, ...] = ()  # a CSV row's empty cells (left out of ``obj``)
 
 
 def read_records(
@@ -194,19 +205,25 @@ def read_records(
         try:
             if row.bad is not None:
                 raise row.bad
+            obj = row.obj
+            if row.empty:  # an empty instruction or input cell is an empty text, not a missing field
+                obj = {**obj, **{k: "" for k in (fields.instruction, fields.input) if k in row.empty}}
             fmt = format
             if fmt == "auto":
                 file = row.source.rsplit(":", 1)[0]
-                fmt = formats.setdefault(file, detect_format(row.obj, fields.messages, fields.conversations))
+                fmt = formats.setdefault(file, detect_format(obj, fields.messages, fields.conversations))
             default_id = "" if content_ids else row.default_id
             if fmt == "instruction":
-                made = _to_records(row.obj, row.source, fields, output_rule, default_id)
+                made = _to_records(obj, row.source, fields, output_rule, default_id)
             else:
                 opened = output_rule if open_conversations else None
-                made = [_to_conversation(row.obj, row.source, fields, fmt, roles, default_id, opened)]
-            if content_ids and isinstance(row.obj, dict) and row.obj.get(fields.id) is None:
+                made = [_to_conversation(obj, row.source, fields, fmt, roles, default_id, opened)]
+            if content_ids and isinstance(obj, dict) and obj.get(fields.id) is None:
                 made = [replace(r, id=f"sha:{_prompt_digest(r)[:12]}") for r in made]
         except _Bad as bad:
+            if bad.field in row.empty:
+                line = row.raw if len(row.raw) <= 80 else row.raw[:79] + "…"
+                bad = _Bad("empty_field", bad.field, f"the {bad.field!r} cell is empty in {line!r}")
             reject = Reject(row.source, bad.reason, bad.field, bad.message, row.raw)
             if policy == "strict":
                 raise DataError(f"{reject.source}: {bad.field}: {bad.reason}: {bad.message}") from None
@@ -277,9 +294,22 @@ def write_rejects(rejects: list[Reject], path: str | Path) -> None:
     """Write rejected rows as JSONL: source (file:line), reason, field, message and the raw row."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with open_private(path) as f:
         for r in rejects:
             f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+
+
+def open_private(path: Path) -> io.TextIOWrapper:
+    """``path`` opened to write text readable by its owner only (0600: rejects copy the user's rows); a symbolic
+    link there is refused, never written through."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if os.path.islink(path):
+            raise DataError(f"{path}: a symbolic link: refusing to write rejected rows through it") from None
+        raise DataError(f"{path}: cannot write it ({e.strerror or type(e).__name__})") from None
+    os.fchmod(fd, 0o600)  # a file that was there keeps its old mode otherwise
+    return open(fd, "w", encoding="utf-8", errors="backslashreplace")
 
 
 def _fields(fields: Fields | Mapping[str, str] | None) -> Fields:
@@ -309,6 +339,16 @@ def _rows(path: str | Path, split: str, revision: str | None, source: str, repor
         yield from _saved_rows(p, split)
         return
     files = data_files(p)
+    links = outside_links(p)
+    if links:
+        report.links_skipped = len(links)
+        log.warning(
+            "%d link(s) under %s lead out of it and were not read, e.g. %s -> %s",
+            len(links),
+            p,
+            links[0],
+            links[0].resolve(),
+        )
     if not files:
         raise DataError(f"{p}: folder holds no {', '.join(SUFFIXES)} file")
     root = p if p.is_dir() else p.parent
@@ -356,12 +396,13 @@ def is_saved_dataset(path: Path) -> bool:
 def data_files(path: Path) -> list[Path]:
     """The files a local source reads: the file itself, or every data file (.jsonl/.json/.csv/.parquet) under a
     folder, sorted — without hidden files and folders (``.ipynb_checkpoints/``, editor backups: see
-    :func:`hidden_files`). A ``save_to_disk`` folder's files are all of its files (what its content hashes over)."""
+    :func:`hidden_files`) and links that lead out of the folder (:func:`outside_links`). A ``save_to_disk``
+    folder's files are all of its files (what its content hashes over)."""
     if not path.is_dir():
         return [path]
     if is_saved_dataset(path):
         return sorted(f for f in path.rglob("*") if f.is_file())
-    files = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file() and not _hidden(f, path))
+    files = sorted(f for f in _visible(path) if _inside(f, path))
     nested = next((f.parent for f in files if f.name in SAVED_DATASET), None)
     if nested is not None:  # its dataset_info.json / state.json are metadata, not rows
         raise DataError(f"{nested}: a save_to_disk dataset inside the data folder {path}: point data.path at it alone")
@@ -375,8 +416,25 @@ def hidden_files(path: Path) -> list[Path]:
     return sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file() and _hidden(f, path))
 
 
+def outside_links(path: Path) -> list[Path]:
+    """The data files under a folder that :func:`data_files` skips because they resolve to a file outside it: a
+    shared folder's link to e.g. a password file must not get that file's lines copied into the rejects. (A link
+    that stays inside the folder is read.)"""
+    if not path.is_dir() or is_saved_dataset(path):
+        return []
+    return sorted(f for f in _visible(path) if not _inside(f, path))
+
+
+def _visible(root: Path) -> Iterator[Path]:
+    return (f for f in root.rglob("*") if f.suffix in SUFFIXES and f.is_file() and not _hidden(f, root))
+
+
 def _hidden(f: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in f.relative_to(root).parts)
+
+
+def _inside(f: Path, root: Path) -> bool:
+    return f.resolve().is_relative_to(root.resolve())
 
 
 def _looks_like_array(f: Path) -> bool:
@@ -407,6 +465,9 @@ def _jsonl_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 yield _Row(src, line, bad=_Bad("malformed_json", "<row>", f"column {e.colno}: {e.msg}"))
+                continue
+            except RecursionError:
+                yield _Row(src, line, bad=_too_deep())
                 continue
             yield _Row(src, line, obj)
 
@@ -447,21 +508,48 @@ def _json_array_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
         line = text.count("\n", 0, i) + 1
         try:
             obj, end = decoder.raw_decode(text, i)
+            row = _Row(f"{f}:{line}", text[i:end], obj)
         except json.JSONDecodeError as e:
             # a broken element leaves nothing reliable to resynchronise on: stop here, naming the place
             raise DataError(f"{f}:{line}: <row>: malformed_json: {e.msg} at line {e.lineno} column {e.colno}") from None
-        yield _Row(f"{f}:{line}", text[i:end], obj)
+        except RecursionError:  # well-formed but too deep to decode: skip it by its brackets
+            end = _container_end(text, i)
+            if end < 0:
+                raise DataError(f"{f}:{line}: <row>: malformed_json: the element is never closed") from None
+            row = _Row(f"{f}:{line}", text[i:end], bad=_too_deep())
+        yield row
         i = skip(end)
         if i < n and text[i] == ",":
             i += 1
 
 
+def _container_end(text: str, i: int) -> int:
+    """The end of the JSON array or object that starts at ``text[i]``, by bracket depth outside strings (without
+    recursion, for one too deep to decode); -1 when it is never closed."""
+    depth, k, n = 0, i, len(text)
+    while k < n:
+        c = text[k]
+        if c == '"':
+            k += 1
+            while k < n and text[k] != '"':
+                k += 2 if text[k] == "\\" else 1
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return k + 1
+        k += 1
+    return -1
+
+
 def _csv_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
-    """One row per CSV record, keyed by its first line (a quoted cell may span lines); empty cells are absent."""
+    """One row per CSV record, keyed by its first line (a quoted cell may span lines); empty cells are absent from
+    the row and named in ``_Row.empty``; a rejected row is shown as its lines in the file."""
     import csv
-    import io
 
     text = _whole_text(f, report)
+    lines = io.StringIO(text, newline="").readlines()  # split as the reader splits, so line numbers agree
     reader = csv.reader(io.StringIO(text, newline=""))
 
     def record(line: int, field: str) -> list[str] | None:
@@ -481,13 +569,14 @@ def _csv_rows(f: Path, report: ReadReport) -> Iterator[_Row]:
         if not any(c.strip() for c in cells):
             continue
         src = f"{f}:{start}"
-        raw = json.dumps(cells, ensure_ascii=False)
+        raw = "".join(lines[start - 1 : line - 1]).rstrip("\r\n")
         if len(cells) != len(header):
             message = f"{len(cells)} cells, the header has {len(header)}"
             yield _Row(src, raw, bad=_Bad("malformed_csv", "<row>", message))
             continue
         obj = {k: v.replace("\r\n", "\n") for k, v in zip(header, cells, strict=True) if v != ""}
-        yield _Row(src, json.dumps(obj, ensure_ascii=False), obj)
+        empty = tuple(k for k, v in zip(header, cells, strict=True) if v == "")
+        yield _Row(src, raw, obj, empty=empty)
 
 
 def _parquet_rows(f: Path) -> Iterator[_Row]:
@@ -548,7 +637,28 @@ def _text(obj: Mapping[str, Any], key: str, *, required: bool) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise _Bad("not_a_string", key, f"expected a string, got {type(value).__name__}")
+    _check_encodable(value, key)
     return value.replace("\r\n", "\n").removeprefix(BOM)
+
+
+def _check_encodable(text: str, key: str) -> None:
+    if (why := unencodable(text)) is not None:
+        raise _Bad("lone_surrogate", key, why)
+
+
+def _id(obj: Mapping[str, Any], f: Fields) -> str | int | None:
+    rid = obj.get(f.id)
+    if rid is not None and not isinstance(rid, (str, int)):
+        raise _Bad("not_a_string", f.id, f"expected a string or integer id, got {type(rid).__name__}")
+    if isinstance(rid, str):
+        _check_encodable(rid, f.id)
+    return rid
+
+
+def _check_prompt(instruction: str, inp: str, f: Fields) -> None:
+    """A row asks something: an instruction, or (KULLM's own example) an empty instruction and an input."""
+    if not instruction.strip() and not inp.strip():
+        raise _Bad("empty_instruction", f.instruction, "instruction is empty (and there is no input)")
 
 
 def _to_records(
@@ -556,12 +666,8 @@ def _to_records(
 ) -> list[Record]:
     if not isinstance(obj, dict):
         raise _Bad("not_an_object", "<row>", f"expected a JSON object, got {type(obj).__name__}")
-    rid = obj.get(f.id)
-    if rid is not None and not isinstance(rid, (str, int)):
-        raise _Bad("not_a_string", f.id, f"expected a string or integer id, got {type(rid).__name__}")
+    rid = _id(obj, f)
     instruction = _text(obj, f.instruction, required=True)
-    if not instruction.strip():
-        raise _Bad("empty_instruction", f.instruction, "instruction is empty")
     base_id = str(rid) if rid is not None else default_id or src.rsplit("/", 1)[-1]
 
     if obj.get(f.instances) is not None and obj.get(f.output) is None:
@@ -577,10 +683,12 @@ def _to_records(
                 rec = _one(inst, f, output_rule)
             except _Bad as bad:
                 raise _Bad(bad.reason, f"{where}.{bad.field}", bad.message) from None
+            _check_prompt(instruction, rec[0], f)
             rid_k = base_id if len(instances) == 1 else f"{base_id}_{k}"
             src_k = src if len(instances) == 1 else f"{src}#{k}"
             out.append(Record(rid_k, instruction, rec[0], rec[1], src_k))
         return out
+    _check_prompt(instruction, _text(obj, f.input, required=False), f)
     inp, output = _one(obj, f, output_rule)
     return [Record(base_id, instruction, inp, output, src)]
 
@@ -598,9 +706,7 @@ def _to_conversation(
     user turn and take its output from the output field beside the turns (see ``read_records``)."""
     if not isinstance(obj, dict):
         raise _Bad("not_an_object", "<row>", f"expected a JSON object, got {type(obj).__name__}")
-    rid = obj.get(f.id)
-    if rid is not None and not isinstance(rid, (str, int)):
-        raise _Bad("not_a_string", f.id, f"expected a string or integer id, got {type(rid).__name__}")
+    rid = _id(obj, f)
     key = f.messages if fmt == "messages" else f.conversations
     try:
         turns = parse_turns(obj, fmt, key=key, roles=roles, open_end=open_output is not None)

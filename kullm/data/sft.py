@@ -1,7 +1,8 @@
 """Supervised fine-tuning examples: tokenize prompt and response apart, mask the prompt, pad into batches.
 
 The invariant (checked by :func:`check_example`): for an untruncated example the tokens whose label is not -100
-decode exactly to ``output + EOS``; for a truncated one, to a prefix of ``output``.
+decode exactly to ``output + EOS``; for a truncated one, to a prefix of ``output``. A prompt begins with the BOS the
+tokenizer's own call would add (:func:`kullm.modeling.bos_ids`), masked with the rest of the prompt.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from kullm.modeling import bos_ids, with_bos
 
 IGNORE_INDEX = -100
 # Text beyond cutoff_len × this many characters cannot reach the first cutoff_len tokens (no real tokenizer has
@@ -27,15 +30,17 @@ def encode_batch(
 ) -> dict[str, list]:
     """Token ids and labels for a batch of (prompt, response) pairs.
 
-    Prompt and response are tokenized separately and concatenated, so the mask boundary is exact (BPE never
-    merges across it). EOS is appended, then everything is cut to ``cutoff_len`` (a truncated answer keeps no
-    EOS: it did not end). Rows whose prompt alone fills ``cutoff_len`` have nothing to learn: ``keep`` is False.
+    Prompt and response are tokenized separately and concatenated, so the mask boundary is exact (BPE never merges
+    across it). The prompt begins with the tokenizer's BOS where its own call adds one; EOS is appended, then
+    everything is cut to ``cutoff_len`` (a truncated answer keeps no EOS: it did not end). Rows whose prompt alone
+    fills ``cutoff_len`` have nothing to learn: ``keep`` is False.
     """
     if cutoff_len < 2:
         raise ValueError(f"cutoff_len must be at least 2, got {cutoff_len}")
     budget = cutoff_len * MAX_CHARS_PER_TOKEN
     ids = token_ids(tokenizer, [p[:budget] for p in prompts] + [r[:budget] for r in responses])
-    p_ids, r_ids = ids[: len(prompts)], ids[len(prompts) :]
+    bos = bos_ids(tokenizer)
+    p_ids, r_ids = [with_bos(bos, p) for p in ids[: len(prompts)]], ids[len(prompts) :]
     eos = [tokenizer.eos_token_id] if add_eos else []
     input_ids, labels, prompt_len, response_len, truncated, keep = [], [], [], [], [], []
     for p, r in zip(p_ids, r_ids, strict=True):

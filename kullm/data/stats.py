@@ -68,6 +68,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     rows += [("exact duplicates dropped", read.get("duplicates_dropped", 0))]
     rows += [("colliding ids renamed (rows kept)", read.get("ids_renamed", 0))]
     rows += [("hidden files skipped", read.get("hidden_files_skipped", 0))]
+    if read.get("links_skipped"):
+        rows.append(("links out of the folder skipped", read["links_skipped"]))
     for name, c in stats["encoded"].items():
         rows += [
             (f"{name}: kept", c["kept"]),

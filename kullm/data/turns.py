@@ -11,8 +11,9 @@ end-of-turn token — by one of two renderers:
   must follow verbatim, then one of the tokenizer's special tokens (the end of turn). A template that breaks any of
   these is named in the reason (``template_not_prefix_stable``, ``template_alters_content``, ``no_end_of_turn``).
 
-Every piece is tokenized on its own and the ids concatenated, so no BPE merge crosses a mask boundary. Labels are
--100 except on trained assistant turns (``train_on``: ``all_assistant``, ``last`` or ``all`` tokens). The invariant
+Every piece is tokenized on its own and the ids concatenated, so no BPE merge crosses a mask boundary; the first
+begins with the BOS the tokenizer's own call would add, unless the template rendered it (one BOS, never two). Labels
+are -100 except on trained assistant turns (``train_on``: ``all_assistant``, ``last`` or ``all`` tokens). The invariant
 (:func:`check_conversation`): the trained tokens form one run per trained turn, each decoding exactly to that
 turn's content plus its end-of-turn token (the last one, when the example was cut at ``cutoff_len``, to a prefix).
 """
@@ -26,6 +27,8 @@ from typing import Any
 
 from kullm.data.chat import ASSISTANT, USER, Turn, as_messages
 from kullm.data.sft import IGNORE_INDEX, MAX_CHARS_PER_TOKEN
+from kullm.modeling import bos_ids, with_bos
+from kullm.untrusted import TemplateBoundError, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,9 @@ def render_with_tokenizer(tokenizer, record: Any) -> list[Piece]:
 
 def _apply(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return render_chat(tokenizer, messages, generation_prompt)
+    except TemplateBoundError:  # the template's fault, not the row's: every row would hit it
+        raise
     except Exception as e:  # jinja raises TemplateError, templates call raise_exception with their own messages
         raise Unrenderable("template_error", f"{type(e).__name__}: {e}") from None
 
@@ -125,10 +130,11 @@ def encode_conversations(
 ) -> dict[str, list]:
     """Token ids, labels and per-example facts for rendered conversations (pieces tokenized one by one).
 
-    ``spans`` holds, per example, the texts the trained assistant runs must decode to (empty for ``all``);
-    ``text`` the whole rendering; ``keep`` is False when no assistant token survives the cut; ``served_differs``
-    is True when tokenizing the text before the last answer in one piece (as a server does) gives other ids than
-    the pieces did (a tokenizer merging across a turn boundary: the example still trains, on slightly other ids).
+    ``spans`` holds, per example, the texts the trained assistant runs must decode to (empty for ``all``); ``text``
+    the whole rendering (with the BOS kullm put before it); ``keep`` is False when no assistant token survives the
+    cut; ``served_differs`` is True when tokenizing the text before the last answer in one piece (as a server does)
+    gives other ids than the pieces did (a tokenizer merging across a turn boundary: the example still trains, on
+    slightly other ids).
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
@@ -138,6 +144,7 @@ def encode_conversations(
     texts = [p.text[:budget] for pieces in rendered for p in pieces]
     eots = sorted({p.eot for pieces in rendered for p in pieces if p.assistant})
     flat = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    bos = bos_ids(tokenizer)
     eot_ids = dict(zip(eots, tokenizer(eots, add_special_tokens=False)["input_ids"], strict=True)) if eots else {}
     out: dict[str, list] = {
         k: []
@@ -147,8 +154,9 @@ def encode_conversations(
     k = 0
     for pieces in rendered:
         last = max(j for j, p in enumerate(pieces) if p.assistant)
-        ids: list[int] = []
-        labels: list[int] = []
+        lead = [] if with_bos(bos, flat[k]) == flat[k] else list(bos)  # none when the template rendered the BOS
+        ids: list[int] = list(lead)
+        labels: list[int] = list(lead) if train_on == "all" else [IGNORE_INDEX] * len(lead)
         spans: list[str] = []
         n_response = 0
         first_assistant = None
@@ -174,13 +182,13 @@ def encode_conversations(
         trained_kept = any(lab != IGNORE_INDEX for lab in labels[:cutoff_len])
         out["keep"].append(trained_kept and first_assistant is not None and first_assistant < cutoff_len)
         out["spans"].append(spans)
-        out["text"].append("".join(p.text + p.eot for p in pieces))
+        out["text"].append(_decode(tokenizer, lead) + "".join(p.text + p.eot for p in pieces))
     out["served_differs"] = [False] * len(rendered)
     if contexts:
         whole = tokenizer([c[1][:budget] for c in contexts], add_special_tokens=False)["input_ids"]
         for (n, _, length), served in zip(contexts, whole, strict=True):
             full = out["input_ids"][n] if length <= cutoff_len else None
-            out["served_differs"][n] = full is not None and served != full[:length]
+            out["served_differs"][n] = full is not None and with_bos(bos, served) != full[:length]
     return out
 
 

@@ -108,7 +108,10 @@ class Parsed:
         return self.error is None
 
 
-_NUM = r"(?P<score>[-+]?\d+(?:\.\d+)?)"
+# a score token: everything number-like after the separator, so that it is read whole or not at all ("1e308" is
+# not 1, "4.5.6" not 4.5); Korean text right after it ("4점") ends it
+_NUM = r"(?P<score>[-+]?[0-9][0-9A-Za-z.,/_+-]*(?:[ \t]*/[ \t]*[0-9A-Za-z.,_+-]+)?)"
+_PLAIN = re.compile(r"[-+]?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _MARK = r"(?:\*\*|__|\*)?"  # bold / italic around the name or the number
 
 
@@ -130,8 +133,11 @@ def parse_scores(reply: str, criteria: Sequence[Criterion]) -> Parsed:
     """Find each criterion's score in a judge's reply.
 
     Accepts ``- 이해 가능성 (0 - 1): 1``, ``이해 가능성: 0.5``, ``**이해 가능성**: 1``, ``| 이해 가능성 | 1 |``,
-    full-width digits and any text after the number. When a criterion is scored more than once the last one wins
-    (judges reason first and conclude last). A missing criterion or a score outside its range is an error, never 0.
+    full-width digits, ``3/5`` on a scale up to 5 (the judge restating the scale) and text after the number
+    (``4점 - 이유: …``, ``1.`` at a sentence's end). When a criterion is scored more than once the last one wins
+    (judges reason first and conclude last). A missing criterion, a score outside its range, and a number that does
+    not read whole (``4.5.6``, ``3-4``, ``3/10`` on a 1-5 scale; ``1e308`` is read whole, and is out of range) are
+    errors, never 0 and never a prefix of the number.
     """
     text = normalize(reply)
     out = Parsed()
@@ -142,15 +148,32 @@ def parse_scores(reply: str, criteria: Sequence[Criterion]) -> Parsed:
             problems.append(f"{c.name}: missing")
             continue
         m = matches[-1]
-        value = float(m.group("score"))
-        if not (c.min <= value <= c.max):
-            problems.append(f"{c.name}: {m.group('score')} outside {_fmt(c.min)}-{_fmt(c.max)}")
+        written = m.group("score").rstrip(".,;:")  # "1." ends a sentence
+        try:
+            out.scores[c.name] = _score("".join(written.split()), c)  # "3 / 5" is "3/5"
+        except ValueError as e:
+            problems.append(f"{c.name}: {e}")
             continue
-        out.scores[c.name] = value
-        out.spans[c.name] = m.span("score")
+        start = m.start("score")
+        out.spans[c.name] = (start, start + len(written.partition("/")[0].rstrip()))
     if problems:
         out.error = "; ".join(problems)
     return out
+
+
+def _score(token: str, c: Criterion) -> float:
+    """A score token read whole: a plain number (``4``, ``0.5``) or ``N/max``, within ``c``'s range; else
+    :class:`ValueError` saying why."""
+    num, slash, den = token.partition("/")
+    scale = f"{_fmt(c.min)}-{_fmt(c.max)}"
+    if not _PLAIN.fullmatch(num) or (slash and not _PLAIN.fullmatch(den)):
+        raise ValueError(f"{token} is not a number")
+    if slash and float(den) != c.max:
+        raise ValueError(f"{token} is not a score on {scale}")
+    value = float(num)
+    if not c.min <= value <= c.max:
+        raise ValueError(f"{token} outside {scale}")
+    return value
 
 
 def _fmt(x: float) -> str:

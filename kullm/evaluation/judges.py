@@ -21,10 +21,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from kullm.data.chat import unencodable
 from kullm.evaluation.geval import Criterion, JudgePrompt, TokenLogprobs, softmax_over, weighted_mean
+from kullm.redaction import scrub_urls
+from kullm.untrusted import render_chat
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,8 @@ class OpenAIJudge:
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.model = str(cfg["model"])
-        self.url = str(cfg["base_url"]).rstrip("/") + "/chat/completions"
+        self.url = completions_url(str(cfg["base_url"]))
+        self.shown_url = scrub_urls(self.url)  # what messages name: no user info, no secret query value
         self.timeout = float(cfg.get("timeout", 60.0))  # a deadline for the whole request, not per read
         self.max_bytes = int(cfg.get("max_response_bytes", 4 << 20))
         concurrency = int(cfg.get("concurrency", 8))
@@ -142,9 +147,9 @@ class OpenAIJudge:
         return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
     def scrub(self, text: str) -> str:
-        """``text`` with the API key replaced: a server that echoes the Authorization header must not get the key
-        into logs, judgments or the report."""
-        return text.replace(self._secret, "<redacted>") if self._secret else text
+        """``text`` with the API key and URL credentials replaced: a server that echoes the Authorization header or
+        the URL must not get them into logs, judgments or the report."""
+        return scrub_urls(text.replace(self._secret, "<redacted>") if self._secret else text)
 
     async def _post(self, messages: list[dict[str, str]]) -> tuple[str, TokenLogprobs | None]:
         try:
@@ -158,17 +163,21 @@ class OpenAIJudge:
         if status in RETRY_STATUS or status >= 500:
             raise _Retry(f"HTTP {status}", retry_after(headers.get("retry-after")))
         if status in (401, 403):
-            raise JudgeError(f"HTTP {status} from {self.url}: check ${self._env}", fatal=True)
+            raise JudgeError(f"HTTP {status} from {self.shown_url}: check ${self._env}", fatal=True)
         if status >= 400:
-            raise JudgeError(f"HTTP {status} from {self.url}: {text_body[:300]}", fatal=status == 404)
+            raise JudgeError(f"HTTP {status} from {self.shown_url}: {text_body[:300]}", fatal=status == 404)
         try:
             choice = json.loads(text_body)["choices"][0]
             text = choice["message"]["content"]
             if not isinstance(text, str):
                 raise TypeError(f"content is {type(text).__name__}")
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            if (why := unencodable(text)) is not None:
+                raise ValueError(f"content holds {why}")
+            tokens = _tokens(choice.get("logprobs"))
+        # RecursionError: a body nested too deeply to decode (e.g. 200,000 '[')
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
             raise _Retry(f"invalid response body ({type(e).__name__}: {e}): {text_body[:80]!r}") from None
-        return self.scrub(text), _tokens(choice.get("logprobs"))
+        return self.scrub(text), tokens
 
     async def _request(self, messages: list[dict[str, str]]) -> tuple[int, httpx.Headers, bytes]:
         """POST and read the body, refusing one larger than ``max_response_bytes``."""
@@ -180,6 +189,12 @@ class OpenAIJudge:
                     raise _Retry(f"response body over judge.max_response_bytes={self.max_bytes}")
                 chunks.append(chunk)
             return r.status_code, r.headers, b"".join(chunks)
+
+
+def completions_url(base: str) -> str:
+    """``<base>/chat/completions``, a query string of the base (``?api-version=…``) kept after the path."""
+    parts = urlsplit(base.strip())
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
 
 
 def retry_after(value: str | None) -> float | None:
@@ -235,7 +250,7 @@ class HFJudge:
     def context(self, messages: list[dict[str, str]]) -> str:
         """The text the reply continues: the chat template if the tokenizer has one, else system + user."""
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_chat(self.tokenizer, messages)  # the judge's template, bounded (kullm.untrusted)
         return "\n\n".join(m["content"] for m in messages) + "\n"
 
     def score(self, messages: list[dict[str, str]]) -> Reply:

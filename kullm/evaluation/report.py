@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from kullm.atomic import rewrite
 from kullm.evaluation.geval import Criterion
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,12 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
-    paths["md"].write_text(markdown(runs, criteria, reference, header), encoding="utf-8")
-    write_csv(runs, criteria, paths["csv"])
-    plot(runs, criteria, paths["png"])
+    with rewrite(paths["md"]) as tmp:  # each file replaced whole: never written through a link planted there
+        tmp.write_text(markdown(runs, criteria, reference, header), encoding="utf-8")
+    with rewrite(paths["csv"]) as tmp:
+        write_csv(runs, criteria, tmp)
+    with rewrite(paths["png"]) as tmp:
+        plot(runs, criteria, tmp)
     return paths
 
 
@@ -243,7 +247,7 @@ def plot(runs: Sequence[RunStats], criteria: Sequence[Criterion], path: Path) ->
     ax.set_title("G-Eval")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the path may be a temporary without the .png suffix
     plt.close(fig)
 
 

@@ -11,18 +11,20 @@ the next run asks again; the report counts such ids as "not judged".
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from kullm.atomic import rewrite
 from kullm.config import compose
 from kullm.data.chat import split_reference
 from kullm.data.records import DataError, Record, check_source, read_records, write_rejects
@@ -61,10 +63,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     asyncio.run(judge_runs(cfg, prompt, runs))
 
     bs = cfg.get("bootstrap") or {}
+    identity = judge_identity(cfg.judge)
     stats = []
     for run in runs:
-        ids = {r.id for r in run.records}
-        js = [j for j in read_done(run.judgments, "judgment").values() if j["id"] in ids]
+        current, _, _ = current_judgments(run.records, read_judgments(run.judgments), identity, prompt.hash())
+        js = list(current.values())
         st = summarize(
             run.name,
             js,
@@ -82,7 +85,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     header = f"judge: {judge_name} / {judge_model} · prompt: {prompt.name} ({prompt.hash()})"
     paths = write_report(stats, prompt.criteria, out_dir, reference, header=header)
     summary = _summary(stats, runs, paths, prompt, judge_identity(cfg.judge))
-    (out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    with rewrite(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     if (cfg.get("wandb") or {}).get("enabled"):
         log_wandb(stats, prompt.criteria, paths["png"], {**cfg.wandb, "config": redact(cfg)})
     log.info("report: %s\n%s", paths["md"], paths["md"].read_text(encoding="utf-8"))
@@ -140,11 +144,20 @@ def generate_responses(cfg: DictConfig, adapter: Path, out_dir: Path) -> Path:
         f"output_file={partial}",
         f"++output_dir={out_dir}",
         f"trust_remote_code={bool(cfg.get('trust_remote_code', False))}",
-        *cfg.get("generate_overrides", []),
     ]
-    written = Path(generate_file(_compose_generate(overrides)))
+    extra = list(cfg.get("generate_overrides") or [])
+    gen_cfg = _compose_generate([*overrides, *extra])
+    if cfg.get("generation") is not None:  # kullm-eval's own generation=greedy generation.max_new_tokens=32 …
+        changed = _changed(gen_cfg.generation, _compose_generate(overrides).generation) if extra else {}
+        gen_cfg.generation = OmegaConf.merge(cfg.generation, changed)  # … with generate_overrides applied last
+    written = Path(generate_file(gen_cfg))
     written.replace(out)  # only a finished file gets the final name
     return out
+
+
+def _changed(node: DictConfig, plain: DictConfig) -> dict[str, Any]:
+    """The settings of ``node`` that differ from ``plain``'s (what ``generate_overrides`` changed)."""
+    return {k: v for k, v in node.items() if k not in plain or plain[k] != v}
 
 
 def _compose_generate(overrides: list[str]) -> DictConfig:
@@ -190,7 +203,7 @@ def response_field(path: Path) -> str:
                         if isinstance(inner, dict) and "output" in inner:
                             return "output"
                     break
-    except (OSError, ValueError):
+    except (OSError, ValueError, LookupError, TypeError, RecursionError):  # e.g. "instances": 5
         pass  # read_records reports the file's problems with file:line
     return "response"
 
@@ -238,12 +251,57 @@ def judge_identity(judge_cfg: Mapping[str, Any]) -> tuple[str, str]:
     return name, str(model)
 
 
+def judged_key(rec: Record, identity: tuple[str, str], prompt_hash: str) -> str:
+    """A hash of what a judgment judged: the instruction, input and response (or the conversation), the judge and
+    the prompt. A judgment whose key no longer matches its record judged something else."""
+    body = json.dumps([rec.instruction, rec.input, rec.output, rec.turns, *identity, prompt_hash], ensure_ascii=False)
+    return hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def read_judgments(path: Path) -> dict[tuple[str, str | None], dict]:
+    """A judgments file by (id, key of what was judged); the key is ``None`` in files written before keys."""
+    return read_done(path, "judgment", key=lambda j: (str(j["id"]), j.get("key")))
+
+
+def current_judgments(
+    records: Sequence[Record], judgments: Mapping[tuple, dict], identity: tuple[str, str], prompt_hash: str
+) -> tuple[dict[str, dict], list[str], int]:
+    """Each record's judgment of what it holds now (by id); the ids judged before their response (instruction,
+    input, conversation) changed, which need judging again; and how many judgments without a key (older files) were
+    taken as they are, unchecked."""
+    ids = {rid for rid, _ in judgments}
+    current, changed, unchecked = {}, [], 0
+    for r in records:
+        j = judgments.get((r.id, judged_key(r, identity, prompt_hash)))
+        if j is None and (j := judgments.get((r.id, None))) is not None:
+            unchecked += 1
+        if j is not None:
+            current[r.id] = j
+        elif r.id in ids:
+            changed.append(r.id)
+    return current, changed, unchecked
+
+
 async def judge_runs(cfg: DictConfig, prompt: JudgePrompt, runs: Sequence[Run]) -> None:
-    """Judge every run with one judge (built inside the event loop that uses it)."""
-    todo = [(run, read_done(run.judgments, "judgment")) for run in runs]
+    """Judge every run with one judge (built inside the event loop that uses it): the ids never judged, and those
+    whose response changed since (said in the log and the report)."""
     identity = judge_identity(cfg.judge)
-    for run, done in todo:  # before any request, and even when every id is judged already
-        _check_compatible(run.judgments, done, identity, prompt)
+    todo = []
+    for run in runs:  # before any request, and even when every id is judged already
+        judgments = read_judgments(run.judgments)
+        _check_compatible(run.judgments, judgments.values(), identity, prompt)
+        done, changed, unchecked = current_judgments(run.records, judgments, identity, prompt.hash())
+        if changed:
+            ids = ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else "")
+            run.notes.append(f"{len(changed)} responses changed since they were judged: judged again ({ids})")
+            log.warning("%s: %s", run.name, run.notes[-1])
+        if unchecked:
+            run.notes.append(
+                f"{unchecked} judgments in {run.judgments.name} come from an older kullm that did not record what "
+                "was judged: kept as they are (delete the file to judge edited responses again)"
+            )
+            log.warning("%s: %s", run.name, run.notes[-1])
+        todo.append((run, done))
     if all(all(r.id in done for r in run.records) for run, done in todo):
         return  # everything judged already: no judge (no model load, no HTTP client) needed
     judge = build_judge(cfg.judge, prompt)
@@ -258,7 +316,7 @@ async def judge_run(
     judge: Judge, prompt: JudgePrompt, run: Run, done: Mapping[str, dict], max_parse_retries: int, progress: bool
 ) -> None:
     """Judge the ids of ``run`` not in ``done``, appending each judgment to the run's file as it arrives."""
-    _check_compatible(run.judgments, done, (judge.name, judge.model), prompt)
+    _check_compatible(run.judgments, done.values(), (judge.name, judge.model), prompt)
     todo = [r for r in run.records if r.id not in done]
     if not todo:
         return
@@ -319,15 +377,16 @@ async def judge_one(
         "judge": judge.name,
         "model": judge.model,
         "prompt_hash": prompt.hash(),
+        "key": judged_key(rec, (judge.name, judge.model), prompt.hash()),
         "attempts": attempts,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def _check_compatible(path: Path, done: Mapping[str, dict], identity: tuple[str, str], prompt: JudgePrompt) -> None:
+def _check_compatible(path: Path, judgments: Iterable[dict], identity: tuple[str, str], prompt: JudgePrompt) -> None:
     """Refuse to mix (or report) judgments from another prompt or judge in one file."""
     want = (*identity, prompt.hash())
-    for j in done.values():
+    for j in judgments:
         have = (j.get("judge"), j.get("model"), j.get("prompt_hash"))
         if have != want:
             raise ValueError(

@@ -5,8 +5,9 @@ through the tokenizer's ``chat_template`` (an adapter's renders the template it 
 next assistant turn, cut at the model's end-of-turn tokens.
 
 Batches are left-padded with an attention mask (GPT-NeoX derives position ids from it during ``generate``) and
-sorted by prompt length; answers come back in input order. File runs append one JSON line per record as each batch
-finishes, and a re-run with the same ``output_file`` skips the ids already there, so a killed run resumes.
+sorted by prompt length; answers come back in input order. File runs go through the file in windows of
+``WINDOW_BATCHES`` batches and append one JSON line per record, in input order, as each window finishes; a re-run
+with the same ``output_file`` skips the ids already there, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from kullm.data.chat import as_messages, split_reference
 from kullm.data.records import DataError, Record, Reject, check_source, read_records, write_rejects
-from kullm.modeling import eos_token_ids
+from kullm.modeling import bos_ids, eos_token_ids, with_bos
 from kullm.resumable import AppendLog, read_done
 from kullm.templates import Prompter
+from kullm.untrusted import TemplateBoundError, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ Messages = list[dict[str, str]]  # a conversation: [{"role": "user" | "assistant
 BatchCallback = Callable[[list[int], list[str]], None]
 # settings that may change between a run and its resumption without changing the answers
 RESUMABLE_KEYS = ("batch_size",)
+# a file run generates this many batches at a time (sorted by length among themselves) and then appends their rows
+# in input order: the output file follows the input file, and a kill loses at most the window in progress
+WINDOW_BATCHES = 4
 
 
 class Generator:
@@ -63,6 +68,7 @@ class Generator:
         self.settings = dict(settings)
         self.label = label
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self.bos = bos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.config = generation_config(model, self.settings, self.eos_ids, self.pad_id)
         self._warned_beams = False
@@ -90,7 +96,7 @@ class Generator:
             item = as_messages(split_reference(item.turns)[0])
         if isinstance(item, list):
             if getattr(self.tokenizer, "chat_template", None):
-                return self.tokenizer.apply_chat_template(item, add_generation_prompt=True, tokenize=False)
+                return render_chat(self.tokenizer, item)
             if len(item) != 1 or item[0]["role"] != "user":
                 raise ValueError(
                     f"the tokenizer has no chat_template, so a conversation of {len(item)} turns cannot be rendered "
@@ -100,13 +106,12 @@ class Generator:
         instruction, input_ = item_text(item)
         if self.chat_only:  # as training made an instruction row a conversation (kullm.data.turns.record_turns)
             user = instruction + (f"\n\n{input_}" if input_ else "")
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
-            )
+            return render_chat(self.tokenizer, [{"role": "user", "content": user}])
         return self.prompter.render(instruction, input_)
 
     def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        """A prompt's ids as training made them: after the tokenizer's BOS, unless its chat template rendered it."""
+        return with_bos(self.bos, self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def budget(self, prompt_len: int) -> int:
         """New tokens allowed for a prompt: ``max_new_tokens``, else ``max_length`` minus the prompt's own length."""
@@ -179,6 +184,7 @@ class Generator:
             config.num_beams = 1
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        stop = threading.Event()
 
         def run() -> None:
             try:
@@ -188,6 +194,7 @@ class Generator:
                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
                         generation_config=config,
                         streamer=streamer,
+                        stopping_criteria=_stopping_on(stop),
                     )
             except BaseException as e:  # surfaced in the caller's thread below
                 errors.append(e)
@@ -195,10 +202,25 @@ class Generator:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:  # also when the reader stops early (Ctrl-C in a chat): the generation stops with it
+            stop.set()
+            thread.join()
         if errors:
             raise errors[0]
+
+
+def _stopping_on(event: threading.Event):
+    """``generate``'s stopping criteria: every sequence ends once ``event`` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class EventSet(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([EventSet()])
 
 
 def item_text(item: Item) -> tuple[str, str]:
@@ -333,12 +355,14 @@ def trained_on_chat_template(folder: str | None) -> bool:
     """Whether the adapter or merged folder was trained with the tokenizer's own chat template (its
     ``kullm_config.yaml`` says ``data.chat_template: tokenizer``)."""
     from kullm.adapter import CONFIG_FILE
+    from kullm.untrusted import read_yaml
 
     path = Path(str(folder or "")).expanduser() / CONFIG_FILE
     if not folder or not path.is_file():
         return False
-    data = OmegaConf.load(path).get("data") or {}
-    return data.get("chat_template") == "tokenizer"
+    config = read_yaml(path)  # a shared folder's file: plain data, bounded
+    data = (config.get("data") if isinstance(config, dict) else None) or {}
+    return isinstance(data, dict) and data.get("chat_template") == "tokenizer"
 
 
 def folder_prompter(name_or_path: str) -> Prompter | None:
@@ -374,7 +398,8 @@ def run_file(
     progress: bool = True,
     roles: Mapping[str, str] | None = None,
 ) -> Path:
-    """Generate an answer for every record of ``input_file`` not yet in ``output_file``, appending as batches finish.
+    """Generate an answer for every record of ``input_file`` not yet in ``output_file``, appending in input order as
+    each window of ``WINDOW_BATCHES`` batches finishes.
 
     Flat and self-instruct rows give ``{id, instruction, input, response}`` rows; conversations (OpenAI
     ``messages`` / ShareGPT, ``roles`` naming extra ShareGPT roles) give ``{id, messages, response}`` with
@@ -414,14 +439,13 @@ def run_file(
     n_done = len(records) - len(todo)
     log.info("%s: %d records, %d already in %s, %d to go", input_file, len(records), n_done, output_file, len(todo))
     bar = tqdm(total=len(records), initial=n_done, unit="rec", disable=not progress)
+    window = max(int(batch_size or generator.settings.get("batch_size") or 1), 1) * WINDOW_BATCHES
     with AppendLog(output_file) as out:
-
-        def write(indices: list[int], answers: list[str]) -> None:
-            for i, answer in zip(indices, answers, strict=True):
-                out.write({**response_row(todo[i], answer), "generation": settings})
-            bar.update(len(indices))
-
-        generator.generate(todo, batch_size=batch_size, on_batch=write)
+        for start in range(0, len(todo), window):  # input order between windows, length order inside each
+            part = todo[start : start + window]
+            answers = generator.generate(part, batch_size=batch_size, on_batch=lambda i, _: bar.update(len(i)))
+            for rec, answer in zip(part, answers, strict=True):
+                out.write({**response_row(rec, answer), "generation": settings})
     bar.close()
     if report.rejects:
         log.warning("%d bad row(s) skipped; see %s", report.n_rejected, rejects)
@@ -445,6 +469,8 @@ def _renderable(generator: Generator, records: list[Record], report, policy: str
     for rec in records:
         try:
             generator.render(rec)
+        except TemplateBoundError:  # the template's fault, not the row's: every row would hit it
+            raise
         except (TemplateError, ValueError) as e:
             field = "messages" if rec.turns else "instruction"
             if policy == "strict":
@@ -477,7 +503,8 @@ def seed_everything(seed: int | None) -> None:
 
 
 def chat(generator: Generator, lines: Iterable[str] | None = None, write: Callable[[str], Any] | None = None) -> None:
-    """A terminal chat, streaming tokens; an empty line, ``/exit`` or end of input quits.
+    """A terminal chat, streaming tokens; an empty line, ``/exit`` or end of input (Ctrl-D) quits with a goodbye,
+    and so does Ctrl-C, whose ``KeyboardInterrupt`` is raised again after it (the CLI exits with 130).
 
     The conversation so far is rendered through the tokenizer's ``chat_template`` (an adapter's renders the template
     it was trained on, turns included); without one, or with a single-turn template, each line is answered alone.
@@ -487,25 +514,29 @@ def chat(generator: Generator, lines: Iterable[str] | None = None, write: Callab
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     multi_turn = bool(getattr(generator.tokenizer, "chat_template", None))
     how = "keeps the conversation" if multi_turn else "answers each line alone (the tokenizer has no chat template)"
-    write(f"kullm chat with {generator.label}: {how} (an empty line or /exit quits)\n")
+    write(f"kullm chat with {generator.label}: {how} (an empty line, /exit, Ctrl-D or Ctrl-C quits)\n")
     source = iter(lines) if lines is not None else None
     history: Messages = []
-    while True:
-        write("\n>>> ")
-        line = next(source, None) if source is not None else sys.stdin.readline()
-        if not line or not line.strip() or line.strip() == "/exit":
-            break
-        turn = [*history, {"role": "user", "content": line.strip()}]
-        if multi_turn:
-            try:
-                generator.render(turn)
-            except TemplateError as e:  # a single-turn template refuses a second exchange
-                write(f"(the template is single-turn, {e}: answering this line on its own)\n")
-                multi_turn, turn = False, turn[-1:]
-        answer = "".join(_echo(generator.stream(turn if multi_turn else line.strip()), write))
-        history = [*turn, {"role": "assistant", "content": answer}] if multi_turn else []
-        write("\n")
-    write("\n")
+    try:
+        while True:
+            write("\n>>> ")
+            line = next(source, None) if source is not None else sys.stdin.readline()
+            if not line or not line.strip() or line.strip() == "/exit":
+                break
+            turn = [*history, {"role": "user", "content": line.strip()}]
+            if multi_turn:
+                try:
+                    generator.render(turn)
+                except TemplateError as e:  # a single-turn template refuses a second exchange
+                    write(f"(the template is single-turn, {e}: answering this line on its own)\n")
+                    multi_turn, turn = False, turn[-1:]
+            answer = "".join(_echo(generator.stream(turn if multi_turn else line.strip()), write))
+            history = [*turn, {"role": "assistant", "content": answer}] if multi_turn else []
+            write("\n")
+    except KeyboardInterrupt:
+        write("\nbye\n")
+        raise
+    write("\nbye\n")
 
 
 def _echo(pieces: Iterable[str], write: Callable[[str], Any]) -> Iterator[str]:

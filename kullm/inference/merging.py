@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from kullm.adapter import CONFIG_FILE, TEMPLATE_FILE, load_adapter, read_adapter
 from kullm.atomic import clean_stale, replace
 from kullm.inference.generation import left_pad
-from kullm.modeling import set_stop_tokens
+from kullm.modeling import bos_ids, set_stop_tokens, with_bos
 from kullm.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ def merge(cfg: DictConfig) -> Path:
         cfg.adapter, dtype=dtype, device_map=cfg.device_map, trust_remote_code=bool(cfg.get("trust_remote_code", False))
     )
     prompts = [prompter.render(p) for p in cfg.check_prompts]
+    bos = bos_ids(tokenizer)  # compared on prompts as training and generation make them
     input_ids, mask = left_pad(
-        [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], _pad_id(tokenizer)
+        [with_bos(bos, tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts], _pad_id(tokenizer)
     )
     reference = logits(model, input_ids, mask)
 

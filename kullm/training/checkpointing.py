@@ -118,6 +118,11 @@ class AdapterCheckpoint(ModelCheckpoint):
             self._last_global_step_saved, self._last_checkpoint_saved = marks
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            # mid-window: no optimizer step since the last save point, and a checkpoint here would hold a partial
+            # window that no checkpoint can carry. (Lightning does not restore its "saved at this step" marker, so
+            # a resumed run's first micro-batch would otherwise save the restored step again, one batch further.)
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         every = self._every_n_train_steps
         if every and trainer.global_step % every == 0:
@@ -194,6 +199,11 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int, step: int, last: str | None) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; last checkpoint: {last}")
         self.signum, self.step, self.last = signum, step, last
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm of an optimizer step is not finite: training stopped before that step, so
+    nothing written since holds its weights."""
 
 
 class GracefulStop(L.Callback):

@@ -1,30 +1,35 @@
-"""Experiment loggers: W&B (offline without a key), CSV or none, and closing a W&B run cleanly."""
+"""Experiment loggers: W&B (offline without a key) with a CSV beside it, CSV or none; closing a W&B run cleanly."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
+from kullm.atomic import replace
 from kullm.config import ConfigError
 from kullm.redaction import redact, redact_args
 
 
 def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
-    """The ``logger=`` group: W&B (offline without a key), CSV, or none; the redacted config is logged."""
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    """The ``logger=`` group: W&B (offline without a key) and CSV, CSV alone, or none; the redacted config is
+    logged."""
+    from lightning.pytorch.loggers import WandbLogger
 
     lc = cfg.logger
     if lc.name == "none":
         return []
-    if lc.name == "csv":
-        logger = CSVLogger(save_dir=str(out), name="csv", version="")
-    elif lc.name == "wandb":
+    loggers: list = [MetricsCSV(out)]  # W&B's files are not plain text: the curve is kept as CSV beside them
+    if lc.name == "wandb":
         mode = wandb_mode(lc.get("mode", "auto"))
         name, group = run_label(cfg)
         logger = WandbLogger(
@@ -39,13 +44,92 @@ def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
             id=wandb_run_id(out),
             resume="allow",  # a resumed run (same folder) continues its W&B run instead of starting a second one
         )
+        # Lightning always passes anonymous=None to wandb.init, which W&B (0.31) answers with a deprecation
+        # warning whatever the value: the setting does nothing, so it is not passed at all
+        logger._wandb_init.pop("anonymous", None)
         if lc.get("watch") and model is not None:
             logger.watch(model, log=lc.watch, log_freq=int(lc.get("watch_log_freq", 100)))
-    else:
+        loggers.insert(0, logger)  # the trainer's main logger
+    elif lc.name != "csv":
         raise ConfigError(f"logger.name must be wandb, csv or none, got {lc.name!r}")
     with redacted_argv():  # W&B records the command line when the run starts: never with a credential in it
-        logger.log_hyperparams(redact(cfg))
-    return [logger]
+        for logger in loggers:
+            logger.log_hyperparams(redact(cfg))
+    return loggers
+
+
+class MetricsCSV(CSVLogger):
+    """``<out>/csv/metrics.csv``, continued across the attempts of a run folder (see :class:`_ContinuedWriter`)."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(save_dir=str(out), name="csv", version="")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ContinuedWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+_NOT_METRICS = ("step", "epoch")
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, but a resumed run keeps the rows its earlier attempts wrote: a metric's earlier rows
+    are dropped only from the first step this attempt logs it at (the steps it trains again), so each step of the
+    curve appears once."""
+
+    def _check_log_dir_exists(self) -> None:  # Lightning deletes metrics.csv here
+        self.earlier = _read_metrics(self.metrics_file_path)
+        self.current: list[dict] = []
+        self.restarted: dict[str, int] = {}  # metric → the first step this attempt logged it at
+        self.metrics_keys = sorted(set().union(*self.earlier))
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        rows, self.metrics = self.metrics, []
+        self.current += rows
+        restarted: dict[str, int] = {}
+        for row in rows:
+            for key in row:
+                if key not in _NOT_METRICS and key not in self.restarted:
+                    restarted.setdefault(key, int(row["step"]))
+        keys = sorted(set(self.metrics_keys).union(*rows))
+        if self.earlier and restarted:
+            self.earlier = [r for r in (_trim(r, restarted) for r in self.earlier) if r.keys() - set(_NOT_METRICS)]
+        self.restarted |= restarted
+        if keys != self.metrics_keys or (self.earlier and restarted) or not self._fs.isfile(self.metrics_file_path):
+            self.metrics_keys = keys
+            _write_metrics(Path(self.metrics_file_path), keys, self.earlier + self.current)
+        else:
+            with open(self.metrics_file_path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=keys).writerows(rows)
+
+
+def _trim(row: dict, restarted: dict[str, int]) -> dict:
+    """``row`` without the metrics logged again from its step on."""
+    step = int(float(row["step"]))
+    return {k: v for k, v in row.items() if not (k in restarted and step >= restarted[k])}
+
+
+def _read_metrics(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def _write_metrics(path: Path, keys: list[str], rows: list[dict]) -> None:
+    """The whole file, replaced at once: a kill mid-write leaves the previous one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    replace(tmp, path)
 
 
 WANDB_ID_FILE = "wandb_run_id"

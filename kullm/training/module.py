@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 
 from kullm.adapter import clean_name
+from kullm.training.checkpointing import Diverged
 from kullm.training.fsdp import LoraFSDPStrategy
 from kullm.training.loss import check_loss_impl, lm_loss
 
@@ -105,6 +106,7 @@ class KullmLitModule(L.LightningModule):
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         # the one host read of the optimizer step: what the loggers print
         loss_sum, trained, tokens, grad_norm = torch.cat([window, norm[None]]).tolist()
+        self._check_finite(loss_sum / max(trained, 1.0), grad_norm)
         now = time.perf_counter()
         elapsed, self._clock = now - self._clock, now
         self.trained_tokens += int(trained)
@@ -122,6 +124,19 @@ class KullmLitModule(L.LightningModule):
         )
         self.log("loss", loss_sum / max(trained, 1.0), prog_bar=True, logger=False, rank_zero_only=True)
         self._window = None
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Stop before an optimizer step whose loss or gradient is NaN/inf (it would make every weight NaN): no NaN
+        reaches the weights or a checkpoint, and those already written are kept. Under a grad scaler (fp16) an inf
+        gradient is routine: the scaler skips that step itself. Reads the values already on the host (no sync)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        if math.isfinite(loss) and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        raise Diverged(
+            f"training diverged at optimizer step {self.trainer.global_step + 1}: loss {loss:g}, gradient norm "
+            f"{grad_norm:g}; stopped before that step (lower optim.lr, or check the data and precision)"
+        )
 
     @property
     def _sharded_grads(self) -> bool:

@@ -31,6 +31,11 @@ class RunProgressBar(TQDMProgressBar):
             return
         self._step = trainer.global_step
         self.train_progress_bar.n = trainer.global_step
+        self._show_metrics(trainer)
+        if self._step % max(self.refresh_rate, 1) == 0:
+            self.train_progress_bar.refresh()
+
+    def _show_metrics(self, trainer: L.Trainer) -> None:
         metrics = trainer.callback_metrics
         postfix = {"epoch": trainer.current_epoch}
         for key, name, fmt in (
@@ -42,12 +47,13 @@ class RunProgressBar(TQDMProgressBar):
             if key in metrics:
                 postfix[name] = fmt.format(float(metrics[key]))
         self.train_progress_bar.set_postfix(postfix, refresh=False)
-        if self._step % max(self.refresh_rate, 1) == 0:
-            self.train_progress_bar.refresh()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         pass  # the bar runs on into the next epoch
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.val_progress_bar.close()  # the run bar keeps its own figures (val_loss joins at the next step)
+        self.val_progress_bar.close()
         self.reset_dataloader_idx_tracker()
+        if self._train_progress_bar is not None and not self.train_progress_bar.disable and not trainer.sanity_checking:
+            self._show_metrics(trainer)  # this validation's val_loss, also when it is the run's last
+            self.train_progress_bar.refresh()

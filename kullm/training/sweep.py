@@ -127,7 +127,8 @@ class SweepSummary(Callback):
         if folder is None or _rank() != 0:
             return
         record = read_result(folder)
-        hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg is not None else None
+        # the job's whole config: job_return.hydra_cfg lacks the job's keys that hydra.sweep.dir names (run_name)
+        hydra_cfg = config.get("hydra")
         num = hydra_cfg.job.get("num") if hydra_cfg is not None else None
         record["job"] = int(num) if num is not None else None
         record["overrides"] = redact_args(list(job_return.overrides or []))
