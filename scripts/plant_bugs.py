@@ -1,4 +1,4 @@
-"""Plant each one-line bug of issue #16 (and the classic SFT ones) in a scratch copy, run its tests, report.
+"""Plant each one-line bug of issues #16 and #23 (and the classic SFT ones) in a scratch copy, run its tests, report.
 
 Each bug is a one-line change that the first release's tests let through (or that every SFT framework must catch);
 each is planted alone in a fresh copy of the tracked files, the named (fast) tests are run there, and the copy is
@@ -121,6 +121,35 @@ BUGS = [
         "pos.extend(range(lengths[i]))",
         "pos.extend(range(len(pos), len(pos) + lengths[i]))",
         ("tests/test_packing.py",),
+    ),
+    # issue #23, item 12: resume bugs the fast suite let through
+    Bug(
+        "a graceful stop inside an accumulation window writes `last` mid-window",
+        "kullm/training/checkpointing.py",
+        "if not stop or trainer.fit_loop.epoch_loop._should_accumulate():",
+        "if not stop:",
+        ("tests/test_resume_windows.py",),
+    ),
+    Bug(
+        "`last` refreshed (or saved again after a resume) mid-window",
+        "kullm/training/checkpointing.py",
+        "        if trainer.fit_loop.epoch_loop._should_accumulate():\n            # mid-window",
+        "        if False:\n            # mid-window",
+        ("tests/test_resume_windows.py",),
+    ),
+    Bug(
+        "a resume-identity key left unrecorded (the sampler)",
+        "kullm/training/checkpointing.py",
+        '        "sampler": c.get("sampler"),\n',
+        "",
+        ("tests/test_checkpoint_state.py::test_every_resume_identity_key_is_recorded_and_a_change_to_it_alone_is_refused",),
+    ),
+    Bug(
+        "FSDP checkpoints keep the wrapper's parameter names",
+        "kullm/training/fsdp.py",
+        "state[clean_name(full)] =",
+        "state[full] =",
+        ("tests/test_fsdp.py::test_fsdp_on_two_processes_saves_plain_names_and_resumes_exactly",),
     ),
 ]
 
