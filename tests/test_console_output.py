@@ -40,6 +40,7 @@ def adapter(tmp_path_factory):
     return make_adapter(tmp_path_factory.mktemp("console") / "adapter")
 
 
+@pytest.mark.slow
 def test_generate_and_merge_show_no_third_party_notices(adapter, tmp_path):
     gen = run_script("kullm-generate", f"adapter={adapter}", "prompt=안녕하세요", "generation=greedy",
                      "generation.max_new_tokens=4", cwd=tmp_path, timeout=180)  # fmt: skip
@@ -70,6 +71,7 @@ def test_eval_from_an_adapter_takes_generation_options_as_kullm_generate_does(ad
     assert_no_noise(proc)
 
 
+@pytest.mark.slow
 def test_the_first_run_on_an_empty_cache_says_it_builds_the_tiny_model_with_progress(tmp_path):
     env = {"KULLM_CACHE": str(tmp_path / "cache")}
     tiny = "model.tiny_shape={warmup_steps: 3}"  # a shape of its own: built in this empty cache, in seconds

@@ -35,6 +35,7 @@ def test_a_resumed_attempt_keeps_the_earlier_rows_and_replaces_the_steps_it_trai
     assert curve(tmp_path, "val/loss") == {4: 2.0}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_interrupted_run_resumed_keeps_its_whole_curve_in_metrics_csv_beside_wandb(tmp_path):
     """The default logger (W&B; disabled in the tests) writes ``csv/metrics.csv`` too; the same command with more

@@ -209,6 +209,7 @@ def test_true_where_a_whole_number_is_expected_is_refused_for_every_integer_knob
             "bootstrap.samples", "generation.max_new_tokens", "judge.concurrency"} <= set(checked)  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("prog", "args", "message"),
     [
@@ -228,6 +229,7 @@ def test_the_clis_refuse_out_of_range_values_in_one_line_before_loading_a_model(
 # --- a loss that diverges -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_diverging_run_stops_non_zero_before_the_bad_step_and_keeps_its_checkpoints(tmp_path):
     """lr 1e30: the weights blow up after the first real step and the next loss is not finite. The run stops before

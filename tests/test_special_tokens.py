@@ -63,6 +63,7 @@ def test_a_chatml_model_given_by_path_trains_every_answer_to_end_in_its_own_eos(
     assert all(row["input_ids"][0] != 0 for row in train)  # a Qwen tokenizer adds no BOS: none is put there
 
 
+@pytest.mark.slow
 def test_a_bos_adding_model_given_by_path_gets_one_bos_in_training_generation_and_serving(tmp_path):
     """A Llama-style tokenizer adds <|begin_of_text|> (id 0) to every call: each training example, generation prompt
     and served chat-template rendering (adapter and merged checkpoint) starts with it exactly once."""

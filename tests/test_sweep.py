@@ -154,6 +154,7 @@ def test_hydra_finds_the_resumable_optuna_sweeper():
     assert target in found and f"_target_: {target}" in (CONF_DIR / "hparams_search" / "lora_optuna.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_grid_sweep_rewrites_its_summary_after_each_job_so_a_sweep_that_stops_early_has_one(tmp_path):
     """The sweep folder is named by run_name (hydra.sweep.dir interpolates it). Job 1 fails, so the sweep ends in
     an error and Hydra skips on_multirun_end: only the summary rewritten after each job is left."""

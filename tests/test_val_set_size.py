@@ -50,6 +50,7 @@ def test_a_bad_val_set_size_is_refused_naming_it(value, message):
         validate(compose("train", ["output_dir=/tmp/unused", f"data.val_set_size={value}"]))
 
 
+@pytest.mark.slow
 def test_a_val_set_size_of_1_5_is_one_line_from_kullm_train(tmp_path):
     res = run_script("kullm-train", "experiment=smoke", "data.val_set_size=1.5", cwd=tmp_path, timeout=120)
     assert res.returncode != 0 and "Traceback" not in res.stderr
@@ -58,6 +59,7 @@ def test_a_val_set_size_of_1_5_is_one_line_from_kullm_train(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kullm_train_prints_the_split_and_warns_when_most_of_a_small_file_is_held_out(tmp_path):
     args = ("experiment=smoke", f"data.path={twelve_rows(tmp_path)}", "trainer.max_steps=1", "logger=none",
