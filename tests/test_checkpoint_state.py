@@ -143,6 +143,9 @@ IDENTITY_VARIANTS = {
     "batch_size": "batch_size=16",
     "micro_batch_size": "micro_batch_size=2",
     "sampler": "sampler=random",
+    "seed": "seed=7",
+    "data.batching": "data.batching=tokens",
+    "data.token_budget": "data.token_budget=2048",
 }
 
 
@@ -168,3 +171,20 @@ def test_every_resume_identity_key_is_recorded_and_a_change_to_it_alone_is_refus
             resolve_resume(path, other)
         assert f"({key}: checkpoint " in str(e.value) and "allow_resume_changes=true" in str(e.value)
         assert resolve_resume(path, other, allow_changes=True) == str(path)
+
+
+def test_a_checkpoint_written_before_an_identity_key_existed_resumes_without_checking_that_key(tmp_path):
+    from kullm.config import ConfigError, compose
+    from kullm.training.checkpointing import RunIdentity, resolve_resume
+
+    def cfg(*extra: str):
+        return compose("train", ["experiment=smoke", f"output_dir={tmp_path}", *extra])
+
+    ckpt = {"state_dict": {}, "loops": {}, "global_step": 3}
+    RunIdentity(cfg()).on_save_checkpoint(None, None, ckpt)
+    del ckpt["kullm_run"]["seed"]  # as an older kullm wrote it
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+    assert resolve_resume(path, cfg("seed=7")) == str(path)
+    with pytest.raises(ConfigError, match=r"\(sampler: checkpoint 'length_grouped', now 'random'\)"):
+        resolve_resume(path, cfg("sampler=random"))  # the keys it has are still compared

@@ -286,6 +286,9 @@ def run_identity(cfg) -> dict[str, Any]:
         "batch_size": c.get("batch_size"),
         "micro_batch_size": c.get("micro_batch_size"),
         "sampler": c.get("sampler"),
+        "seed": c.get("seed"),
+        "data.batching": data.get("batching"),
+        "data.token_budget": data.get("token_budget"),
     }
 
 
@@ -334,7 +337,8 @@ def resolve_resume(ckpt_path: str | Path, cfg, allow_changes: bool = False) -> s
     if saved is None:
         raise ConfigError(f"ckpt_path={path}: written by another program (no kullm run settings); cannot check it")
     now = run_identity(cfg)
-    diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
+    # a key a checkpoint lacks was added to the identity after it was written: it cannot be checked, so it is not
+    diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
     if diff and not allow_changes:
         detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(
