@@ -57,6 +57,17 @@ def rewrite(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def discard(folder: str | Path) -> None:
+    """Remove a folder, renamed away first so that no reader sees it half deleted (a missing one is no error)."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    try:
+        os.replace(folder, old)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def clean_stale(folder: str | Path, min_age_s: float = 60.0) -> list[Path]:
     """Remove the temporaries of processes that are no longer running; return what was removed.
 

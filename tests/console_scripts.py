@@ -28,3 +28,12 @@ def run_script(name: str, *args: str, cwd: Path, timeout: int = 300, env: dict |
     return subprocess.run(
         [script(name), *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout
     )
+
+
+def one_line_error(proc: subprocess.CompletedProcess, prog: str) -> str:
+    """The one ``<prog>: …`` line a failed command printed (no traceback, exactly one such line)."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{prog}: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from chat_server import ChatServer
+from console_scripts import one_line_error
 
 from kullm import __version__
 
@@ -19,14 +20,6 @@ def cli(module: str, *args: str, tmp_path, timeout: int = 180) -> subprocess.Com
     if module == "evaluate":
         cmd[-1] = f"output_dir={tmp_path}/run"
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-
-
-def one_line_error(proc: subprocess.CompletedProcess, prog: str) -> str:
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{prog}: ")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return lines[0]
 
 
 @pytest.mark.parametrize("module", sorted(CLIS))

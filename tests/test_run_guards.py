@@ -13,20 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from console_scripts import run_script
+from console_scripts import one_line_error, run_script
 
 from kullm.config import SCHEMA, ConfigError, compose, validate
 from kullm.runlock import LOCK_NAME, RunLocked, hold
 
 SMOKE = ["experiment=smoke", "logger=csv", "callbacks.samples.num=0"]
-
-
-def one_line(proc: subprocess.CompletedProcess, prog: str) -> str:
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{prog}: ")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return lines[0]
 
 
 def holder(folder: Path) -> subprocess.Popen:
@@ -45,7 +37,7 @@ def test_a_training_into_a_run_folder_in_use_is_refused_before_writing_into_it(t
     first = holder(run)
     try:
         proc = run_script("kullm-train", *SMOKE, "run_name=x", cwd=tmp_path, timeout=120)
-        assert one_line(proc, "kullm-train") == (
+        assert one_line_error(proc, "kullm-train") == (
             f"kullm-train: {run} is in use by another run (PID {first.pid}); wait for it to end, or give this one "
             "another folder"
         )
@@ -73,7 +65,7 @@ def test_a_second_training_in_a_run_folder_in_use_is_refused_naming_the_first(tm
         hydra_files = sorted((run / ".hydra").iterdir())
         stamps = [p.stat().st_mtime_ns for p in hydra_files]
         second = run_script("kullm-train", *args, cwd=tmp_path, timeout=200)
-        line = one_line(second, "kullm-train")
+        line = one_line_error(second, "kullm-train")
         assert line == (
             f"kullm-train: {run} is in use by another run (PID {first.pid}); wait for it to end, or give this one "
             "another folder"
@@ -96,7 +88,7 @@ def test_a_second_evaluation_of_an_output_dir_in_use_is_refused_before_any_reque
     try:
         proc = run_script("kullm-eval", f"responses={resp}", f"output_dir={out}", "judge.base_url=http://127.0.0.1:9/v1",
                           "references=null", cwd=tmp_path, timeout=120)  # fmt: skip
-        assert one_line(proc, "kullm-eval") == (
+        assert one_line_error(proc, "kullm-eval") == (
             f"kullm-eval: {out} is in use by another run (PID {first.pid}); wait for it to end, or give this one "
             "another folder"
         )
@@ -141,7 +133,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, prog, key
     blocker.write_text("")
     proc = run_script(prog, *SMOKE[:1] if prog == "kullm-train" else ["responses=r.jsonl"], f"{key}={blocker}/run",
                       cwd=tmp_path, timeout=120)  # fmt: skip
-    assert one_line(proc, prog) == f"{prog}: cannot write to the output folder {blocker}/run: Not a directory"
+    assert one_line_error(proc, prog) == f"{prog}: cannot write to the output folder {blocker}/run: Not a directory"
 
 
 # --- settings outside their range ---------------------------------------------------------------------------------
@@ -222,7 +214,7 @@ def test_true_where_a_whole_number_is_expected_is_refused_for_every_integer_knob
 )  # fmt: skip
 def test_the_clis_refuse_out_of_range_values_in_one_line_before_loading_a_model(tmp_path, prog, args, message):
     proc = run_script(prog, *args, cwd=tmp_path, timeout=120)
-    assert one_line(proc, prog).startswith(message)
+    assert one_line_error(proc, prog).startswith(message)
     assert "warmed up" not in proc.stdout + proc.stderr and "Loading weights" not in proc.stderr
 
 

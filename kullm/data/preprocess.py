@@ -22,7 +22,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from kullm.atomic import clean_stale, replace
+from kullm.atomic import clean_stale, discard, replace
 from kullm.data.contamination import check_overlap, eval_overlap
 from kullm.data.records import DataError, Fields, Record, data_files, read_records, write_rejects
 from kullm.data.sft import check_batch, encode_batch
@@ -113,7 +113,7 @@ def preprocess(
     save_processed(dsd, tmp / "dataset")
     (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     write_checksums(tmp)
-    _discard(target)  # one that failed its check
+    discard(target)  # one that failed its check
     try:
         replace(tmp, target)
     except OSError:  # a concurrent run finished first: use its result
@@ -244,16 +244,6 @@ def _intact(entry: Path) -> bool:
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _discard(entry: Path) -> None:
-    """Remove a cache entry: renamed away first, so no reader sees it half deleted."""
-    old = entry.with_name(f".{entry.name}.old-{os.getpid()}")
-    try:
-        os.replace(entry, old)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def cache_key(data: Mapping[str, Any], tokenizer, prompter: Prompter) -> str:

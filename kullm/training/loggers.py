@@ -15,7 +15,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from kullm.atomic import replace
+from kullm.atomic import rewrite
 from kullm.config import ConfigError
 from kullm.redaction import redact, redact_args
 
@@ -124,12 +124,10 @@ def _read_metrics(path: str) -> list[dict]:
 
 def _write_metrics(path: Path, keys: list[str], rows: list[dict]) -> None:
     """The whole file, replaced at once: a kill mid-write leaves the previous one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with rewrite(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    replace(tmp, path)
 
 
 WANDB_ID_FILE = "wandb_run_id"
