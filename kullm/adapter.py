@@ -11,16 +11,14 @@ Full fine-tuning (``lora=none``) leaves a *model folder* instead: a plain Huggin
 safetensors, ``generation_config.json`` with EOS and pad) with the same tokenizer, template and config files, which
 ``kullm-generate base=<folder>`` and vLLM/TGI load as they are.
 
-Folders are written to a temporary sibling and renamed into place, so a crash while writing never leaves a
-half-written adapter nor destroys the previous one.
+Folders are written to a temporary sibling and renamed into place (:func:`kullm.atomic.write_folder`), so a crash
+while writing never leaves a half-written adapter nor destroys the previous one. This module is the folder format
+only: loading an adapter onto its base model is :func:`kullm.modeling.load_adapter`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +26,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kullm.atomic import clean_stale, replace
+from kullm.atomic import write_folder
 from kullm.chat_template import served_prompter, serving
+from kullm.errors import KullmError
 from kullm.redaction import redact
+from kullm.special_tokens import set_stop_tokens
 from kullm.templates import Prompter
 from kullm.untrusted import read_yaml
 
@@ -39,7 +39,7 @@ TEMPLATE_FILE = "template.yaml"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(KullmError, ValueError):
     """An adapter folder that is missing, incomplete or empty."""
 
 
@@ -107,7 +107,7 @@ def save_adapter(
         _write_meta(tmp, tokenizer, prompter, config)
         verify_adapter(tmp)
 
-    return _write_folder(folder, write)
+    return write_folder(folder, write)
 
 
 def save_model(
@@ -124,16 +124,31 @@ def save_model(
 
     ``state_dict`` (names as in ``model.state_dict()``) lets a sharded strategy pass the gathered weights.
     """
-    from kullm.modeling import set_stop_tokens
 
     def write(tmp: Path) -> None:
-        set_stop_tokens(model, tokenizer)
-        kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size, **kwargs)
-        _write_meta(tmp, tokenizer, prompter, config)
-        verify_model(tmp)
+        meta = {"tokenizer": tokenizer, "prompter": prompter, "config": config}
+        write_model(model, tmp, **meta, state_dict=state_dict, max_shard_size=max_shard_size)
 
-    return _write_folder(folder, write)
+    return write_folder(folder, write)
+
+
+def write_model(
+    model,
+    folder: Path,
+    *,
+    tokenizer,
+    prompter: Prompter | None = None,
+    config: DictConfig | Mapping | None = None,
+    state_dict: Mapping[str, Any] | None = None,
+    max_shard_size: str = "5GB",
+) -> None:
+    """Fill ``folder`` with :func:`save_model`'s files (the model with its stop tokens set, tokenizer, template,
+    redacted config) and verify it; :func:`kullm.inference.merging.merge` checks it further before swapping it in."""
+    set_stop_tokens(model, tokenizer)
+    kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
+    model.save_pretrained(str(folder), max_shard_size=max_shard_size, **kwargs)
+    _write_meta(folder, tokenizer, prompter, config)
+    verify_model(folder)
 
 
 def _write_meta(tmp: Path, tokenizer, prompter: Prompter | None, config) -> None:
@@ -144,26 +159,6 @@ def _write_meta(tmp: Path, tokenizer, prompter: Prompter | None, config) -> None
         prompter.save(tmp / TEMPLATE_FILE)
     if config is not None:
         OmegaConf.save(OmegaConf.create(redact(config)), tmp / CONFIG_FILE)
-
-
-def _write_folder(folder: str | Path, write) -> Path:
-    """``write(tmp)`` into a temporary sibling of ``folder``, then swap it in (the old folder goes only after)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(folder.parent)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def verify_model(folder: str | Path) -> int:
@@ -297,68 +292,3 @@ def read_adapter(folder: str | Path) -> AdapterSpec:
     tpl = folder / TEMPLATE_FILE
     prompter = Prompter.from_file(tpl) if tpl.is_file() else Prompter.from_config(config["template"])
     return AdapterSpec(folder, dict(config["model"]), prompter, config)
-
-
-def load_adapter(
-    folder: str | Path,
-    *,
-    dtype: str | None = None,
-    quant: Mapping | None = None,
-    device_map=None,
-    trust_remote_code: bool = False,
-):
-    """Base model + adapter ready for inference: ``(peft_model, tokenizer, prompter)``.
-
-    An adapter folder is shared data, never a source of permissions: ``trust_remote_code`` comes only from the
-    caller (the user's own command line or config). A folder whose config asks for it is refused unless the caller
-    allows it.
-    """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from kullm.modeling import fit_vocabulary, load_model
-
-    spec = read_adapter(folder)
-    model_cfg = dict(spec.model)
-    if model_cfg.get("trust_remote_code") and not trust_remote_code:
-        raise AdapterError(
-            f"{spec.path / CONFIG_FILE}: asks to run the base model's own Python code (model.trust_remote_code: "
-            f"true, base {model_cfg.get('name_or_path')!r}); kullm never takes that from a shared folder: pass "
-            "trust_remote_code=true on your command line only if you trust that model's code"
-        )
-    model_cfg["trust_remote_code"] = bool(trust_remote_code)
-    if dtype:
-        model_cfg["dtype"] = dtype
-    model_cfg["shape_only"] = False
-    tokenizer = AutoTokenizer.from_pretrained(str(spec.path), trust_remote_code=bool(trust_remote_code))
-    base = load_model(model_cfg, quant=quant, device_map=device_map)
-    fit_vocabulary(base, tokenizer)  # tokens added in training (model.added_tokens): the trained embedding shape
-    try:
-        model = PeftModel.from_pretrained(base, str(spec.path), use_safetensors=True)
-    except RuntimeError as e:  # PEFT's "size mismatch" (other errors, e.g. out of memory, are not the adapter's)
-        if "size mismatch" not in str(e):
-            raise
-        raise AdapterError(shape_mismatch(spec.path / WEIGHTS_FILE, str(e), model_cfg.get("name_or_path"))) from None
-    model.eval()
-    return model, tokenizer, spec.prompter
-
-
-_MISMATCH = re.compile(
-    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
-    r"the shape in current model is torch\.Size\((\[.*?\])\)"
-)
-
-
-def shape_mismatch(path: Path, error: str, base: str | None) -> str:
-    """One line for PEFT's "size mismatch" load error: the file, the first tensor, its shape and the base's (any
-    other error is returned as it is, on one line)."""
-    found = _MISMATCH.findall(error)
-    if not found:
-        return f"{path}: {' '.join(error.split())}"
-    name, got, want = found[0]
-    name = name.replace(".default.", ".")  # PEFT's adapter name, which the file's names do not carry
-    more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
-    return (
-        f"{path}: tensor {name} has shape {got} where base model {base!r} needs {want}{more}: an adapter trained "
-        "on another base model (or with another LoRA rank)"
-    )

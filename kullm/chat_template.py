@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kullm.modeling import bos_ids
+from kullm.special_tokens import bos_ids
 from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ def serving(tokenizer, prompter: Prompter | None) -> Iterator[None]:
 
 
 def bos_text(tokenizer) -> str:
-    """The text of the BOS that begins every prompt kullm trains on (:func:`kullm.modeling.bos_ids`; ``""``: none)."""
+    """The text of the BOS that begins every prompt kullm trains on (:func:`kullm.special_tokens.bos_ids`; ``""``:
+    none)."""
     bos = bos_ids(tokenizer)
     return tokenizer.decode(bos, skip_special_tokens=False, clean_up_tokenization_spaces=False) if bos else ""
 

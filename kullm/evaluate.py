@@ -7,30 +7,23 @@
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
-from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, ConfigError, exit_on_version, fail, print_redacted_cfg, validate
-from kullm.console import quiet_third_party
-from kullm.data.records import DataError
-from kullm.evaluation.judges import JudgeError
-from kullm.evaluation.runs import evaluate
+from kullm.cli import run_cli
+from kullm.config import validate
+from kullm.errors import KullmError
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    quiet_third_party()  # after Hydra configured logging: no line per judge request
-    try:
-        validate(cfg)
-        summary = evaluate(cfg)
-    except (ConfigError, DataError, JudgeError, AdapterError, ValueError, OSError) as e:
-        fail("kullm-eval", e)
+def run(cfg: DictConfig) -> float | None:
+    """What ``kullm-eval`` does: judge every run and write the report; return the first run's overall score (what a
+    sweep optimises). A run that ended with no judgment at all fails the command."""
+    from kullm.evaluation.pipeline import evaluate
+
+    validate(cfg)
+    summary = evaluate(cfg)
     empty = nothing_judged(summary)
     if empty:
-        fail("kullm-eval", RuntimeError(empty))
+        raise KullmError(empty)
     first = next(iter(summary["runs"].values()))
     return first["overall"]
 
@@ -38,19 +31,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def nothing_judged(summary: dict) -> str:
     """Why the run failed when some run ended with no judgment at all ('' when every run has some)."""
     problems = []
-    for name, run in summary["runs"].items():
-        if run["judged"] == 0:
-            errors = list(run["pending_errors"].values())
-            why = f": {errors[0]}" if errors else f" ({run['failed']} unparseable)"
-            problems.append(f"{name}: 0 of {run['total']} judged{why}")
+    for name, scores in summary["runs"].items():
+        if scores["judged"] == 0:
+            errors = list(scores["pending_errors"].values())
+            why = f": {errors[0]}" if errors else f" ({scores['failed']} unparseable)"
+            problems.append(f"{name}: 0 of {scores['total']} judged{why}")
     return "; ".join(problems) + ("; see " + summary["report"]["md"] if problems else "")
 
 
 def main() -> None:
     """``kullm-eval``: see ``conf/eval.yaml``."""
-    exit_on_version("kullm-eval", sys.argv[1:])
-    if not print_redacted_cfg("eval", sys.argv[1:]):
-        _hydra_main()
+    run_cli("kullm-eval", "eval", run, catch=(ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -12,20 +12,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, exit_on_version, fail, print_redacted_cfg, validate
-from kullm.console import quiet_third_party
-from kullm.data.records import DataError
-from kullm.inference.generation import Generator, chat, generate_file, seed_everything
+from kullm.cli import run_cli
+from kullm.config import validate
 
 TEXT_KEYS = ("prompt", "input")  # free text given on the command line
 
 
 def run(cfg: DictConfig) -> Path | str | None:
     """What ``kullm-generate`` does: a file run, one prompt, or a chat."""
+    from kullm.inference.chat import chat
+    from kullm.inference.files import generate_file
+    from kullm.inference.generator import Generator, seed_everything
+
     if cfg.input_file:
         path = generate_file(cfg)
         print(f"responses: {path}")
@@ -79,27 +79,20 @@ def is_quoted(value: str) -> bool:
     return len(value) >= 2 and q in "'\"" and value[-1] == q and re.search(rf"(?<!\\){q}", value[1:-1]) is None
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+def _job(cfg: DictConfig) -> None:
+    """One ``kullm-generate`` run: the config checked, then :func:`run`; Ctrl-C ends it without a traceback."""
     try:
         validate(cfg)
         run(cfg)
-    except (DataError, AdapterError, ValueError, OSError) as e:
-        fail("kullm-generate", e)
-    except KeyboardInterrupt:  # Ctrl-C: no traceback; the chat has said goodbye, a file run keeps its rows
+    except KeyboardInterrupt:  # the chat has said goodbye, a file run keeps its rows
         if cfg.input_file:
             print("kullm-generate: interrupted; the rows written are kept: the same command resumes", file=sys.stderr)
         raise SystemExit(130) from None
 
 
 def main() -> None:
-    """``kullm-generate``: the Hydra app, with ``prompt=``/``input=`` text quoted for Hydra first."""
-    exit_on_version("kullm-generate", sys.argv[1:])
-    quiet_third_party()
-    sys.argv[1:] = quote_text_args(sys.argv[1:])
-    if print_redacted_cfg("generate", sys.argv[1:]):
-        return
-    _main()
+    """``kullm-generate``: see ``conf/generate.yaml``; ``prompt=``/``input=`` text is quoted for Hydra first."""
+    run_cli("kullm-generate", "generate", _job, catch=(ValueError, OSError), argv_hook=quote_text_args)
 
 
 if __name__ == "__main__":

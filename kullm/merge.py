@@ -7,40 +7,35 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from kullm.adapter import AdapterError
-from kullm.config import CONF_DIR, exit_on_version, fail, print_redacted_cfg, validate
-from kullm.console import quiet_third_party
-from kullm.inference.merging import MergeError, merge, weight_names
+from kullm.cli import run_cli
+from kullm.config import validate
+
+
+def run(cfg: DictConfig) -> Path:
+    """What ``kullm-merge`` does: merge, then print the merged folder's :func:`summary`."""
+    from kullm.inference.merging import merge
+
+    validate(cfg)
+    out = merge(cfg)
+    print(json.dumps(summary(out), ensure_ascii=False))
+    return out
 
 
 def summary(folder: Path) -> dict[str, Sequence[str] | int]:
     """Files and tensor count of a merged folder (printed at the end of a run)."""
+    from kullm.inference.merging import weight_names
+
     return {"files": sorted(p.name for p in folder.iterdir()), "tensors": len(weight_names(folder))}
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="merge", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        validate(cfg)
-        out = merge(cfg)
-    except (AdapterError, MergeError, ValueError, OSError) as e:
-        fail("kullm-merge", e)
-    print(json.dumps(summary(out), ensure_ascii=False))
 
 
 def main() -> None:
     """``kullm-merge``: see ``conf/merge.yaml``."""
-    exit_on_version("kullm-merge", sys.argv[1:])
-    quiet_third_party()
-    if not print_redacted_cfg("merge", sys.argv[1:]):
-        _hydra_main()
+    run_cli("kullm-merge", "merge", run, catch=(ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,5 @@
-"""Tokenizers and base models: hub/local loading, Polyglot-ko special tokens, and the offline ``tiny`` model.
-
-``model=tiny`` resolves ``name_or_path: kullm:tiny`` to a folder built once on disk (a random-init GPT-NeoX in
-Polyglot-ko's shape, scaled down, with a byte-level BPE tokenizer trained on bundled Korean text), which is then
-loaded through the very same ``from_pretrained`` code as a hub checkpoint.
+"""Tokenizers and base models: hub/local loading (``kullm:tiny`` built by :mod:`kullm.tiny`), quantization, LoRA
+wrapping, vocabulary growth, and loading a trained adapter onto its base.
 """
 
 from __future__ import annotations
@@ -10,97 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kullm.atomic import replace
+from kullm.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_adapter, verify_adapter
 from kullm.config import ConfigError
+from kullm.special_tokens import bos_ids
+from kullm.tiny import TINY, build_tiny
 
 log = logging.getLogger(__name__)
-
-TINY = "kullm:tiny"
-ASSETS = Path(__file__).parent / "assets"
-# Polyglot-ko puts <|endoftext|> at id 2 and uses it as EOS and pad; the tiny tokenizer mirrors that layout.
-SPECIAL_TOKENS = ["<|unused0|>", "<|sep|>", "<|endoftext|>"]
-EOS = "<|endoftext|>"
-
-TINY_SHAPE: dict[str, Any] = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 256,
-    "rotary_pct": 0.5,
-    "max_position_embeddings": 2048,
-    "use_parallel_residual": True,
-    "vocab_size": 2048,  # tokenizer vocab rounded up, as Polyglot-ko pads 30003 tokens to 30080 embedding rows
-    "tokenizer_vocab": 2000,
-    "seed": 0,
-    "warmup_steps": 60,  # full-weight steps on the bundled corpus after random init (0: purely random)
-    "arch": "gpt_neox",  # or a key of FAMILIES: llama, qwen2, qwen3, mistral, gemma2
-}
-
-
-# Tiny stand-ins for today's model families (``tiny_shape: {arch: llama}``): each architecture with its family's
-# special tokens, EOS and chat template, so kullm is tested on what users bring without a hub download.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {  # Llama-3 instruct layout: BOS added to every call, header tokens, <|eot_id|> ends a turn and is the
-        # EOS; no pad; tied head
-        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "bos": "<|begin_of_text|>", "add_bos": True, "eos": "<|eot_id|>", "pad": None,
-        "stop": ["<|end_of_text|>", "<|eot_id|>"],
-        "config": {"num_key_value_heads": 2, "tie_word_embeddings": True},
-        "chat_template": (
-            "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-            "{{ m['content'] }}<|eot_id|>{% endfor %}"
-            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-        ),
-    },
-    "qwen2": {  # ChatML: <|im_end|> ends a turn and is the EOS, <|endoftext|> pads; tied head
-        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "stop": ["<|im_end|>", "<|endoftext|>"],
-        "config": {"num_key_value_heads": 2, "tie_word_embeddings": True},
-        "chat_template": (
-            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        ),
-    },
-    "qwen3": {  # ChatML as Qwen2; RMSNorm on each head's queries and keys (q_norm/k_norm), explicit head_dim; tied head
-        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "stop": ["<|im_end|>", "<|endoftext|>"],
-        "config": {"num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True},
-        "chat_template": (
-            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        ),
-    },
-    "mistral": {  # <s> added to every call, [INST] turns, </s> ends an answer; no pad
-        "specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
-        "bos": "<s>", "add_bos": True, "eos": "</s>", "pad": None, "stop": ["</s>"],
-        "config": {"num_key_value_heads": 2, "tie_word_embeddings": False},
-        "chat_template": (
-            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-            "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
-        ),
-    },
-    "gemma2": {  # <bos> added to every call, <start_of_turn>/<end_of_turn>, soft-capped attention (eager), tied head
-        "specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
-        "bos": "<bos>", "add_bos": True, "eos": "<end_of_turn>", "pad": "<pad>", "stop": ["<eos>", "<end_of_turn>"],
-        "config": {"num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True},
-        "attn_implementation": "eager",
-        "chat_template": (
-            "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
-            "m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-        ),
-    },
-}
-
-
-def cache_root() -> Path:
-    """Where kullm keeps built models and processed datasets (``$KULLM_CACHE``, else ``~/.cache/kullm``)."""
-    return Path(os.environ.get("KULLM_CACHE", "~/.cache/kullm")).expanduser()
 
 
 def resolve_path(name_or_path: str, shape: Mapping[str, Any] | None = None) -> str:
@@ -108,147 +25,6 @@ def resolve_path(name_or_path: str, shape: Mapping[str, Any] | None = None) -> s
     if name_or_path == TINY:
         return str(build_tiny(shape=shape))
     return name_or_path
-
-
-def build_tiny(out: str | Path | None = None, shape: Mapping[str, Any] | None = None) -> Path:
-    """Build (once) and return a folder holding the tiny GPT-NeoX model and its tokenizer.
-
-    Random init in Polyglot-ko's layout, then a brief warm-up on the bundled corpus (see :func:`_warm_up`).
-    The folder name is a hash of the shape, the family's definition and the tokenizer corpus, so a change of any
-    builds anew; the build is written to a temporary folder and renamed, so concurrent builders (DDP ranks, xdist)
-    never see half a model.
-    """
-    shape = {**TINY_SHAPE, **(shape or {})}
-    corpus = (ASSETS / "tiny_corpus.txt").read_text(encoding="utf-8")
-    family = FAMILIES.get(shape["arch"])
-    what = json.dumps(shape, sort_keys=True) + (json.dumps(family, sort_keys=True) if family else "")
-    key = hashlib.sha256((what + corpus).encode()).hexdigest()[:12]
-    out = Path(out) if out is not None else cache_root() / "models" / f"tiny-{key}"
-    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
-        return out
-    import torch
-
-    arch = shape["arch"]
-    if arch != "gpt_neox" and arch not in FAMILIES:
-        raise ConfigError(f"model.tiny_shape.arch={arch!r}: must be gpt_neox or one of {sorted(FAMILIES)}")
-    log.info("building the tiny %s model once (later runs load it from %s)", arch, out)
-    tok = train_tiny_tokenizer(corpus.splitlines(), vocab_size=shape["tokenizer_vocab"], family=family)
-    with torch.random.fork_rng(devices=[]):  # building must not touch the caller's RNG: runs never depend on the cache
-        torch.manual_seed(shape["seed"])
-        model = _tiny_model(shape, tok, corpus)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        replace(tmp, out)
-    except OSError:  # another process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the tiny model in %s", out)
-    return out
-
-
-def _tiny_model(shape: Mapping[str, Any], tok, corpus: str):
-    """Random init in Polyglot-ko's layout (scaled down), or another family's architecture, then the warm-up."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
-
-    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "max_position_embeddings")  # fmt: skip
-    sizes = {k: shape[k] for k in sizes}
-    family = FAMILIES.get(shape["arch"])
-    if family is not None:
-        stop = [tok.convert_tokens_to_ids(t) for t in family["stop"]]
-        cfg = AutoConfig.for_model(
-            shape["arch"],
-            **sizes,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=stop if len(stop) > 1 else stop[0],
-            pad_token_id=tok.pad_token_id,
-            **family["config"],
-        )
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=family.get("attn_implementation", "sdpa"))
-        model.generation_config.eos_token_id = cfg.eos_token_id
-        _warm_up(model, tok, corpus.splitlines(), steps=int(shape["warmup_steps"]), seed=int(shape["seed"]))
-        return model
-    cfg = GPTNeoXConfig(
-        **sizes,
-        rotary_pct=shape["rotary_pct"],
-        use_parallel_residual=shape["use_parallel_residual"],
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = GPTNeoXForCausalLM(cfg)
-    _warm_up(model, tok, corpus.splitlines(), steps=int(shape["warmup_steps"]), seed=int(shape["seed"]))
-    return model
-
-
-def _warm_up(model, tok, lines: list[str], steps: int, seed: int, block: int = 128, batch: int = 8) -> None:
-    """A few hundred full-weight steps of language modelling on the bundled corpus.
-
-    A purely random base has logits too flat for a low-rank adapter to move (LoRA on it: loss 7.65 → 7.51 in 40
-    steps); after this warm-up the tiny model is a (very small) language model, so fine-tuning visibly learns.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    if steps <= 0:
-        return
-    bos = bos_ids(tok)  # each line a document, as the family's pre-training saw them: [BOS] text EOS
-    ids = [t for row in tok(lines, add_special_tokens=False)["input_ids"] for t in [*bos, *row, tok.eos_token_id]]
-    data = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    model.train()
-    for _ in tqdm(range(steps), desc="building the tiny model: warm-up", unit="step"):
-        rows = data[torch.randint(len(data), (batch,), generator=g)]
-        loss = model(input_ids=rows, labels=rows, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    model.eval()
-    log.info("tiny model warmed up on the bundled corpus: final loss %.2f", loss.item())
-
-
-def train_tiny_tokenizer(lines: list[str], vocab_size: int = 2000, family: Mapping[str, Any] | None = None):
-    """A byte-level BPE tokenizer (any text round-trips) with Polyglot-ko's special tokens (or a family's, with its
-    chat template), trained offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(family["specials"]) if family else SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(lines, trainer)
-    if family is None:
-        return PreTrainedTokenizerFast(
-            tokenizer_object=bpe,
-            bos_token=EOS,
-            eos_token=EOS,
-            pad_token=EOS,
-            clean_up_tokenization_spaces=False,
-            model_max_length=2048,
-        )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token=family["bos"],
-        add_bos_token=bool(family.get("add_bos")),  # as the family's real tokenizer: every call starts with BOS
-        eos_token=family["eos"],
-        pad_token=family["pad"],
-        additional_special_tokens=[t for t in family["specials"] if t not in (family["bos"], family["eos"], family["pad"])],  # noqa: E501
-        clean_up_tokenization_spaces=False,
-        model_max_length=2048,
-    )
-    tok.chat_template = family["chat_template"]
-    return tok
 
 
 def load_tokenizer(cfg: Mapping[str, Any]):
@@ -281,44 +57,6 @@ def load_tokenizer(cfg: Mapping[str, Any]):
         tok.pad_token = tok.eos_token  # labels never derive from pad, so sharing the id is safe
     tok.padding_side = "right"
     return tok
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS (what training appended) first, then any other EOS the model's configs name."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None)
-        for t in value if isinstance(value, list) else [value]:
-            if t is not None and t not in ids:
-                ids.append(int(t))
-    if not ids:
-        raise ValueError("neither the tokenizer nor the model config names an EOS token")
-    return ids
-
-
-def set_stop_tokens(model, tokenizer) -> None:
-    """Write every stop token (:func:`eos_token_ids`) and the pad token into the model's generation config, as a
-    checkpoint served without kullm (vLLM, TGI, plain ``generate``) needs them."""
-    eos = eos_token_ids(model, tokenizer)
-    config = model.generation_config
-    config.eos_token_id = eos if len(eos) > 1 else eos[0]
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-
-
-def bos_ids(tokenizer) -> list[int]:
-    """The ids the tokenizer's own call puts before a text: its BOS where it adds one (Llama, Mistral, Gemma, SOLAR),
-    none for GPT-NeoX (Polyglot-ko) or Qwen. The one place that decides how every prompt kullm trains on, generates
-    from or serves begins (see :func:`with_bos`)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
-    return list(full[: starts[0]]) if starts else []
-
-
-def with_bos(bos: Sequence[int], ids: list[int]) -> list[int]:
-    """A prompt's ``ids`` behind ``bos`` (:func:`bos_ids`), unless they already begin with it (a chat template that
-    renders ``bos_token`` itself): one BOS, never two."""
-    return ids if list(ids[: len(bos)]) == list(bos) else [*bos, *ids]
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -404,6 +142,69 @@ def _train_safe_4bit(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def load_adapter(
+    folder: str | Path,
+    *,
+    dtype: str | None = None,
+    quant: Mapping | None = None,
+    device_map=None,
+    trust_remote_code: bool = False,
+):
+    """Base model + adapter ready for inference: ``(peft_model, tokenizer, prompter)``.
+
+    An adapter folder is shared data, never a source of permissions: ``trust_remote_code`` comes only from the
+    caller (the user's own command line or config). A folder whose config asks for it is refused unless the caller
+    allows it.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    spec = read_adapter(folder)
+    model_cfg = dict(spec.model)
+    if model_cfg.get("trust_remote_code") and not trust_remote_code:
+        raise AdapterError(
+            f"{spec.path / CONFIG_FILE}: asks to run the base model's own Python code (model.trust_remote_code: "
+            f"true, base {model_cfg.get('name_or_path')!r}); kullm never takes that from a shared folder: pass "
+            "trust_remote_code=true on your command line only if you trust that model's code"
+        )
+    model_cfg["trust_remote_code"] = bool(trust_remote_code)
+    if dtype:
+        model_cfg["dtype"] = dtype
+    model_cfg["shape_only"] = False
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.path), trust_remote_code=bool(trust_remote_code))
+    base = load_model(model_cfg, quant=quant, device_map=device_map)
+    fit_vocabulary(base, tokenizer)  # tokens added in training (model.added_tokens): the trained embedding shape
+    try:
+        model = PeftModel.from_pretrained(base, str(spec.path), use_safetensors=True)
+    except RuntimeError as e:  # PEFT's "size mismatch" (other errors, e.g. out of memory, are not the adapter's)
+        if "size mismatch" not in str(e):
+            raise
+        raise AdapterError(shape_mismatch(spec.path / WEIGHTS_FILE, str(e), model_cfg.get("name_or_path"))) from None
+    model.eval()
+    return model, tokenizer, spec.prompter
+
+
+_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[.*?\])\)"
+)
+
+
+def shape_mismatch(path: Path, error: str, base: str | None) -> str:
+    """One line for PEFT's "size mismatch" load error: the file, the first tensor, its shape and the base's (any
+    other error is returned as it is, on one line)."""
+    found = _MISMATCH.findall(error)
+    if not found:
+        return f"{path}: {' '.join(error.split())}"
+    name, got, want = found[0]
+    name = name.replace(".default.", ".")  # PEFT's adapter name, which the file's names do not carry
+    more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
+    return (
+        f"{path}: tensor {name} has shape {got} where base model {base!r} needs {want}{more}: an adapter trained "
+        "on another base model (or with another LoRA rank)"
+    )
 
 
 def full_finetuning(lora_cfg: Any) -> bool:
@@ -505,8 +306,6 @@ def tied_embeddings(model) -> bool:
 def _warm_start(model, config, folder: str):
     """The base with the adapter in ``folder`` loaded trainable; its LoRA shape must be the configured one."""
     from peft import PeftConfig, PeftModel
-
-    from kullm.adapter import AdapterError, verify_adapter
 
     path = Path(folder).expanduser()
     try:

@@ -12,28 +12,27 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from kullm.chat_template import served_prompter, serving
-from kullm.config import CONF_DIR, ConfigError, exit_on_version, fail, print_redacted_cfg, validate
-from kullm.console import quiet_third_party
-from kullm.data.preprocess import preprocess, save_processed
-from kullm.data.records import DataError, check_source, open_private
-from kullm.data.stats import format_stats, token_stats
-from kullm.modeling import load_tokenizer
-from kullm.templates import Prompter
-from kullm.untrusted import UntrustedFileError
+from kullm.cli import run_cli
+from kullm.config import validate
 
 log = logging.getLogger(__name__)
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Run the data pipeline for ``cfg`` and write its outputs; return the stats."""
+    from kullm.chat_template import served_prompter, serving
+    from kullm.data.preprocess import preprocess, save_processed
+    from kullm.data.records import open_private
+    from kullm.data.sources import check_source
+    from kullm.data.stats import format_stats, token_stats
+    from kullm.modeling import load_tokenizer
+    from kullm.templates import Prompter
+
     validate(cfg)
     check_source(cfg.data.path, cfg.data.get("source", "auto"), cfg.data.get("missing_hint"))
     out = Path(cfg.output_dir)
@@ -61,20 +60,9 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     return stats
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        prepare(cfg)
-    except (ConfigError, DataError, UntrustedFileError) as e:
-        fail("kullm-prepare", e)
-
-
 def main() -> None:
     """``kullm-prepare``: see ``conf/prepare.yaml``."""
-    exit_on_version("kullm-prepare", sys.argv[1:])
-    quiet_third_party()
-    if not print_redacted_cfg("prepare", sys.argv[1:]):
-        _hydra_main()
+    run_cli("kullm-prepare", "prepare", prepare)
 
 
 if __name__ == "__main__":

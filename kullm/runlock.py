@@ -17,12 +17,14 @@ from typing import IO, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from kullm.errors import KullmError
+
 LOCK_NAME = ".kullm.lock"
 # What launchers set in the processes they start (torchrun, Lightning's own launcher, SLURM, multi-node runs)
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
 
-class RunLocked(RuntimeError):
+class RunLocked(KullmError, RuntimeError):
     """Another live process holds the folder."""
 
 

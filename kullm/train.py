@@ -16,44 +16,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hydra
-import lightning as L
-import torch
-from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from kullm.config import (
-    CONF_DIR,
-    ConfigError,
-    check_overrides,
-    exit_on_version,
-    expose_hydra_plugins,
-    fail,
-    print_redacted_cfg,
-    validate,
-)
+from kullm.cli import run_cli
+from kullm.config import ConfigError, validate
 from kullm.console import mirror_to_run_log, quiet_third_party
-from kullm.data.records import DataError, check_source
-from kullm.training.checkpointing import (
-    AdapterCheckpoint,
-    AtomicCheckpointIO,
-    Diverged,
-    GracefulStop,
-    Interrupted,
-    RunIdentity,
-    adapter_dir,
-    copy_adapter,
-    export_adapter,
-    resolve_resume,
-)
-from kullm.training.loggers import build_loggers, finish_wandb, log_adapter_artifact
-from kullm.training.plan import accumulation, build_strategy, check_combination, validation_schedule, world_size
-from kullm.training.preemption import own_last_checkpoint, requeue
-from kullm.training.sweep import RunRecord
-from kullm.untrusted import UntrustedFileError
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +33,9 @@ log = logging.getLogger(__name__)
 def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bool) -> list[L.Callback]:
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from kullm.training.callbacks import GenerationSamples
+    from kullm.training.checkpointing import AdapterCheckpoint
     from kullm.training.progress import RunProgressBar
+    from kullm.training.samples import GenerationSamples
 
     cc = cfg.callbacks.checkpoint
     monitor = cc.get("monitor") if has_val else None
@@ -94,10 +67,28 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says; return the final metrics, the adapter folder, the trainer and the module."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_info
+
     from kullm.data.datamodule import KullmDataModule
+    from kullm.data.sources import check_source
     from kullm.modeling import build_trainable_model, full_finetuning, load_tokenizer
     from kullm.templates import Prompter
+    from kullm.training.checkpointing import AtomicCheckpointIO, Diverged, copy_adapter, export_adapter
+    from kullm.training.loggers import build_loggers, finish_wandb, log_adapter_artifact
     from kullm.training.module import KullmLitModule
+    from kullm.training.preemption import GracefulStop, Interrupted, own_last_checkpoint, requeue
+    from kullm.training.preflight import (
+        accumulation,
+        build_strategy,
+        check_combination,
+        validation_schedule,
+        world_size,
+    )
+    from kullm.training.result import RunRecord
+    from kullm.training.resume import RunIdentity, resolve_resume
 
     quiet_third_party()
     mirror_to_run_log()  # kullm's and Lightning's lines in the run's log file too
@@ -217,11 +208,15 @@ def final_adapter_choice(cfg: DictConfig, has_val: bool) -> str:
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:
+    from kullm.training.checkpointing import AdapterCheckpoint
+
     return next((cb.last_model_path for cb in trainer.callbacks if isinstance(cb, AdapterCheckpoint)), None)
 
 
 def _best_adapter(trainer: L.Trainer) -> Path | None:
     """The adapter folder beside the best checkpoint, if a validation ever ranked one."""
+    from kullm.training.checkpointing import AdapterCheckpoint, adapter_dir
+
     for cb in trainer.callbacks:
         if isinstance(cb, AdapterCheckpoint) and cb.best_model_path:
             folder = adapter_dir(cb.best_model_path)
@@ -235,12 +230,13 @@ def _count(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def _job(cfg: DictConfig) -> float | None:
+    """One ``kullm-train`` job: :func:`train`, returning ``val/loss`` for a sweeper (``None`` without one). A run
+    stopped by a signal exits with ``128 + signum`` after saying how to resume it."""
+    from kullm.training.preemption import Interrupted
+
     try:
         result = train(cfg)
-    except (ConfigError, DataError, UntrustedFileError, Diverged) as e:
-        fail("kullm-train", e)
     except Interrupted as e:
         again = f" (or run the same command again: run_name={cfg.run_name})" if cfg.get("run_name") else ""
         print(f"kullm-train: {e}; resume with ckpt_path={e.last}{again}", file=sys.stderr)
@@ -250,16 +246,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console entry point: catch misspelled keys (with the nearest valid one) before Hydra runs."""
-    exit_on_version("kullm-train", sys.argv[1:])
-    quiet_third_party()
-    try:
-        check_overrides("train", sys.argv[1:])
-    except ConfigError as e:
-        raise SystemExit(f"kullm-train: {e}") from None
-    if not print_redacted_cfg("train", sys.argv[1:]):
-        expose_hydra_plugins()
-        _hydra_main()
+    """``kullm-train``: see ``conf/train.yaml``."""
+    run_cli("kullm-train", "train", _job)
 
 
 if __name__ == "__main__":

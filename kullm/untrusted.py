@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from kullm.errors import KullmError
+
 MAX_YAML_BYTES = 1 << 20  # a kullm_config.yaml or template.yaml is a few KiB
 MAX_TEMPLATE_CHARS = 256 << 10  # chat templates with tool use run to ~10 KiB
 MAX_RENDER_STEPS = 1_000_000  # lines of template code run per render (a long conversation takes thousands)
@@ -35,7 +37,7 @@ _JINJA = f"{os.sep}jinja2{os.sep}"  # Jinja's own modules: the runtime that call
 _WIDE = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format string
 
 
-class UntrustedFileError(ValueError):
+class UntrustedFileError(KullmError, ValueError):
     """A shared file that kullm refuses to read (interpolations, aliases, too large, not YAML)."""
 
 

@@ -61,14 +61,14 @@ BUGS = [
     ),
     Bug(
         "W&B `auto` without a key goes online",
-        "kullm/training/loggers.py",
+        "kullm/wandb_mode.py",
         '        pass\n    return "offline"\n',
         '        pass\n    return "online"\n',
         ("tests/test_configs.py",),
     ),
     Bug(
         "the mask invariant never runs when train_on_inputs=false",
-        "kullm/data/preprocess.py",
+        "kullm/data/sft.py",
         'checked = [i for i, k in enumerate(enc["keep"]) if k] if verify else []',
         'checked = [i for i, k in enumerate(enc["keep"]) if k] if verify and train_on_inputs else []',
         ("tests/test_preprocess.py",),
@@ -125,7 +125,7 @@ BUGS = [
     # issue #23, item 12: resume bugs the fast suite let through
     Bug(
         "a graceful stop inside an accumulation window writes `last` mid-window",
-        "kullm/training/checkpointing.py",
+        "kullm/training/preemption.py",
         "if not stop or trainer.fit_loop.epoch_loop._should_accumulate():",
         "if not stop:",
         ("tests/test_resume_windows.py",),
@@ -139,7 +139,7 @@ BUGS = [
     ),
     Bug(
         "a resume-identity key left unrecorded (the sampler)",
-        "kullm/training/checkpointing.py",
+        "kullm/training/resume.py",
         '        "sampler": c.get("sampler"),\n',
         "",
         ("tests/test_checkpoint_state.py::test_every_resume_identity_key_is_recorded_and_a_change_to_it_alone_is_refused",),

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from kullm.data.records import DataError, read_records
+from kullm.data.records import ReadOptions, read_records
+from kullm.data.sources import DataError
 
 CONV = [
     {"role": "system", "content": "너는 친절한 비서야."},
@@ -42,7 +43,7 @@ def test_configurable_role_names(tmp_path):
     recs, report = read_records(path)
     assert not recs and report.rejects[0].reason == "unknown_role"
     assert report.rejects[0].field == "conversations[0].from"
-    recs, _ = read_records(path, roles={"사용자": "user", "봇": "assistant"})
+    recs, _ = read_records(path, ReadOptions(roles={"사용자": "user", "봇": "assistant"}))
     assert recs[0].turns == (("user", "안녕"), ("assistant", "네, 안녕하세요"))
 
 
@@ -77,7 +78,7 @@ def test_bad_conversations_are_named_and_counted(tmp_path, messages, reason, fie
     (reject,) = report.rejects
     assert (reject.source, reject.field, reject.reason) == (f"{path}:2", field, reason)
     with pytest.raises(DataError, match=re.escape(f"m.jsonl:2: {field}: {reason}")):
-        read_records(path, policy="strict")
+        read_records(path, ReadOptions(policy="strict"))
 
 
 def test_layout_is_detected_per_file(tmp_path):
@@ -87,7 +88,8 @@ def test_layout_is_detected_per_file(tmp_path):
     recs, report = read_records(tmp_path)
     assert [bool(r.turns) for r in recs] == [True, False]
     assert [(r.field, r.reason) for r in report.rejects] == [("messages", "missing_field")]
-    recs, report = read_records(tmp_path, format="instruction")  # forced: the conversation has no instruction
+    # forced: the conversation has no instruction
+    recs, report = read_records(tmp_path, ReadOptions(format="instruction"))
     assert report.rejected == {"missing_field": 1} and [r.instruction for r in recs] == ["x", "질문"]
 
 
@@ -111,10 +113,10 @@ def test_json_array_csv_parquet_and_save_to_disk(tmp_path):
         assert report.n_rejected == 0
     csv_recs, _ = read_records(tmp_path / "c.csv")
     assert [r.source.rsplit(":", 1)[1] for r in csv_recs] == ["2", "16", "38", "52"]  # first lines
-    recs, _ = read_records(tmp_path / "saved_dict", split="test")
+    recs, _ = read_records(tmp_path / "saved_dict", ReadOptions(split="test"))
     assert [(r.id, r.turns) for r in recs] == want[:1] and recs[0].source.endswith("saved_dict[test]:1")
     with pytest.raises(DataError, match=r"no split 'validation'.*train, test"):
-        read_records(tmp_path / "saved_dict", split="validation")
+        read_records(tmp_path / "saved_dict", ReadOptions(split="validation"))
 
 
 def test_flat_rows_from_csv_and_parquet(tmp_path):
@@ -151,7 +153,7 @@ def test_duplicate_conversations_are_dropped_and_colliding_ids_renamed(tmp_path)
         tmp_path / "m.jsonl",
         [{"id": "a", "messages": CONV}, {"id": "b", "messages": CONV}, {"id": "a", "messages": other}],
     )
-    recs, report = read_records(path, drop_duplicates=True)
+    recs, report = read_records(path, ReadOptions(drop_duplicates=True))
     assert report.duplicates == 1
     assert recs[0].id == "a" and recs[1].id.startswith("a#") and recs[1].turns == tuple(TURNS[:3])
 
@@ -163,7 +165,7 @@ def test_a_hub_style_load_reads_conversations_and_a_nested_saved_dataset_is_refu
     folder = tmp_path / "hubby"
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", [{"id": "h1", "conversations": sharegpt(CONV)}])
-    recs, _ = read_records(folder, source="hub")
+    recs, _ = read_records(folder, ReadOptions(source="hub"))
     assert [(r.id, r.turns) for r in recs] == [("h1", TURNS)] and recs[0].source.endswith("[train]:1")
     datasets.Dataset.from_list([{"messages": CONV}]).save_to_disk(str(tmp_path / "mixed" / "saved"))
     write_jsonl(tmp_path / "mixed" / "a.jsonl", [{"messages": CONV}])
@@ -185,14 +187,15 @@ def test_open_conversations_end_with_the_user_turn_to_answer(tmp_path):
     assert [r.id for r in closed] == ["open.jsonl:2"]
     assert report.rejected == {"not_ending_in_assistant": 2, "alternation": 1}
     recs, report = read_records(
-        path, fields={"output": "response"}, require_output=False, open_conversations=True, content_ids=True
+        path,
+        ReadOptions(fields={"output": "response"}, require_output=False, open_conversations=True, content_ids=True),
     )
     assert report.rejected == {"alternation": 1}  # the turn rules still hold: an assistant turn cannot come first
     assert [r.turns for r in recs] == [TURNS[:-1], TURNS, TURNS[:-1]]
     assert [r.output for r in recs] == ["", CONV[-1]["content"], "1905년에 세워졌습니다."]
     # the same history asked twice: one id from it, the other kept under a content-hash suffix
     assert recs[0].id.startswith("sha:") and recs[1].id.startswith(recs[0].id + "#")
-    judged, report = read_records(path, fields={"output": "response"}, open_conversations=True)
+    judged, report = read_records(path, ReadOptions(fields={"output": "response"}, open_conversations=True))
     assert [(r.id, r.output) for r in judged] == [("open.jsonl:2", CONV[-1]["content"]), ("r", rows[2]["response"])]
     assert report.rejected == {"missing_field": 1, "alternation": 1}  # row 1: nothing to judge
 

@@ -10,7 +10,7 @@ from strategies import conversations, turn_text
 from kullm.chat_template import generation_prompt, serving, to_chat_template
 from kullm.config import compose
 from kullm.data.sft import IGNORE_INDEX, encode_batch
-from kullm.data.turns import encode_conversations, render_with_prompter
+from kullm.data.sft_chat import encode_conversations, render_with_prompter
 from kullm.modeling import load_tokenizer
 from kullm.templates import Prompter
 

@@ -15,8 +15,8 @@ from test_chat_train import assert_exact_masks, conversations
 from transformers import AutoTokenizer
 
 from kullm.config import compose
-from kullm.inference.generation import Generator
-from kullm.modeling import FAMILIES
+from kullm.inference.generator import Generator
+from kullm.tiny import FAMILIES
 
 CHAT = Path(__file__).resolve().parents[1] / "data" / "sample_chat"
 # a random base under a random LoRA (a warmed-up tiny model soon answers "." and stops): greedy answers that are

@@ -151,7 +151,7 @@ IDENTITY_VARIANTS = {
 
 def test_every_resume_identity_key_is_recorded_and_a_change_to_it_alone_is_refused(tmp_path):
     from kullm.config import ConfigError, compose
-    from kullm.training.checkpointing import RunIdentity, resolve_resume, run_identity
+    from kullm.training.resume import RunIdentity, resolve_resume, run_identity
 
     def cfg(*extra: str):
         return compose("train", ["experiment=smoke", f"output_dir={tmp_path}", *extra])
@@ -175,7 +175,7 @@ def test_every_resume_identity_key_is_recorded_and_a_change_to_it_alone_is_refus
 
 def test_a_checkpoint_written_before_an_identity_key_existed_resumes_without_checking_that_key(tmp_path):
     from kullm.config import ConfigError, compose
-    from kullm.training.checkpointing import RunIdentity, resolve_resume
+    from kullm.training.resume import RunIdentity, resolve_resume
 
     def cfg(*extra: str):
         return compose("train", ["experiment=smoke", f"output_dir={tmp_path}", *extra])

@@ -2,12 +2,13 @@
 for a run that produced nothing."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from chat_server import ChatServer
-from console_scripts import one_line_error
+from console_scripts import one_line_error, run_script
 
 from kullm import __version__
 
@@ -27,6 +28,94 @@ def test_version_is_kullms(module):
     proc = subprocess.run([sys.executable, "-m", f"kullm.{module}", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{CLIS[module]} (kullm {__version__})"
+
+
+# each console script with a real key of its own misspelled, and the key its hint must name
+TYPOS = {
+    "kullm-train": (["experiment=smoke", "optim.lrr=1"], "optim.lr"),
+    "kullm-prepare": (["data.cutof_len=5"], "data.cutoff_len"),
+    "kullm-generate": (["prompt=안녕 하세요", "generation.max_new_tokenz=4"], "generation.max_new_tokens"),
+    "kullm-merge": (["adapter=a", "out=b", "tolerence=0.1"], "tolerance"),  # adapter and out are required (???)
+    "kullm-eval": (["judge=openai", "judge.timout=2"], "judge.timeout"),
+}
+HEAVY = ("torch", "lightning", "transformers", "datasets", "peft")
+# runs an installed console script's entry point in this process, then lists the heavy packages it imported
+PROBE = """
+import sys
+from importlib.metadata import entry_points
+
+(entry,) = entry_points(group="console_scripts", name=sys.argv[1])
+main = entry.load()
+sys.argv = sys.argv[1:]
+try:
+    main()
+except SystemExit as e:
+    assert e.code in (None, 0), e.code
+print(sorted({name.split(".")[0] for name in sys.modules} & set(sys.argv[2].split(","))))
+"""
+
+
+@pytest.mark.parametrize("script", sorted(TYPOS))
+def test_every_cli_refuses_a_misspelled_key_in_one_line_naming_the_nearest(script, tmp_path):
+    args, key = TYPOS[script]
+    proc = run_script(script, *args, cwd=tmp_path, timeout=120)
+    line = one_line_error(proc, script)
+    assert proc.stderr.strip() == line and line.startswith(f"{script}: unknown config key '")
+    assert f"(did you mean '{key}'?)" in line
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+@pytest.mark.parametrize("script", sorted(TYPOS))
+def test_version_and_help_import_neither_torch_nor_lightning(script, flag, tmp_path):
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PROBE, script, flag, ",".join(HEAVY)], cwd=tmp_path, env=environ,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, *_, loaded = proc.stdout.splitlines()
+    assert loaded == "[]", f"{script} {flag} imported {loaded}"
+    assert first == f"{script} (kullm {__version__})" if flag == "--version" else first.startswith(f"{script}: ")
+
+
+RUNNER = """
+import sys
+
+from kullm.cli import run_cli
+from kullm.errors import KullmError
+
+
+def task(cfg):
+    raise {error}
+
+
+sys.argv = ["kullm-x", "adapter=a", "out=b", "hydra.run.dir=run"]
+run_cli("kullm-x", "merge", task, catch=(OSError,))
+"""
+
+
+@pytest.mark.parametrize(
+    ("error", "one_line", "shown"),
+    [
+        ("KullmError('no adapter folder at a')", True, "kullm-x: no adapter folder at a"),
+        ("FileNotFoundError('b: no such file')", True, "kullm-x: b: no such file"),  # a type this command catches
+        ("KeyError('a bug')", False, "KeyError: 'a bug'"),
+        ("ValueError('a bug')", False, "ValueError: a bug"),  # a type another command catches, not this one
+    ],
+)
+def test_the_runner_shows_a_users_mistake_in_one_line_and_a_bug_with_its_traceback(tmp_path, error, one_line, shown):
+    proc = subprocess.run([sys.executable, "-c", RUNNER.format(error=error)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    if one_line:
+        assert one_line_error(proc, "kullm-x") == shown
+    else:
+        assert proc.returncode != 0 and "Traceback" in proc.stderr and shown in proc.stderr.splitlines()
+
+
+def test_a_cli_run_keeps_its_log_named_after_the_command(tmp_path):
+    """Hydra names a job, and its log file, after the module defining the task: ``merge.log``, not ``cli.log``."""
+    proc = run_script("kullm-merge", f"adapter={tmp_path}/absent", f"out={tmp_path}/merged",
+                      f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=120)  # fmt: skip
+    assert one_line_error(proc, "kullm-merge") == f"kullm-merge: {tmp_path}/absent: no such adapter folder"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "merge.log"]
 
 
 @pytest.mark.parametrize(
@@ -87,7 +176,7 @@ def test_eval_that_judged_nothing_fails_with_the_reason(tmp_path):
 def test_eval_with_another_judge_model_is_refused_before_any_request(tmp_path):
     from test_evaluate import eval_cfg
 
-    from kullm.evaluation import runs as ev
+    from kullm.evaluation import pipeline as ev
 
     rows = [{"id": f"q{i}", "instruction": f"질문 {i}", "input": "", "response": f"답 {i}"} for i in range(2)]
     resp = tmp_path / "responses.jsonl"

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from kullm.config import CONF_DIR, ConfigError, compose, validate
 from kullm.training.loggers import build_loggers
-from kullm.training.plan import accumulation, build_strategy, validation_schedule, world_size
+from kullm.training.preflight import accumulation, build_strategy, validation_schedule, world_size
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
@@ -152,7 +152,7 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_wandb_auto_mode_is_offline_without_a_key_and_online_with_one(tmp_path, monkeypatch):
-    from kullm.training.loggers import wandb_mode
+    from kullm.wandb_mode import wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -202,7 +202,7 @@ def test_deepspeed_loss_is_scaled_once():
 def test_generated_samples_are_switched_off_with_the_reason_under_sharded_strategies(tmp_path):
     import types
 
-    from kullm.training.callbacks import GenerationSamples, sharded_reason
+    from kullm.training.samples import GenerationSamples, sharded_reason
 
     class FSDPStrategy:
         pass
@@ -226,7 +226,7 @@ AUTOCAST_CASES = [("16-mixed", "bfloat16", False), ("bf16-mixed", "float16", Fal
 
 @pytest.mark.parametrize(("precision", "dtype", "ok"), AUTOCAST_CASES)
 def test_autocast_over_a_base_of_the_other_half_precision_is_refused(tmp_path, precision, dtype, ok):
-    from kullm.training.plan import check_combination
+    from kullm.training.preflight import check_combination
 
     cfg = compose("train", ["experiment=smoke", f"output_dir={tmp_path}", f"trainer.precision={precision}",
                             f"model.dtype={dtype}"])  # fmt: skip

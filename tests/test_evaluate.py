@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from kullm.config import ROOT, compose
 from kullm.data.records import read_records
-from kullm.evaluation import runs as ev
+from kullm.evaluation import pipeline as ev
 
 SHARED_EVAL_SET = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "kullm" / "user_oriented_instructions_eval.jsonl"
@@ -351,7 +351,7 @@ def test_adapter_mode_generates_first(tmp_path, eval_records, monkeypatch):
         calls.append(cfg)
         return write_responses(Path(cfg["output_file"]), eval_records[:3])
 
-    monkeypatch.setitem(sys.modules, "kullm.inference.generation", types.SimpleNamespace(generate_file=generate_file))
+    monkeypatch.setitem(sys.modules, "kullm.inference.files", types.SimpleNamespace(generate_file=generate_file))
     monkeypatch.setattr(
         ev,
         "_compose_generate",

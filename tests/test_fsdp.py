@@ -15,7 +15,8 @@ from test_train import cfg_for, metric_series
 from transformers import AutoModelForCausalLM
 
 from kullm.adapter import AdapterError, verify_adapter
-from kullm.modeling import build_tiny, build_trainable_model
+from kullm.modeling import build_trainable_model
+from kullm.tiny import build_tiny
 from kullm.training.fsdp import _layer_classes, _wrap_policy
 
 # a clip far below the gradient norm: every step clips, so a per-shard norm would show in the weights

@@ -10,11 +10,12 @@ from safetensors.torch import load_file
 from test_train import cfg_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kullm.adapter import AdapterError, load_adapter, read_adapter
+from kullm.adapter import AdapterError, read_adapter
 from kullm.config import ConfigError, compose
-from kullm.inference.generation import Generator
+from kullm.inference.generator import Generator
 from kullm.inference.merging import merge
-from kullm.modeling import build_tiny, build_trainable_model
+from kullm.modeling import build_trainable_model, load_adapter
+from kullm.tiny import build_tiny
 from kullm.train import train
 
 FULL = ("model=tiny-llama", "lora=none", "data.val_set_size=0", "callbacks.samples.num=0", "optim.lr=1e-3")

@@ -12,9 +12,11 @@ import pytest
 from console_scripts import run_script, script
 
 from kullm.config import compose
-from kullm.data.records import DataError, read_records
+from kullm.data.records import read_records
+from kullm.data.sources import DataError
 from kullm.generate import quote_text_args, run
-from kullm.inference.generation import Generator, check_settings, run_file
+from kullm.inference.files import check_settings, run_file
+from kullm.inference.generator import Generator
 
 EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "kullm"
 EVAL_SET = EVAL_DIR / "user_oriented_instructions_eval.jsonl"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from kullm.config import compose
-from kullm.data.records import DataError
-from kullm.inference.generation import Generator, run_file
+from kullm.data.sources import DataError
+from kullm.inference.files import run_file
+from kullm.inference.generator import Generator
 
 CHAT = Path(__file__).resolve().parents[1] / "data" / "sample_chat"
 FAMILY_STOPS = {"llama": ["<|eot_id|>", "<|end_of_text|>"], "qwen2": ["<|im_end|>", "<|endoftext|>"]}
@@ -88,9 +89,9 @@ def test_a_conversation_file_answers_the_last_user_turn_through_the_chat_templat
 
 
 def test_batched_multi_turn_prompts_equal_one_at_a_time_token_for_token(generator, alone):
-    from kullm.data.records import read_records
+    from kullm.data.records import ReadOptions, read_records
 
-    records, _ = read_records(CHAT / "messages.jsonl", open_conversations=True, require_output=False)
+    records, _ = read_records(CHAT / "messages.jsonl", ReadOptions(open_conversations=True, require_output=False))
     ids = [generator.encode(generator.render(r)) for r in records]
     assert max(map(len, ids)) > 4 * min(map(len, ids))  # the short prompts carry hundreds of pad tokens
     assert generator.complete(ids) == [alone[r.id] for r in records]

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from kullm.data.chat import OPENAI_ROLES, SHAREGPT_ROLES
-from kullm.data.records import read_records
+from kullm.data.conversations import OPENAI_ROLES, SHAREGPT_ROLES
+from kullm.data.records import ReadOptions, read_records
 
 # --- role names -------------------------------------------------------------------------------------------------
 
@@ -54,7 +54,7 @@ def test_an_unknown_role_is_a_named_reject_unless_data_roles_maps_it(tmp_path):
     (rej,) = report.rejects
     assert not records and (rej.reason, rej.field) == ("unknown_role", "conversations[1].from")
     assert rej.message.startswith("role 'bot' is none of assistant, bard, bing, chatgpt, gpt, human, system, user")
-    records, _ = read_records(path, roles={"bot": "assistant"})
+    records, _ = read_records(path, ReadOptions(roles={"bot": "assistant"}))
     assert records[0].turns == (("user", "q"), ("assistant", "a"))
 
 
@@ -166,8 +166,7 @@ def test_only_a_pre_timeout_signal_requeues_a_slurm_job(tmp_path, monkeypatch, s
     the queue (array tasks by ``<array>_<task>``). SIGTERM (scancel, preemption) and Ctrl-C stop it for good."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from kullm.training.checkpointing import GracefulStop
-    from kullm.training.preemption import requeue
+    from kullm.training.preemption import GracefulStop, requeue
 
     calls = tmp_path / "scontrol.calls"
     fake = tmp_path / "scontrol"

@@ -12,7 +12,7 @@ from kullm.config import compose
 from kullm.data.records import Record
 from kullm.evaluation.geval import JudgePrompt
 from kullm.evaluation.judges import JudgeError, OpenAIJudge, build_judge, retry_after
-from kullm.evaluation.runs import judge_one
+from kullm.evaluation.pipeline import judge_one
 
 MESSAGES = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Response:\nK\n\n\nResult\n"}]
 

@@ -16,6 +16,15 @@ PACKAGE = ROOT / "kullm"
 # lower stages first: a module may import its own stage or a lower one, never a higher one
 STAGES = ["base", "data", "training", "inference", "evaluation", "cli"]
 CLIS = {"prepare", "train", "generate", "merge", "evaluate"}
+# the flat base modules in tiers, lower first: a base module may import its own tier or a lower one (a cycle inside a
+# tier is caught by test_no_import_cycle_anywhere)
+BASE_TIERS = [
+    # files, configs, prompts and tokens: no kullm import beyond this tier
+    {"atomic", "cache", "chat_template", "cli", "config", "console", "errors", "redaction", "resumable", "runlock",
+     "special_tokens", "templates", "untrusted", "wandb_mode"},
+    {"adapter", "tiny"},  # the folders kullm writes for a model: an adapter or model folder, the tiny model's
+    {"modeling"},  # loading models (hub, local, tiny, an adapter on its base) and wrapping them for training
+]  # fmt: skip
 
 
 def stage_of(module: str) -> str:
@@ -41,6 +50,48 @@ def module_name(path: Path) -> str:
     return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
 
 
+def import_graph() -> dict[str, set[str]]:
+    """Every kullm module and the kullm modules it imports (lazy ones included; ``from kullm import x`` of a
+    non-module ``x`` is an edge to ``kullm``)."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {me: {owner(t, paths) for t in kullm_imports(path)} - {me} for me, path in paths.items()}
+
+
+def owner(target: str, modules) -> str:
+    """The module ``target`` names, or that holds it (``kullm.__version__`` → ``kullm``)."""
+    while target not in modules and "." in target:
+        target = target.rsplit(".", 1)[0]
+    return target
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of ``graph`` with more than one module: each is an import cycle."""
+    reach = {}
+    for start in graph:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        reach[start] = seen
+    found = {tuple(sorted(m for m in reach[v] if v in reach[m])) for v in graph if v in reach[v]}
+    return sorted(list(c) for c in found)
+
+
+def tier_of(module: str) -> int | None:
+    """The base tier of a flat module (``None``: not a base module)."""
+    name = module.removeprefix("kullm.")
+    return next((i for i, tier in enumerate(BASE_TIERS) if name in tier), None)
+
+
+def upward_base_imports(me: str, targets) -> list[str]:
+    """The imports of base module ``me`` into a higher base tier."""
+    mine = tier_of(me)
+    return [f"{me} (tier {mine}) imports {t} (tier {tier_of(t)})"
+            for t in sorted(targets) if mine is not None and (tier_of(t) or 0) > mine]  # fmt: skip
+
+
 def test_conf_is_at_the_top_of_the_checkout():
     assert CONF_DIR == ROOT / "conf"
     assert not (PACKAGE / "conf").exists()
@@ -54,8 +105,7 @@ def test_the_package_is_grouped_by_stage():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert CLIS <= top
     # beside the CLIs only the shared base every stage uses: a new flat module is a decision, made here
-    base = {"adapter", "atomic", "chat_template", "config", "console", "modeling", "redaction", "resumable",
-            "runlock", "templates", "untrusted"}  # fmt: skip
+    base = set().union(*BASE_TIERS)
     assert top - CLIS == base, f"flat modules beside the CLIs should be the shared base only: {sorted(top - CLIS)}"
 
 
@@ -78,6 +128,36 @@ def test_the_stage_rule_catches_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from kullm.training.module import KullmLitModule\n")
     (target,) = kullm_imports(bad)
     assert STAGES.index(stage_of(target)) > STAGES.index(stage_of("kullm.data.records"))
+
+
+def test_no_base_module_imports_a_higher_tier():
+    graph = import_graph()
+    bad = [line for me in sorted(graph) for line in upward_base_imports(me, graph[me])]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_tier_rule_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("def f():\n    from kullm.adapter import read_adapter\n")
+    assert upward_base_imports("kullm.atomic", kullm_imports(bad)) == [
+        "kullm.atomic (tier 0) imports kullm.adapter (tier 1)"
+    ]
+
+
+def test_no_import_cycle_anywhere():
+    """Over every module of every stage, lazy imports included: no strongly connected component."""
+    graph = import_graph()
+    assert {"kullm.adapter", "kullm.modeling", "kullm.tiny"} <= graph.keys() and len(graph) > 25
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_catches_a_lazy_import_back(tmp_path):
+    graph = import_graph()
+    planted = tmp_path / "atomic.py"
+    planted.write_text("def f():\n    from kullm.modeling import load_model\n")  # modeling → tiny → atomic → modeling
+    graph["kullm.atomic"] = {owner(t, graph) for t in kullm_imports(planted)}
+    (cycle,) = cycles(graph)
+    assert {"kullm.atomic", "kullm.tiny", "kullm.modeling"} <= set(cycle)
 
 
 @pytest.mark.slow

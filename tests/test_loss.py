@@ -341,7 +341,7 @@ def test_loss_impl_choice_and_refusals(monkeypatch):
 
 def test_train_refuses_a_cuda_only_loss_before_loading(tmp_path):
     from kullm.config import compose
-    from kullm.training.plan import check_combination
+    from kullm.training.preflight import check_combination
 
     cfg = compose("train", ["experiment=smoke", f"output_dir={tmp_path}", "loss.impl=cce"])
     with pytest.raises(ConfigError, match="loss.impl=cce"):

@@ -9,7 +9,7 @@ import pytest
 from test_generate import ITEMS, gen_cfg, make_adapter
 
 from kullm.config import compose
-from kullm.inference.generation import Generator
+from kullm.inference.generator import Generator
 from kullm.inference.merging import MergeError, merge, weight_names
 
 
@@ -31,7 +31,7 @@ def test_merged_checkpoint_loads_without_peft_and_matches(adapter, merged):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kullm.adapter import load_adapter
+    from kullm.modeling import load_adapter
 
     names = weight_names(merged)
     assert names and not [n for n in names if "lora" in n.lower()]

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kullm.config import ConfigError, compose
 from kullm.inference.merging import merge
-from kullm.modeling import FAMILIES, build_tiny, load_model, load_tokenizer, lora_targets
+from kullm.modeling import load_model, load_tokenizer, lora_targets
+from kullm.tiny import FAMILIES, build_tiny
 from kullm.train import train
 
 FAMILY_EOS = {"llama": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "mistral": "</s>",
@@ -113,7 +114,8 @@ def test_a_chat_model_trains_on_conversations_with_its_own_template_and_serves_i
     assert AutoTokenizer.from_pretrained(merged).chat_template == served.chat_template
 
     # the terminal chat keeps the conversation: the second answer is generated after the first exchange
-    from kullm.inference.generation import Generator, chat
+    from kullm.inference.chat import chat
+    from kullm.inference.generator import Generator
 
     gen_cfg = compose("generate", [f"adapter={result['adapter']}", "generation=greedy",
                                    "generation.max_new_tokens=6"])  # fmt: skip

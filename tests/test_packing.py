@@ -10,18 +10,11 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import GPTNeoXForCausalLM  # noqa: F401  (imported here, once: mutation runs fork after collection)
 
-from kullm.data.packing import (
-    PACKED_COLUMNS,
-    block_causal_mask,
-    pack_bins,
-    pack_dataset,
-    pack_examples,
-    packed_model_inputs,
-    segment_ids,
-    varlen_attn_implementation,
-)
+from kullm.data.packing import PACKED_COLUMNS, pack_bins, pack_dataset, pack_examples
 from kullm.data.sft import IGNORE_INDEX, Collator
-from kullm.modeling import TINY, TINY_SHAPE, load_model
+from kullm.modeling import load_model
+from kullm.tiny import TINY, TINY_SHAPE
+from kullm.training.attention import block_causal_mask, packed_model_inputs, segment_ids, varlen_attn_implementation
 from kullm.training.loss import full_loss, head_only_loss
 
 NEG = torch.finfo(torch.float32).min
@@ -361,7 +354,7 @@ def test_a_variable_length_kernel_sees_one_flattened_row_for_any_micro_batch(lor
     is flattened first, with exactly the loss and gradients of one example at a time. sdpa stands in for
     flash-attention here (flash-attn cannot be installed on this CPU machine; transformers' sdpa path also reads the
     boundaries from position_ids, so it cannot show the cross-example leak that flash-attention's would)."""
-    import kullm.data.packing as packing
+    import kullm.training.attention as attention
     import kullm.training.loss as loss_mod
     from kullm.training.loss import lm_loss
 
@@ -370,7 +363,7 @@ def test_a_variable_length_kernel_sees_one_flattened_row_for_any_micro_batch(lor
     batch = _packed_batch(examples)
     assert batch["input_ids"].shape[0] > 1 and (batch["attention_mask"] == 0).any()  # several rows, some padding
     ref_loss, ref_n, ref_grads = _one_by_one(lora_model, examples, full_loss)
-    monkeypatch.setattr(packing, "VARLEN_IMPLEMENTATIONS", ("sdpa",))
+    monkeypatch.setattr(attention, "VARLEN_IMPLEMENTATIONS", ("sdpa",))
     monkeypatch.setattr(loss_mod, "VARLEN_IMPLEMENTATIONS", ("sdpa",))
     for head_only in (True, False):
         loss, n, grads = _packed(lora_model, batch, lambda m, b, h=head_only: lm_loss(m, b, head_only=h))

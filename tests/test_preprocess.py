@@ -8,8 +8,9 @@ import pytest
 
 from kullm.config import compose
 from kullm.data.preprocess import preprocess, split_records
-from kullm.data.records import DataError, Record
+from kullm.data.records import Record
 from kullm.data.sft import check_example
+from kullm.data.sources import DataError
 from kullm.modeling import load_tokenizer
 from kullm.templates import Prompter
 
@@ -169,7 +170,7 @@ def test_stale_cache_temporaries_are_removed_and_the_printed_rejects_path_exists
 
 @pytest.mark.parametrize("train_on_inputs", [False, True])
 def test_the_mask_invariant_holds_on_every_example_and_a_broken_mask_is_stopped(tmp_path, monkeypatch, train_on_inputs):
-    import kullm.data.preprocess as pre
+    import kullm.data.sft as sft
 
     path = write_rows(tmp_path / "d.jsonl", 30, long_output_every=7)
     Path(path).write_text("".join(Path(path).read_text(encoding="utf-8").splitlines(True)[:-1]), encoding="utf-8")
@@ -184,7 +185,7 @@ def test_the_mask_invariant_holds_on_every_example_and_a_broken_mask_is_stopped(
     assert res.stats["invariant_violations"] == 0 and res.stats["encoded"]["train"]["truncated"] > 0
     assert res.stats["encoded"]["train"]["dropped_invariant"] == 0
 
-    real = pre.encode_batch
+    real = sft.encode_batch
 
     def off_by_one(*args, **kwargs):  # the planted bug: the prompt mask one token short
         enc = real(*args, **kwargs)
@@ -193,7 +194,7 @@ def test_the_mask_invariant_holds_on_every_example_and_a_broken_mask_is_stopped(
                 labels[n - 1] = ids[n - 1] if not kwargs.get("train_on_inputs") else -100
         return enc
 
-    monkeypatch.setattr(pre, "encode_batch", off_by_one)
+    monkeypatch.setattr(sft, "encode_batch", off_by_one)
     cfg, tok, p = setup(tmp_path, *common, "data.policy=strict", f"data.cache_dir={tmp_path}/cache2")
     with pytest.raises(DataError, match=r"train: the masking invariant fails for id r\d+"):
         preprocess(cfg.data, tok, p)

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from kullm.data.records import DataError, Fields, read_records
+from kullm.data.records import Fields, ReadOptions, read_records
+from kullm.data.sources import DataError
 
 
 def write_lines(path, lines: list[bytes | str]) -> str:
@@ -48,10 +49,10 @@ def test_self_instruct_layout_one_record_per_instance(tmp_path):
 
 def test_configurable_field_names(tmp_path):
     p = write_lines(tmp_path / "qa.jsonl", [row(qid=7, question="한국의 수도는?", answer="서울")])
-    recs, _ = read_records(p, fields={"id": "qid", "instruction": "question", "output": "answer"})
+    recs, _ = read_records(p, ReadOptions(fields={"id": "qid", "instruction": "question", "output": "answer"}))
     assert (recs[0].id, recs[0].instruction, recs[0].output) == ("7", "한국의 수도는?", "서울")
     with pytest.raises(ValueError, match="unknown field-name keys"):
-        read_records(p, fields={"questoin": "q"})
+        read_records(p, ReadOptions(fields={"questoin": "q"}))
 
 
 BAD_ROWS = [
@@ -94,7 +95,7 @@ def test_bad_row_is_counted_and_written_with_file_and_line(tmp_path, line, reaso
 def test_strict_policy_stops_at_first_bad_row_naming_it(tmp_path, line, reason, field):
     p = write_lines(tmp_path / "bad.jsonl", [row(id="g", instruction="좋은 행", output="네"), line])
     with pytest.raises(DataError) as e:
-        read_records(p, policy="strict")
+        read_records(p, ReadOptions(policy="strict"))
     assert str(e.value).startswith(f"{p}:2: {field}: {reason}")
 
 
@@ -103,7 +104,7 @@ def test_a_colliding_id_never_costs_a_distinct_row(tmp_path):
     rows = [row(id="x", instruction="a", output="b"), row(id="x", instruction="c", output="d")]
     p = write_lines(tmp_path / "d.jsonl", rows)
     for policy in ("skip", "strict"):
-        recs, rep = read_records(p, policy=policy)
+        recs, rep = read_records(p, ReadOptions(policy=policy))
         assert [r.instruction for r in recs] == ["a", "c"]
         assert recs[0].id == "x" and recs[1].id.startswith("x#") and len(recs[1].id) == 10
         assert rep.renamed == [(f"{p}:2", "x", recs[1].id)] and rep.as_dict()["ids_renamed"] == 1
@@ -119,7 +120,7 @@ def test_exact_duplicates_are_dropped_and_counted_only_when_asked(tmp_path):
     p = write_lines(
         tmp_path / "d.jsonl", [same, row(id="z", instruction="같은 질문", input="입력", output="같은 답"), same]
     )
-    recs, rep = read_records(p, drop_duplicates=True)
+    recs, rep = read_records(p, ReadOptions(drop_duplicates=True))
     assert [r.id for r in recs] == ["y"] and rep.duplicates == 2 and rep.as_dict()["duplicates_dropped"] == 2
     kept, rep = read_records(p)  # generation input or responses: every id is its own item
     assert [r.id for r in kept][:2] == ["y", "z"] and len(kept) == 3 and rep.duplicates == 0
@@ -186,7 +187,7 @@ def test_hub_code_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
         folder / "train.jsonl",
         [row(id="a", instruction="질문", input="", output="답"), row(id="b", instruction="", output="x")],
     )
-    recs, rep = read_records(folder, source="hub", split="train")
+    recs, rep = read_records(folder, ReadOptions(source="hub", split="train"))
     assert [r.id for r in recs] == ["a"]
     assert rep.rejects[0].source == f"{folder}[train]:2"
 
@@ -197,9 +198,9 @@ def test_default_fields():
 
 def test_prompts_without_output_for_generation_and_empty_answers_for_judging(tmp_path):
     p = write_lines(tmp_path / "q.jsonl", [row(id="a", instruction="질문"), row(id="b", instruction="또", output="")])
-    recs, rep = read_records(p, require_output=False, allow_empty_output=True)
+    recs, rep = read_records(p, ReadOptions(require_output=False, allow_empty_output=True))
     assert [(r.id, r.output) for r in recs] == [("a", ""), ("b", "")] and rep.n_rejected == 0
-    recs, rep = read_records(p, allow_empty_output=True)
+    recs, rep = read_records(p, ReadOptions(allow_empty_output=True))
     assert [r.id for r in recs] == ["b"] and rep.rejected == {"missing_field": 1}
 
 
@@ -217,13 +218,18 @@ def test_hidden_files_and_folders_are_skipped_and_counted(tmp_path):
 def test_content_ids_survive_an_inserted_row(tmp_path):
     """Generation keys its resumption on ids: an id-less row keeps its id when a row is inserted above it."""
     rows = [row(instruction=f"질문 {i}") for i in range(3)]
-    before, _ = read_records(write_lines(tmp_path / "a.jsonl", rows), require_output=False, content_ids=True)
+    before, _ = read_records(
+        write_lines(tmp_path / "a.jsonl", rows), ReadOptions(require_output=False, content_ids=True)
+    )
     after, _ = read_records(
-        write_lines(tmp_path / "b.jsonl", [row(instruction="새 질문"), *rows]), require_output=False, content_ids=True
+        write_lines(tmp_path / "b.jsonl", [row(instruction="새 질문"), *rows]),
+        ReadOptions(require_output=False, content_ids=True),
     )
     assert [r.id for r in after[1:]] == [r.id for r in before] and all(r.id.startswith("sha:") for r in after)
     assert len({r.id for r in after}) == 4
-    same, rep = read_records(write_lines(tmp_path / "c.jsonl", rows[:1] * 3), require_output=False, content_ids=True)
+    same, rep = read_records(
+        write_lines(tmp_path / "c.jsonl", rows[:1] * 3), ReadOptions(require_output=False, content_ids=True)
+    )
     assert len({r.id for r in same}) == 3 and len(rep.renamed) == 2  # the same prompt three times: three answers
 
 
@@ -267,7 +273,7 @@ def test_an_empty_instruction_with_an_input_is_a_prompt_as_in_kullms_readme(tmp_
         tmp_path / "q.jsonl",
         [row(id="a", instruction="", input="고려대학교에 대해서 알려줘"), row(id="b", instruction=" ", input="")],
     )
-    recs, rep = read_records(p, require_output=False)
+    recs, rep = read_records(p, ReadOptions(require_output=False))
     assert [(r.id, r.instruction, r.input) for r in recs] == [("a", "", "고려대학교에 대해서 알려줘")]
     assert [(r.source, r.field, r.reason) for r in rep.rejects] == [(f"{p}:2", "instruction", "empty_instruction")]
 
@@ -285,10 +291,10 @@ def test_an_empty_csv_cell_is_an_empty_field_shown_as_its_csv_line(tmp_path):
         f"{p}:5: instruction: empty_field (the 'instruction' cell is empty in ',,답')",
     ]
     with pytest.raises(DataError, match=f"^{p}:3: output: empty_field: the 'output' cell is empty in"):
-        read_records(p, policy="strict")
+        read_records(p, ReadOptions(policy="strict"))
     raws = [json.loads(x)["raw"] for x in rejects.read_text(encoding="utf-8").splitlines()]
     assert raws == ['"여러 줄\n질문",,', ",,답"]  # the lines as in the file
-    recs, rep = read_records(p, require_output=False)  # prompts to answer: no output needed
+    recs, rep = read_records(p, ReadOptions(require_output=False))  # prompts to answer: no output needed
     assert len(recs) == 3 and rep.rejected == {"empty_field": 1}
 
 

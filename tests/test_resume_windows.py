@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from test_train import cfg_for
 
 from kullm.train import train
-from kullm.training.checkpointing import Interrupted
+from kullm.training.preemption import Interrupted
 
 ACCUMULATE = 4
 # dropout 0.1: the RNG state must resume too

@@ -14,9 +14,11 @@ from kullm.chat_template import bos_text, to_chat_template
 from kullm.config import compose
 from kullm.data.preprocess import load_processed
 from kullm.data.sft import IGNORE_INDEX
-from kullm.data.turns import encode_conversations, render_with_prompter, render_with_tokenizer
-from kullm.modeling import FAMILIES, bos_ids, build_tiny, load_tokenizer, with_bos
+from kullm.data.sft_chat import encode_conversations, render_with_prompter, render_with_tokenizer
+from kullm.modeling import load_tokenizer
+from kullm.special_tokens import bos_ids, with_bos
 from kullm.templates import Prompter
+from kullm.tiny import FAMILIES, build_tiny
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 QUESTION = "광합성이 무엇인지 초등학생도 이해할 수 있게 설명해 주세요."  # sample-v2-001: an instruction without input
@@ -90,7 +92,7 @@ def test_a_bos_adding_model_given_by_path_gets_one_bos_in_training_generation_an
         ids = served.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
         assert ids["input_ids"] == trained_prompt  # one BOS, rendered by the template as training put it there
 
-    from kullm.inference.generation import Generator
+    from kullm.inference.generator import Generator
 
     generator = Generator.from_config(compose("generate", [f"adapter={adapter}"]))
     assert generator.encode(generator.render(QUESTION)) == trained_prompt

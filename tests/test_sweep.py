@@ -18,8 +18,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
-from kullm.config import JobFailed
-from kullm.training.sweep import SweepSummary, read_result, summarize, summary_line, write_summary
+from kullm.cli import JobFailed
+from kullm.training.result import read_result
+from kullm.training.sweep import SweepSummary, summarize, summary_line, write_summary
 
 
 def fake_job(sweep: Path, name: str, overrides: list[str], result: dict | None) -> Path:
@@ -146,7 +147,8 @@ def test_hydra_finds_the_resumable_optuna_sweeper():
     from hydra.core.plugins import Plugins
     from hydra.plugins.sweeper import Sweeper
 
-    from kullm.config import CONF_DIR, expose_hydra_plugins
+    from kullm.cli import expose_hydra_plugins
+    from kullm.config import CONF_DIR
 
     expose_hydra_plugins()
     found = {f"{p.__module__}.{p.__name__}" for p in Plugins.instance().discover(Sweeper)}
@@ -219,7 +221,8 @@ def test_the_optuna_search_runs_from_an_installed_wheel(tmp_path):
 STAND_IN = """
 import hydra
 
-from kullm.config import CONF_DIR, expose_hydra_plugins
+from kullm.cli import expose_hydra_plugins
+from kullm.config import CONF_DIR
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -12,9 +12,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from kullm.config import ConfigError, check_overrides, compose, validate
+from kullm.cli import check_overrides
+from kullm.config import ConfigError, compose, validate
 from kullm.train import train
-from kullm.training.plan import accumulation, check_combination
+from kullm.training.preflight import accumulation, check_combination
 
 FAST = ["experiment=smoke", "logger=csv", "callbacks.samples.num=1", "callbacks.samples.max_new_tokens=4"]
 
@@ -439,7 +440,7 @@ def test_a_signal_saves_last_at_a_step_boundary_and_exits_non_zero(tmp_path, sig
 
 
 def test_resume_refuses_broken_checkpoints_and_other_settings_in_one_line(tmp_path):
-    from kullm.training.checkpointing import resolve_resume
+    from kullm.training.resume import resolve_resume
 
     run = tmp_path / "run"
     train(cfg_for(run, "trainer.max_steps=2", "callbacks.samples.num=0"))

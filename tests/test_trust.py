@@ -11,7 +11,8 @@ import yaml
 from console_scripts import run_script
 from test_generate import make_adapter
 
-from kullm.adapter import AdapterError, load_adapter
+from kullm.adapter import AdapterError
+from kullm.modeling import load_adapter
 
 TRAP_CODE = """
 from pathlib import Path

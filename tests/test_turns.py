@@ -11,7 +11,7 @@ from tokenizers import AddedToken
 
 from kullm.config import compose
 from kullm.data.sft import IGNORE_INDEX, encode_batch
-from kullm.data.turns import (
+from kullm.data.sft_chat import (
     Piece,
     Unrenderable,
     check_conversation,
@@ -241,8 +241,9 @@ def test_invariant_holds_for_random_conversations(turns, renderer, train_on):
 
 
 def test_a_split_rendered_by_the_tokenizer_template_drops_and_names_what_it_cannot_render():
-    from kullm.data.records import DataError, Record
-    from kullm.data.turns import encode_split
+    from kullm.data.records import Record
+    from kullm.data.sft_chat import encode_split
+    from kullm.data.sources import DataError
 
     tok = tokenizer(LLAMA3)
     records = [

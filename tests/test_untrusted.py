@@ -10,8 +10,9 @@ from test_generate import make_adapter
 
 from kullm.chat_template import to_chat_template
 from kullm.config import compose
-from kullm.modeling import FAMILIES, load_tokenizer
+from kullm.modeling import load_tokenizer
 from kullm.templates import Prompter
+from kullm.tiny import FAMILIES
 from kullm.untrusted import TemplateBoundError, UntrustedFileError, read_yaml, render_chat
 
 CHAT = [

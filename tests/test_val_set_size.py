@@ -9,7 +9,8 @@ from console_scripts import run_script
 
 from kullm.config import ConfigError, compose, validate
 from kullm.data.preprocess import split_records
-from kullm.data.records import DataError, Record
+from kullm.data.records import Record
+from kullm.data.sources import DataError
 
 
 def twelve_rows(tmp_path):

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kullm.data.records import DataError, Record, read_records
+from kullm.data.records import ReadOptions, Record, read_records
+from kullm.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def eval_overlap(records: Sequence[Record], eval_set: str | Path | None) -> list
     """Ids of ``records`` that share an instruction or an id with ``eval_set`` ([] when it is absent)."""
     if not eval_set or not Path(str(eval_set)).expanduser().is_file():
         return []
-    evals, _ = read_records(eval_set, source="files", require_output=False, allow_empty_output=True)
+    evals, _ = read_records(eval_set, ReadOptions(source="files", require_output=False, allow_empty_output=True))
     instructions = {normalise(r.instruction) for r in evals} - {""}  # an empty instruction (the text is the input)
     ids = {r.id for r in evals}
     return [r.id for r in records if r.id in ids or normalise(r.instruction) in instructions]

@@ -8,32 +8,28 @@ files against the checksums written with them (a damaged entry is rebuilt, with 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
-from kullm.atomic import clean_stale, discard, replace
+from kullm.atomic import write_folder
+from kullm.cache import cache_root
+from kullm.data import sft, sft_chat
 from kullm.data.contamination import check_overlap, eval_overlap
-from kullm.data.records import DataError, Fields, Record, data_files, read_records, write_rejects
-from kullm.data.sft import check_batch, encode_batch
-from kullm.data.turns import chat_settings, encode_split
-from kullm.modeling import cache_root, tokenizer_fingerprint
+from kullm.data.records import ReadOptions, Record, read_records, write_rejects
+from kullm.data.sft import COLUMNS
+from kullm.data.sources import DataError, data_files
+from kullm.modeling import tokenizer_fingerprint
 from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3  # 3: mask-invariant violations dropped; 2: colliding ids renamed, exact duplicates dropped
-COLUMNS = ["id", "input_ids", "labels", "attention_mask", "length", "prompt_len", "response_len"]
 CHECKSUMS = "checksums.json"  # size and sha256 of every other file of a cache entry, written last
 MAX_HELD_OUT = 0.2  # a larger share of the records held out for validation is warned about
 
@@ -72,13 +68,8 @@ def preprocess(
         log.info("loaded processed data from cache %s", target)
         return Processed(ds, stats, target, cache_hit=True)
 
-    clean_stale(root)
-    tmp = root / f"{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     records, report = _read(data)
     if report.rejects:  # written with the cache; named by where it will be once the cache is in place
-        write_rejects(report.rejects, tmp / "rejects.jsonl")
         log.warning("rejected rows with file:line and reason: %s", target / "rejects.jsonl")
     if not records:
         raise DataError(f"{data['path']}: no usable record ({report.n_rejected} rejected: {dict(report.rejected)})")
@@ -91,7 +82,7 @@ def preprocess(
     counts: dict[str, dict[str, int]] = {}
     violations: list[str] = []
     # conversations (and anything rendered by the tokenizer's own chat template) take the per-turn path
-    encode = encode_split if _chat(data, records) else encode_records
+    encode = sft_chat.encode_split if _chat(data, records) else sft.encode_split
     for name, recs in (("train", train_recs), ("validation", val_recs)):
         ds, c, bad = encode(recs, data, tokenizer, prompter, name)
         splits[name], counts[name] = ds, c
@@ -110,30 +101,22 @@ def preprocess(
         "eval_overlap_ids": overlap,
         "settings": _settings(data, prompter),
     }
-    save_processed(dsd, tmp / "dataset")
-    (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
-    write_checksums(tmp)
-    discard(target)  # one that failed its check
-    try:
-        replace(tmp, target)
-    except OSError:  # a concurrent run finished first: use its result
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        if report.rejects:
+            write_rejects(report.rejects, tmp / "rejects.jsonl")
+        save_processed(dsd, tmp / "dataset")
+        (tmp / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
+        write_checksums(tmp)
+
+    write_folder(target, write)  # replaces one that failed its check
     dsd = load_processed(target / "dataset")  # memory-mapped, like a cache hit
     return Processed(dsd, stats, target, cache_hit=False)
 
 
 def _read(data: Mapping[str, Any]):
-    return read_records(
-        data["path"],
-        fields=_fields(data),
-        policy=data.get("policy", "skip"),
-        split=data.get("split", "train"),
-        revision=data.get("revision"),
-        source=data.get("source", "auto"),
-        drop_duplicates=bool(data.get("drop_duplicates", True)),
-        format=data.get("format") or "auto",
-        roles=dict(data.get("roles") or {}),
-    )
+    return read_records(data["path"], ReadOptions.training(data))
 
 
 def _chat(data: Mapping[str, Any], records: list[Record]) -> bool:
@@ -253,7 +236,7 @@ def cache_key(data: Mapping[str, Any], tokenizer, prompter: Prompter) -> str:
         "source": source_fingerprint(data),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": _settings(data, prompter),
-        "chat": chat_settings(data, tokenizer),
+        "chat": sft_chat.chat_settings(data, tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -282,14 +265,9 @@ def source_fingerprint(data: Mapping[str, Any]) -> str:
     return ds._fingerprint
 
 
-def _fields(data: Mapping[str, Any]) -> Fields:
-    f = data.get("fields") or {}
-    return Fields(**{k: v for k, v in dict(f).items() if v})
-
-
 def _settings(data: Mapping[str, Any], prompter: Prompter) -> dict[str, Any]:
     return {
-        "fields": asdict(_fields(data)),
+        "fields": asdict(ReadOptions.training(data).fields),
         "policy": data.get("policy", "skip"),
         "split": data.get("split", "train"),
         "revision": data.get("revision"),
@@ -301,163 +279,3 @@ def _settings(data: Mapping[str, Any], prompter: Prompter) -> dict[str, Any]:
         "seed": int(data.get("seed", 42)),
         "drop_duplicates": bool(data.get("drop_duplicates", True)),
     }
-
-
-ENCODE_CHUNK = 4096  # rows per tokenizer call: bounds the tokenizer's per-row objects in memory, not the speed
-
-
-def encode_records(records: list[Record], data: Mapping[str, Any], tokenizer, prompter: Prompter, name: str):
-    """Template, tokenize, mask and verify one split of flat records: ``(dataset, counts, violations)``.
-
-    ``ENCODE_CHUNK`` rows per batched tokenizer call (in ``data.num_proc`` processes for large splits), straight
-    into Arrow columns; prompt-only rows and invariant violations are dropped and counted.
-    """
-    import datasets
-    import pyarrow as pa
-
-    cutoff = int(data["cutoff_len"])
-    settings = {
-        "cutoff_len": cutoff,
-        "train_on_inputs": bool(data.get("train_on_inputs", False)),
-        "add_eos": bool(data.get("add_eos", True)),
-        "verify": bool(data.get("verify", True)),
-    }
-    if not records:
-        zero = {"records": 0, "kept": 0, "truncated": 0, "dropped_prompt_too_long": 0, "dropped_invariant": 0}
-        return datasets.Dataset.from_dict({c: [] for c in COLUMNS}), zero, []
-    ids = [r.id for r in records]
-    prompts = [prompter.render(r.instruction, r.input) for r in records]
-    outputs = [r.output for r in records]
-    num_proc = int(data.get("num_proc") or 1)
-    if num_proc > 1 and len(records) >= 1000 * num_proc:  # below that, process start-up costs more than it saves
-        raw = datasets.Dataset.from_dict({"id": ids, "prompt": prompts, "output": outputs})
-        table = raw.map(
-            partial(_encode_rows, tokenizer=tokenizer, **settings),
-            input_columns=["prompt", "output"],
-            batched=True,
-            batch_size=ENCODE_CHUNK,
-            num_proc=num_proc,
-            remove_columns=["prompt", "output"],
-            features=datasets.Features.from_arrow_schema(_schema()),
-            desc=f"tokenizing {name}",
-        ).data.table
-    else:
-        with _gc_paused():  # millions of short-lived lists: the cyclic GC would scan them for nothing
-            table = pa.concat_tables(
-                pa.Table.from_pydict(
-                    {"id": ids[i : i + ENCODE_CHUNK]}
-                    | _encode_rows(prompts[i : i + ENCODE_CHUNK], outputs[i : i + ENCODE_CHUNK], tokenizer, **settings),
-                    schema=_schema(),
-                )
-                for i in range(0, len(records), ENCODE_CHUNK)
-            )
-    keep, violation = table.column("keep").to_pylist(), table.column("violation").to_pylist()
-    truncated = sum(t and k for t, k in zip(table.column("truncated").to_pylist(), keep, strict=True))
-    bad = [f"{i}: {v}" for i, v, k in zip(ids, violation, keep, strict=True) if v and k]
-    if bad and data.get("policy", "skip") == "strict":
-        raise DataError(f"{name}: the masking invariant fails for id {bad[0]} ({len(bad)} example(s) in all)")
-    kept = _with_mask(table.filter(pa.array([k and not v for k, v in zip(keep, violation, strict=True)])))
-    counts = {
-        "records": len(records),
-        "kept": kept.num_rows,
-        "truncated": int(truncated),
-        "dropped_prompt_too_long": len(records) - sum(keep),
-        "dropped_invariant": len(bad),
-    }
-    dropped_ids = [i for i, k in zip(ids, keep, strict=True) if not k]
-    if dropped_ids:
-        log.warning(
-            "%s: %d examples dropped: the prompt alone fills cutoff_len=%d (e.g. id %s)",
-            name,
-            len(dropped_ids),
-            cutoff,
-            dropped_ids[0],
-        )
-    return datasets.Dataset(kept, fingerprint=_table_fingerprint(kept)), counts, bad
-
-
-def _encode_rows(
-    prompts: list[str],
-    outputs: list[str],
-    tokenizer,
-    *,
-    cutoff_len: int,
-    train_on_inputs: bool,
-    add_eos: bool,
-    verify: bool,
-) -> dict[str, list]:
-    """Ids, labels, lengths and flags of a chunk of rows, and each kept row's invariant violation (``""``: none)."""
-    enc = encode_batch(
-        tokenizer, prompts, outputs, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, add_eos=add_eos
-    )
-    checked = [i for i, k in enumerate(enc["keep"]) if k] if verify else []
-    found = check_batch(
-        tokenizer,
-        [enc["input_ids"][i] for i in checked],
-        [enc["labels"][i] for i in checked],
-        [outputs[i] for i in checked],
-        [enc["prompt_len"][i] for i in checked],
-        add_eos=add_eos,
-        train_on_inputs=train_on_inputs,
-    )
-    enc["violation"] = [""] * len(prompts)
-    for i, v in zip(checked, found, strict=True):
-        enc["violation"][i] = v
-    return enc
-
-
-@contextmanager
-def _gc_paused():
-    """Pause the cyclic garbage collector (reference counting still frees everything), then restore it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _table_fingerprint(table) -> str:
-    """A hash of the table's bytes (``datasets`` would pickle the whole table to make one)."""
-    h = hashlib.blake2b(table.schema.to_string().encode(), digest_size=8)
-    for column in table.columns:
-        for chunk in column.chunks:
-            for buf in chunk.buffers():
-                if buf is not None:
-                    h.update(memoryview(buf))
-    return h.hexdigest()
-
-
-@cache
-def _schema():
-    """The encoded columns as ``datasets`` stored them before (ids int32, labels int64), plus the per-row flags."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("labels", pa.list_(pa.int64())),
-            ("prompt_len", pa.int64()),
-            ("response_len", pa.int64()),
-            ("truncated", pa.bool_()),
-            ("keep", pa.bool_()),
-            ("violation", pa.string()),
-        ]
-    )
-
-
-def _with_mask(table):
-    """The kept rows in the cached layout: ``attention_mask`` (all ones) and ``length`` made from the ids' offsets
-    in Arrow, no Python lists."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    ids = table.column("input_ids").combine_chunks()
-    offsets = pc.subtract(ids.offsets, ids.offsets[0]) if len(ids) else pa.array([0], pa.int32())
-    mask = pa.ListArray.from_arrays(offsets, pa.array(np.ones(len(ids.flatten()), dtype=np.int8)))
-    length = pc.list_value_length(ids).cast(pa.int64())
-    table = table.append_column("attention_mask", mask).append_column("length", length)
-    return table.select(["id", "input_ids", "labels", "prompt_len", "response_len", "attention_mask", "length"])

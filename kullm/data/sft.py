@@ -1,19 +1,34 @@
 """Supervised fine-tuning examples: tokenize prompt and response apart, mask the prompt, pad into batches.
 
+:func:`encode_split` turns one split of flat records into the cached Arrow columns (:data:`COLUMNS`); its twin for
+conversations is :func:`kullm.data.sft_chat.encode_split`, with the same contract.
+
 The invariant (checked by :func:`check_example`): for an untruncated example the tokens whose label is not -100
 decode exactly to ``output + EOS``; for a truncated one, to a prefix of ``output``. A prompt begins with the BOS the
-tokenizer's own call would add (:func:`kullm.modeling.bos_ids`), masked with the rest of the prompt.
+tokenizer's own call would add (:func:`kullm.special_tokens.bos_ids`), masked with the rest of the prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache, partial
 from typing import Any
 
-from kullm.modeling import bos_ids, with_bos
+from kullm.data.records import Record
+from kullm.data.sources import DataError
+from kullm.special_tokens import bos_ids, with_bos
+from kullm.templates import Prompter
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# the columns of an encoded split, flat or conversation (kullm.data.sft_chat), as cached
+COLUMNS = ["id", "input_ids", "labels", "attention_mask", "length", "prompt_len", "response_len"]
 # Text beyond cutoff_len × this many characters cannot reach the first cutoff_len tokens (no real tokenizer has
 # tokens that long), so it is cut before tokenizing: a 50 MB row costs kilobytes, not gigabytes.
 MAX_CHARS_PER_TOKEN = 128
@@ -176,6 +191,166 @@ def check_batch(
         if not output.startswith(text):
             found[i] = f"truncated trained tokens decode to {text[:60]!r}…, not a prefix of the output {output[:60]!r}…"
     return found
+
+
+ENCODE_CHUNK = 4096  # rows per tokenizer call: bounds the tokenizer's per-row objects in memory, not the speed
+
+
+def encode_split(records: list[Record], data: Mapping[str, Any], tokenizer, prompter: Prompter, name: str):
+    """Template, tokenize, mask and verify one split of flat records: ``(dataset, counts, violations)``.
+
+    ``ENCODE_CHUNK`` rows per batched tokenizer call (in ``data.num_proc`` processes for large splits), straight
+    into Arrow columns; prompt-only rows and invariant violations are dropped and counted.
+    """
+    import datasets
+    import pyarrow as pa
+
+    cutoff = int(data["cutoff_len"])
+    settings = {
+        "cutoff_len": cutoff,
+        "train_on_inputs": bool(data.get("train_on_inputs", False)),
+        "add_eos": bool(data.get("add_eos", True)),
+        "verify": bool(data.get("verify", True)),
+    }
+    if not records:
+        zero = {"records": 0, "kept": 0, "truncated": 0, "dropped_prompt_too_long": 0, "dropped_invariant": 0}
+        return datasets.Dataset.from_dict({c: [] for c in COLUMNS}), zero, []
+    ids = [r.id for r in records]
+    prompts = [prompter.render(r.instruction, r.input) for r in records]
+    outputs = [r.output for r in records]
+    num_proc = int(data.get("num_proc") or 1)
+    if num_proc > 1 and len(records) >= 1000 * num_proc:  # below that, process start-up costs more than it saves
+        raw = datasets.Dataset.from_dict({"id": ids, "prompt": prompts, "output": outputs})
+        table = raw.map(
+            partial(_encode_rows, tokenizer=tokenizer, **settings),
+            input_columns=["prompt", "output"],
+            batched=True,
+            batch_size=ENCODE_CHUNK,
+            num_proc=num_proc,
+            remove_columns=["prompt", "output"],
+            features=datasets.Features.from_arrow_schema(_schema()),
+            desc=f"tokenizing {name}",
+        ).data.table
+    else:
+        with _gc_paused():  # millions of short-lived lists: the cyclic GC would scan them for nothing
+            table = pa.concat_tables(
+                pa.Table.from_pydict(
+                    {"id": ids[i : i + ENCODE_CHUNK]}
+                    | _encode_rows(prompts[i : i + ENCODE_CHUNK], outputs[i : i + ENCODE_CHUNK], tokenizer, **settings),
+                    schema=_schema(),
+                )
+                for i in range(0, len(records), ENCODE_CHUNK)
+            )
+    keep, violation = table.column("keep").to_pylist(), table.column("violation").to_pylist()
+    truncated = sum(t and k for t, k in zip(table.column("truncated").to_pylist(), keep, strict=True))
+    bad = [f"{i}: {v}" for i, v, k in zip(ids, violation, keep, strict=True) if v and k]
+    if bad and data.get("policy", "skip") == "strict":
+        raise DataError(f"{name}: the masking invariant fails for id {bad[0]} ({len(bad)} example(s) in all)")
+    kept = _with_mask(table.filter(pa.array([k and not v for k, v in zip(keep, violation, strict=True)])))
+    counts = {
+        "records": len(records),
+        "kept": kept.num_rows,
+        "truncated": int(truncated),
+        "dropped_prompt_too_long": len(records) - sum(keep),
+        "dropped_invariant": len(bad),
+    }
+    dropped_ids = [i for i, k in zip(ids, keep, strict=True) if not k]
+    if dropped_ids:
+        log.warning(
+            "%s: %d examples dropped: the prompt alone fills cutoff_len=%d (e.g. id %s)",
+            name,
+            len(dropped_ids),
+            cutoff,
+            dropped_ids[0],
+        )
+    return datasets.Dataset(kept, fingerprint=_table_fingerprint(kept)), counts, bad
+
+
+def _encode_rows(
+    prompts: list[str],
+    outputs: list[str],
+    tokenizer,
+    *,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    add_eos: bool,
+    verify: bool,
+) -> dict[str, list]:
+    """Ids, labels, lengths and flags of a chunk of rows, and each kept row's invariant violation (``""``: none)."""
+    enc = encode_batch(
+        tokenizer, prompts, outputs, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, add_eos=add_eos
+    )
+    checked = [i for i, k in enumerate(enc["keep"]) if k] if verify else []
+    found = check_batch(
+        tokenizer,
+        [enc["input_ids"][i] for i in checked],
+        [enc["labels"][i] for i in checked],
+        [outputs[i] for i in checked],
+        [enc["prompt_len"][i] for i in checked],
+        add_eos=add_eos,
+        train_on_inputs=train_on_inputs,
+    )
+    enc["violation"] = [""] * len(prompts)
+    for i, v in zip(checked, found, strict=True):
+        enc["violation"][i] = v
+    return enc
+
+
+@contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector (reference counting still frees everything), then restore it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _table_fingerprint(table) -> str:
+    """A hash of the table's bytes (``datasets`` would pickle the whole table to make one)."""
+    h = hashlib.blake2b(table.schema.to_string().encode(), digest_size=8)
+    for column in table.columns:
+        for chunk in column.chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    h.update(memoryview(buf))
+    return h.hexdigest()
+
+
+@cache
+def _schema():
+    """The encoded columns as ``datasets`` stored them before (ids int32, labels int64), plus the per-row flags."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int64())),
+            ("prompt_len", pa.int64()),
+            ("response_len", pa.int64()),
+            ("truncated", pa.bool_()),
+            ("keep", pa.bool_()),
+            ("violation", pa.string()),
+        ]
+    )
+
+
+def _with_mask(table):
+    """The kept rows in the cached layout: ``attention_mask`` (all ones) and ``length`` made from the ids' offsets
+    in Arrow, no Python lists."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = table.column("input_ids").combine_chunks()
+    offsets = pc.subtract(ids.offsets, ids.offsets[0]) if len(ids) else pa.array([0], pa.int32())
+    mask = pa.ListArray.from_arrays(offsets, pa.array(np.ones(len(ids.flatten()), dtype=np.int8)))
+    length = pc.list_value_length(ids).cast(pa.int64())
+    table = table.append_column("attention_mask", mask).append_column("length", length)
+    return table.select(["id", "input_ids", "labels", "prompt_len", "response_len", "attention_mask", "length"])
 
 
 @dataclass

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from kullm.data.chat import unencodable
+from kullm.data.conversations import unencodable
+from kullm.errors import KullmError
 from kullm.evaluation.geval import Criterion, JudgePrompt, TokenLogprobs, softmax_over, weighted_mean
 from kullm.redaction import scrub_urls
 from kullm.untrusted import render_chat
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
 
-class JudgeError(RuntimeError):
+class JudgeError(KullmError, RuntimeError):
     """A request that failed for good (retries exhausted, or an error retrying cannot fix)."""
 
     def __init__(self, message: str, attempts: int = 1, fatal: bool = False) -> None:

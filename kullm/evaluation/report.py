@@ -260,7 +260,7 @@ def log_wandb(runs: Sequence[RunStats], criteria: Sequence[Criterion], png: Path
     """Log the CSV rows as a W&B table and the chart as an image (W&B's offline/disabled modes apply)."""
     import wandb
 
-    from kullm.training.loggers import wandb_mode
+    from kullm.wandb_mode import wandb_mode
 
     run = wandb.init(
         project=cfg.get("project") or "kullm",

@@ -1,32 +1,33 @@
 """Merging: fold a LoRA adapter into its base and write a plain Hugging Face checkpoint.
 
-The merged folder holds sharded safetensors, the tokenizer, ``generation_config.json`` (EOS and pad from the
-tokenizer) and the adapter's ``template.yaml`` (which ``kullm-generate base=merged/`` picks up). It is written to a
-temporary sibling, reloaded with plain ``AutoModelForCausalLM`` and compared with base+adapter on a few prompts;
-only when the largest logit difference is within tolerance does it replace ``out``.
+The merged folder is a model folder as full fine-tuning leaves (:func:`kullm.adapter.write_model`): sharded
+safetensors, the tokenizer, ``generation_config.json`` (EOS and pad from the tokenizer), the adapter's
+``template.yaml`` (which ``kullm-generate base=merged/`` picks up) and its redacted config with a ``merge`` entry. It
+is written to a temporary sibling (:func:`kullm.atomic.write_folder`), reloaded with plain ``AutoModelForCausalLM``
+and compared with base+adapter on a few prompts; only when the largest logit difference is within tolerance does it
+replace ``out``.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from kullm.adapter import CONFIG_FILE, TEMPLATE_FILE, load_adapter, read_adapter
-from kullm.atomic import clean_stale, replace
-from kullm.inference.generation import left_pad
-from kullm.modeling import bos_ids, set_stop_tokens, with_bos
-from kullm.redaction import redact
+from kullm.adapter import read_adapter, write_model
+from kullm.atomic import write_folder
+from kullm.errors import KullmError
+from kullm.inference.batching import left_pad
+from kullm.modeling import load_adapter
+from kullm.special_tokens import bos_ids, with_bos
 
 log = logging.getLogger(__name__)
 
 
-class MergeError(RuntimeError):
+class MergeError(KullmError, RuntimeError):
     """A merge that cannot be written or whose result does not match base+adapter."""
 
 
@@ -49,36 +50,33 @@ def merge(cfg: DictConfig) -> Path:
     )
     reference = logits(model, input_ids, mask)
 
-    merged = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out.parent)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_merged(merged, tokenizer, tmp, max_shard_size=str(cfg.max_shard_size))
-        prompter.save(tmp / TEMPLATE_FILE)
-        merge_node = {"adapter": str(spec.path), "dtype": dtype, "tolerance": tolerance}
-        OmegaConf.save(OmegaConf.create({**redact(spec.config), "merge": merge_node}), tmp / CONFIG_FILE)
-        del model, merged
+    unsaved = [model.merge_and_unload()]
+    del model
+    config = {**spec.config, "merge": {"adapter": str(spec.path), "dtype": dtype, "tolerance": tolerance}}
+
+    def write(tmp: Path) -> None:
+        # the merged model is handed over, not kept: its memory is free again before the reload below
+        write_model(unsaved.pop(), tmp, tokenizer=tokenizer, prompter=prompter, config=config,
+                    max_shard_size=str(cfg.max_shard_size))  # fmt: skip
+        lora = [k for k in weight_names(tmp) if "lora" in k.lower()]
+        if lora:
+            raise MergeError(f"{tmp}: merged weights still hold LoRA tensors, e.g. {lora[:3]}")
         gc.collect()
         reloaded = load_plain(tmp, dtype, cfg.device_map)
         diff = float((logits(reloaded, input_ids, mask) - reference).abs().max())
         del reloaded
         scale = max(1.0, float(reference.abs().max()))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(
-        f"largest logit difference, merged vs base+adapter ({len(prompts)} prompts, {dtype}): {diff:.3g} "
-        f"(relative to the largest logit {scale:.3g}: {diff / scale:.3g}, tolerance {tolerance:g})"
-    )
-    if not diff / scale <= tolerance:  # also catches NaN
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(
-            f"merged logits differ from base+adapter by {diff:.3g} (relative {diff / scale:.3g}) "
-            f"> tolerance {tolerance:g}: nothing written to {out}"
+        print(
+            f"largest logit difference, merged vs base+adapter ({len(prompts)} prompts, {dtype}): {diff:.3g} "
+            f"(relative to the largest logit {scale:.3g}: {diff / scale:.3g}, tolerance {tolerance:g})"
         )
-    swap_in(tmp, out)
+        if not diff / scale <= tolerance:  # also catches NaN
+            raise MergeError(
+                f"merged logits differ from base+adapter by {diff:.3g} (relative {diff / scale:.3g}) "
+                f"> tolerance {tolerance:g}: nothing written to {out}"
+            )
+
+    write_folder(out, write)
     print(f"merged checkpoint: {out}")
     return out
 
@@ -100,16 +98,6 @@ def logits(model, input_ids, mask):
     return out.float().cpu() * mask[..., None]
 
 
-def save_merged(model, tokenizer, folder: Path, *, max_shard_size: str) -> None:
-    """Save the merged model (sharded safetensors), its tokenizer and a generation config with EOS and pad set."""
-    set_stop_tokens(model, tokenizer)
-    model.save_pretrained(str(folder), max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(str(folder))
-    lora = [k for k in weight_names(folder) if "lora" in k.lower()]
-    if lora:
-        raise MergeError(f"{folder}: merged weights still hold LoRA tensors, e.g. {lora[:3]}")
-
-
 def weight_names(folder: Path) -> list[str]:
     """Tensor names of every safetensors file in ``folder``."""
     from safetensors import safe_open
@@ -128,15 +116,6 @@ def load_plain(folder: Path, dtype: str, device_map: Any = None):
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), device_map=device_map)
     return model.eval()
-
-
-def swap_in(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old ``out`` is removed only after the new one is there."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pad_id(tokenizer) -> int:

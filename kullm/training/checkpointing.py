@@ -10,10 +10,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +19,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from kullm.adapter import clean_name, save_adapter, save_model
-from kullm.atomic import clean_stale, replace
+from kullm.atomic import clean_stale, rewrite, write_folder
+from kullm.errors import KullmError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``<path>.tmp`` then ``os.replace``: the old file stays whole until the new one is."""
+    """``torch.save`` to a temporary sibling then ``os.replace``: the old file stays whole until the new one is."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(path.parent)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with rewrite(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def adapter_state(trainer: L.Trainer, model) -> dict[str, Any] | None:
@@ -170,14 +164,7 @@ def adapter_dir(ckpt_path: str | Path) -> Path:
 
 def copy_adapter(source: Path, folder: str | Path) -> Path:
     """Copy a saved adapter folder to ``folder`` (rank 0), replacing it only once the copy is whole."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    replace(tmp, folder)
-    return folder
+    return write_folder(folder, lambda tmp: shutil.copytree(source, tmp))
 
 
 def export_adapter(trainer: L.Trainer, folder: str | Path, **meta) -> Path | None:
@@ -192,157 +179,6 @@ def export_adapter(trainer: L.Trainer, folder: str | Path, **meta) -> Path | Non
     return path
 
 
-class Interrupted(RuntimeError):
-    """Training stopped on a signal (Ctrl-C, SIGTERM, SLURM's pre-timeout SIGUSR1/2) after saving ``last`` at an
-    optimizer-step boundary."""
-
-    def __init__(self, signum: int, step: int, last: str | None) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; last checkpoint: {last}")
-        self.signum, self.step, self.last = signum, step, last
-
-
-class Diverged(RuntimeError):
+class Diverged(KullmError, RuntimeError):
     """The loss or the gradient norm of an optimizer step is not finite: training stopped before that step, so
     nothing written since holds its weights."""
-
-
-class GracefulStop(L.Callback):
-    """On Ctrl-C, SIGTERM or a cluster's pre-timeout SIGUSR1/SIGUSR2, finish the optimizer step in progress, write
-    ``last`` and stop.
-
-    Lightning's own handling stops at the next micro-batch (inside a gradient-accumulation window, whose partial
-    gradient no checkpoint holds) and saves nothing; a second Ctrl-C stops at once.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        stop = self.signum is not None
-        if trainer.world_size > 1:  # every rank stops at the same step
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop or trainer.fit_loop.epoch_loop._should_accumulate():
-            return
-        self.signum = self.signum or signal.SIGTERM
-        for cb in trainer.callbacks:
-            if isinstance(cb, AdapterCheckpoint):
-                cb.refresh_last(trainer)
-                # nothing saves this step again: what Lightning runs on its way out (validation, the "epoch end",
-                # save_last at train end) would rewrite `last` as if the epoch had ended, and a resume would then
-                # skip the epoch's remaining batches
-                cb._last_global_step_saved, cb._last_checkpoint_saved = trainer.global_step, cb.last_model_path
-        trainer.should_stop = True
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._restore()
-
-    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-def run_identity(cfg) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: base model, LoRA, data and batch settings."""
-    from omegaconf import OmegaConf
-
-    c = OmegaConf.to_container(cfg, resolve=True)
-    model, lora, data = c.get("model") or {}, c.get("lora") or {}, c.get("data") or {}
-    template = c.get("template") or {}
-    return {
-        "model.name_or_path": model.get("name_or_path"),
-        "model.revision": model.get("revision"),
-        "model.shape_only": model.get("shape_only"),
-        "lora.r": lora.get("r"),
-        "lora.lora_alpha": lora.get("lora_alpha"),
-        "lora.lora_dropout": lora.get("lora_dropout"),
-        "lora.target_modules": _targets(lora.get("target_modules")),
-        "init_adapter": c.get("init_adapter"),
-        "data.path": data.get("path"),
-        "data.cutoff_len": data.get("cutoff_len"),
-        "data.train_on_inputs": data.get("train_on_inputs"),
-        "data.val_set_size": data.get("val_set_size"),
-        "data.packing": data.get("packing"),
-        "data.train_on": data.get("train_on"),
-        "data.chat_template": data.get("chat_template"),
-        "template": {k: v for k, v in template.items() if k != "description"},
-        "batch_size": c.get("batch_size"),
-        "micro_batch_size": c.get("micro_batch_size"),
-        "sampler": c.get("sampler"),
-        "seed": c.get("seed"),
-        "data.batching": data.get("batching"),
-        "data.token_budget": data.get("token_budget"),
-    }
-
-
-def _targets(targets: Any) -> Any:
-    """LoRA targets in a comparable form: a shorthand (``auto``, ``all-linear``) as is, a list sorted."""
-    if not targets or isinstance(targets, str):
-        return targets or None
-    return sorted(targets)
-
-
-class RunIdentity(L.Callback):
-    """Stores :func:`run_identity` in every checkpoint (``kullm_run``) so that a resume can be checked."""
-
-    def __init__(self, cfg) -> None:
-        self.identity = run_identity(cfg)
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint["kullm_run"] = self.identity
-
-
-def resolve_resume(ckpt_path: str | Path, cfg, allow_changes: bool = False) -> str:
-    """The checkpoint file to resume from (a run folder means its ``checkpoints/last.ckpt``), checked to be a
-    readable kullm checkpoint of the same run settings; raise ``ConfigError`` naming the problem."""
-    import torch
-
-    from kullm.config import ConfigError
-
-    path = Path(str(ckpt_path)).expanduser()
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
-            raise ConfigError(f"ckpt_path={ckpt_path}: a folder without checkpoints/last.ckpt")
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=path.stat().st_size > 0)
-    except Exception as e:  # zero-byte, text, truncated, foreign pickles: many error types, one message
-        why = " ".join(str(e).split())[:200]
-        raise ConfigError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__}: {why})") from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "loops", "global_step"} <= set(ckpt):
-        raise ConfigError(f"ckpt_path={path}: not a Lightning training checkpoint (no state_dict/loops/global_step)")
-    saved = ckpt.get("kullm_run")
-    if saved is None:
-        raise ConfigError(f"ckpt_path={path}: written by another program (no kullm run settings); cannot check it")
-    now = run_identity(cfg)
-    # a key a checkpoint lacks was added to the identity after it was written: it cannot be checked, so it is not
-    diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
-    if diff and not allow_changes:
-        detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(
-            f"ckpt_path={path} was trained with other settings ({detail}): resume with the same ones, or pass "
-            "allow_resume_changes=true to resume anyway"
-        )
-    return str(path)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from kullm.atomic import rewrite
 from kullm.config import ConfigError
 from kullm.redaction import redact, redact_args
+from kullm.wandb_mode import wandb_mode
 
 
 def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
@@ -195,24 +196,6 @@ def redacted_argv() -> Iterator[None]:
         yield
     finally:
         sys.argv[:] = saved
-
-
-def wandb_mode(mode: str) -> str:
-    """``auto``: online with an API key (environment or ``wandb login``), else offline. ``WANDB_MODE`` wins."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        import netrc
-
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return "online"
-    except (OSError, netrc.NetrcParseError):
-        pass
-    return "offline"
 
 
 def finish_wandb(loggers: list) -> None:

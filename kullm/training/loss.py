@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kullm.config import ConfigError
-from kullm.data.packing import VARLEN_IMPLEMENTATIONS, packed_model_inputs
 from kullm.data.sft import IGNORE_INDEX
+from kullm.training.attention import VARLEN_IMPLEMENTATIONS, packed_model_inputs
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 

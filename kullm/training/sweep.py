@@ -1,27 +1,25 @@
-"""Comparing the jobs of a sweep: each run's ``result.json`` and, after a multirun, ``sweep_summary.csv``/``.md``.
+"""Comparing the jobs of a sweep: after each job of a multirun, ``sweep_summary.csv``/``.md``.
 
-A run records what it reached (:class:`RunRecord`, a Lightning callback); a Hydra callback (:class:`SweepSummary`)
-adds the job's overrides, status and error, and after the last job ranks every job of the sweep folder.
+Each run records what it reached in its ``result.json`` (:mod:`kullm.training.result`); a Hydra callback
+(:class:`SweepSummary`) adds the job's overrides, status and error, and after the last job ranks every job of the
+sweep folder.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import os
-import statistics
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-RESULT_FILE = "result.json"
+from kullm.atomic import rewrite
+from kullm.training.result import RESULT_FILE, read_result, write_result
+
 SUMMARY_COLUMNS = (
     "rank",
     "job",
@@ -34,76 +32,6 @@ SUMMARY_COLUMNS = (
     "adapter",
     "error",
 )
-
-
-class RunRecord(L.Callback):
-    """Collects what a run reached — final and best ``val/loss``, optimizer steps, tokens/s — for ``result.json``."""
-
-    def __init__(self, output_dir: str | Path) -> None:
-        self.path = Path(output_dir) / RESULT_FILE
-        self.val_losses: list[float] = []
-        self.tokens_per_s: list[float] = []
-        self._step = -1
-        self._start = time.monotonic()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step != self._step:  # an optimizer step just ended: its throughput is logged
-            self._step = trainer.global_step
-            value = _scalar(trainer.callback_metrics.get("train/tokens_per_s"))
-            if value is not None:
-                self.tokens_per_s.append(value)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        value = _scalar(trainer.callback_metrics.get("val/loss"))
-        if not trainer.sanity_checking and value is not None:
-            self.val_losses.append(value)
-
-    def write(self, trainer: L.Trainer, status: str, adapter: str | Path | None = None) -> dict[str, Any]:
-        """Write ``result.json`` (rank zero) and return it."""
-        record = {
-            "status": status,
-            "val_loss": self.val_losses[-1] if self.val_losses else None,
-            "best_val_loss": min(self.val_losses) if self.val_losses else None,
-            "steps": trainer.global_step,
-            # the median step: neither the first (warm-up) nor a step that ran a validation skews it
-            "tokens_per_s": round(statistics.median(self.tokens_per_s), 1) if self.tokens_per_s else None,
-            "adapter": str(adapter) if adapter else None,
-            "output_dir": str(self.path.parent),
-            "wall_s": round(time.monotonic() - self._start, 1),
-            "pid": os.getpid(),
-        }
-        if trainer.is_global_zero:
-            _write_json(self.path, {**read_result(self.path.parent), **record})
-        return record
-
-
-def _scalar(value) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
-def read_result(folder: str | Path) -> dict[str, Any]:
-    """A run folder's ``result.json`` (``{}`` when absent or unreadable)."""
-    try:
-        data = json.loads((Path(folder) / RESULT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    from kullm.atomic import replace
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    replace(tmp, path)
 
 
 class SweepSummary(Callback):
@@ -139,7 +67,7 @@ class SweepSummary(Callback):
         else:
             record["status"] = "failed"
             record["error"] = _one_line(job_return._return_value, config, list(job_return.overrides or []))
-        _write_json(folder / RESULT_FILE, record)
+        write_result(folder, record)
         if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
             sweep_dir = Path(str(hydra_cfg.sweep.dir))
             rows = summarize(sweep_dir)
@@ -261,6 +189,12 @@ def write_summary(sweep_dir: str | Path, rows: list[dict[str, Any]]) -> tuple[Pa
     _write_text(csv_path, table.getvalue())  # jobs running in parallel each rewrite it: readers never see half
     _write_text(md_path, _markdown(sweep_dir, rows))
     return csv_path, md_path
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rewrite(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:

@@ -8,7 +8,8 @@ A conversation is an optional system turn first, then user and assistant turns a
 turn and ending with an assistant turn (a conversation to answer — generation input, judged answers — may end with
 a user turn instead: ``open_end``). Everything else is a named reason (``unknown_role``, ``empty_turn``,
 ``system_not_first``, ``alternation``, ``not_ending_in_assistant``, ...) raised on the field that breaks it,
-e.g. ``messages[3].role``; :mod:`kullm.data.records` counts and reports it like any other bad row.
+e.g. ``messages[3].role``, as a :class:`~kullm.data.sources.Reject`: :mod:`kullm.data.records` counts and
+reports it like any other bad row.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from kullm.data.sources import Reject
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 FORMATS = ("auto", "instruction", "messages", "sharegpt")
@@ -33,14 +36,6 @@ SHAREGPT_ROLES: dict[str, str] = {
 OPENAI_ROLES: dict[str, str] = {SYSTEM: SYSTEM, "developer": SYSTEM, USER: USER, ASSISTANT: ASSISTANT}
 
 Turn = tuple[str, str]  # (role, content)
-
-
-class BadTurn(Exception):
-    """A conversation that breaks a rule: ``reason`` (a short name), ``field`` (where) and a message."""
-
-    def __init__(self, reason: str, field: str, message: str) -> None:
-        super().__init__(message)
-        self.reason, self.field, self.message = reason, field, message
 
 
 def detect_format(obj: Any, messages_key: str = "messages", conversations_key: str = "conversations") -> str:
@@ -74,40 +69,40 @@ def parse_turns(
         raise ValueError(f"not a conversation format: {fmt!r}")
     value = obj.get(key)
     if value is None:
-        raise BadTurn("missing_field", key, f"no {key!r} field")
+        raise Reject("missing_field", key, f"no {key!r} field")
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise BadTurn("malformed_json", key, f"column {e.colno}: {e.msg}") from None
+            raise Reject("malformed_json", key, f"column {e.colno}: {e.msg}") from None
         except RecursionError:
-            raise BadTurn("nested_too_deep", key, "JSON nested too deeply to read") from None
+            raise Reject("nested_too_deep", key, "JSON nested too deeply to read") from None
     if not isinstance(value, list):
-        raise BadTurn("bad_turns", key, f"expected a list of turns, got {type(value).__name__}")
+        raise Reject("bad_turns", key, f"expected a list of turns, got {type(value).__name__}")
     if not value:
-        raise BadTurn("empty_conversation", key, "the conversation has no turn")
+        raise Reject("empty_conversation", key, "the conversation has no turn")
     turns: list[Turn] = []
     for k, item in enumerate(value):
         where = f"{key}[{k}]"
         if not isinstance(item, Mapping):
-            raise BadTurn("bad_turns", where, f"expected an object, got {type(item).__name__}")
+            raise Reject("bad_turns", where, f"expected an object, got {type(item).__name__}")
         name = item.get(role_key)
         if not isinstance(name, str):
-            raise BadTurn("missing_field" if name is None else "not_a_string", f"{where}.{role_key}", "no role")
+            raise Reject("missing_field" if name is None else "not_a_string", f"{where}.{role_key}", "no role")
         role = names.get(name, names.get(name.lower()))
         if role is None:
             known = ", ".join(sorted(names))
-            raise BadTurn("unknown_role", f"{where}.{role_key}", f"role {name!r} is none of {known} (data.roles)")
+            raise Reject("unknown_role", f"{where}.{role_key}", f"role {name!r} is none of {known} (data.roles)")
         content = item.get(content_key)
         if content is None:
-            raise BadTurn("missing_field", f"{where}.{content_key}", f"no {content_key!r} field")
+            raise Reject("missing_field", f"{where}.{content_key}", f"no {content_key!r} field")
         if not isinstance(content, str):
-            raise BadTurn("not_a_string", f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
+            raise Reject("not_a_string", f"{where}.{content_key}", f"expected a string, got {type(content).__name__}")
         if (why := unencodable(content)) is not None:
-            raise BadTurn("lone_surrogate", f"{where}.{content_key}", why)
+            raise Reject("lone_surrogate", f"{where}.{content_key}", why)
         content = content.replace("\r\n", "\n")
         if not content.strip():
-            raise BadTurn("empty_turn", f"{where}.{content_key}", f"the {role} turn is empty")
+            raise Reject("empty_turn", f"{where}.{content_key}", f"the {role} turn is empty")
         turns.append((role, content))
     check_turns(turns, key, open_end=open_end)
     return tuple(turns)
@@ -126,21 +121,21 @@ def unencodable(text: str) -> str | None:
 
 
 def check_turns(turns: list[Turn] | tuple[Turn, ...], key: str = "messages", *, open_end: bool = False) -> None:
-    """Raise :class:`BadTurn` unless ``turns`` is [system], user, assistant, user, assistant, ..., assistant
-    (or ends with a user turn, when ``open_end``)."""
+    """Raise :class:`~kullm.data.sources.Reject` unless ``turns`` is [system], user, assistant, user, assistant, ...,
+    assistant (or ends with a user turn, when ``open_end``)."""
     start = 1 if turns and turns[0][0] == SYSTEM else 0
     for k, (role, _) in enumerate(turns):
         if role == SYSTEM and k > 0:
-            raise BadTurn("system_not_first", f"{key}[{k}]", f"a system turn at position {k}: only the first may be")
+            raise Reject("system_not_first", f"{key}[{k}]", f"a system turn at position {k}: only the first may be")
     if start == len(turns):
-        raise BadTurn("not_ending_in_assistant", key, "the conversation has only a system turn")
+        raise Reject("not_ending_in_assistant", key, "the conversation has only a system turn")
     for k in range(start, len(turns)):
         want = USER if (k - start) % 2 == 0 else ASSISTANT
         if turns[k][0] != want:
             prev = turns[k - 1][0] if k > start else "the start"
-            raise BadTurn("alternation", f"{key}[{k}]", f"a {turns[k][0]} turn after {prev}: expected {want}")
+            raise Reject("alternation", f"{key}[{k}]", f"a {turns[k][0]} turn after {prev}: expected {want}")
     if turns[-1][0] != ASSISTANT and not (open_end and turns[-1][0] == USER):
-        raise BadTurn("not_ending_in_assistant", f"{key}[{len(turns) - 1}]", "the last turn is not an assistant turn")
+        raise Reject("not_ending_in_assistant", f"{key}[{len(turns) - 1}]", "the last turn is not an assistant turn")
 
 
 def split_reference(turns: tuple[Turn, ...] | list[Turn]) -> tuple[tuple[Turn, ...], str | None]:

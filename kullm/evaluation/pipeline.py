@@ -1,4 +1,5 @@
-"""G-Eval runs: judge one or several runs of generated answers (resumably) and write their report.
+"""The G-Eval pipeline behind ``kullm-eval``: generate answers when given an adapter, judge one or several runs of
+generated answers (resumably) and write their report.
 
 Each run's judgments go to ``<output_dir>/<run>.judgments.jsonl``, one line appended (and flushed) as each
 judgment arrives, so a kill loses at most the requests in flight. Re-running the same command skips ids already in
@@ -26,8 +27,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kullm.atomic import rewrite
 from kullm.config import compose
-from kullm.data.chat import split_reference
-from kullm.data.records import DataError, Record, check_source, read_records, write_rejects
+from kullm.data.conversations import split_reference
+from kullm.data.records import ReadOptions, Record, read_records, write_rejects
+from kullm.data.sources import DataError, check_source
 from kullm.evaluation.geval import JudgePrompt, parse_scores, weighted_from_logprobs
 from kullm.evaluation.judges import Judge, JudgeError, build_judge
 from kullm.evaluation.report import RunStats, log_wandb, set_relative, summarize, write_report
@@ -135,7 +137,7 @@ def generate_responses(cfg: DictConfig, adapter: Path, out_dir: Path) -> Path:
     if out.exists():
         log.info("reusing %s (delete it to generate again)", out)
         return out
-    from kullm.inference.generation import generate_file  # heavy (torch, transformers): only in adapter mode
+    from kullm.inference.files import generate_file  # heavy (torch, transformers): only in adapter mode
 
     partial = out.with_suffix(".partial.jsonl")
     overrides = [
@@ -175,9 +177,7 @@ def load_run(name: str, path: Path, out_dir: Path, limit: int | None = None) -> 
     file:line in ``<run>.rejects.jsonl`` and the rest still run. An empty response is judged, not dropped."""
     check_source(path, "files")
     field = response_field(path)
-    records, report = read_records(
-        path, fields={"output": field}, source="files", allow_empty_output=True, open_conversations=True
-    )
+    records, report = read_records(path, ReadOptions.responses(field))
     run = Run(name, path, out_dir / f"{name}.judgments.jsonl", records)
     rejects = report.rejects
     for rej in rejects:
@@ -213,7 +213,7 @@ def load_references(path: str | None) -> dict[str, str]:
     if not path or not Path(path).exists():
         log.info("no reference file at %s: skipping the reference-outputs check", path)
         return {}
-    records, _ = read_records(path, source="files")
+    records, _ = read_records(path, ReadOptions(source="files"))
     refs = {f"id:{r.id}": r.output for r in records}
     refs |= {f"text:{r.instruction}\x00{r.input}": r.output for r in records}
     return refs

@@ -25,20 +25,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kullm.data.chat import ASSISTANT, USER, Turn, as_messages
-from kullm.data.sft import IGNORE_INDEX, MAX_CHARS_PER_TOKEN
-from kullm.modeling import bos_ids, with_bos
+from kullm.data.conversations import ASSISTANT, USER, Turn, as_messages
+from kullm.data.sft import COLUMNS, IGNORE_INDEX, MAX_CHARS_PER_TOKEN
+from kullm.data.sources import DataError
+from kullm.errors import KullmError
+from kullm.special_tokens import bos_ids, with_bos
 from kullm.untrusted import TemplateBoundError, render_chat
 
 log = logging.getLogger(__name__)
 
 TRAIN_ON = ("all_assistant", "last", "all")
 RENDERERS = ("template", "tokenizer")
-COLUMNS = ["id", "input_ids", "labels", "attention_mask", "length", "prompt_len", "response_len"]
 
 
-class Unrenderable(ValueError):
-    """A conversation the chosen template cannot render with exact masks; ``reason`` names why."""
+class Unrenderable(KullmError, ValueError):
+    """A conversation the chosen template cannot render with exact masks; ``reason`` names why.
+
+    Not a :class:`~kullm.data.sources.Reject`: the row was read and is valid, it is this template that cannot render
+    it (another could). It is dropped at encoding and counted with the split's invariant drops, by record id.
+    """
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
@@ -254,8 +259,9 @@ def chat_settings(data: Mapping[str, Any], tokenizer) -> dict[str, Any]:
 def encode_split(records: list, data: Mapping[str, Any], tokenizer, prompter, name: str):
     """Encode one split of conversation records (instruction rows among them as one-turn conversations).
 
-    Same contract as the single-turn path: ``(dataset, counts, violations)``; an example the template cannot render
-    or whose masks break the invariant is dropped and named (``policy=strict``: the first stops the run).
+    Same contract as the flat path (:func:`kullm.data.sft.encode_split`): ``(dataset, counts, violations)``; an
+    example the template cannot render or whose masks break the invariant is dropped and named (``policy=strict``:
+    the first stops the run).
     """
     import datasets
 
@@ -281,8 +287,6 @@ def encode_split(records: list, data: Mapping[str, Any], tokenizer, prompter, na
             )
         except Unrenderable as e:
             if strict:
-                from kullm.data.records import DataError
-
                 raise DataError(f"{rec.source}: id {rec.id}: {e}") from None
             bad.append(f"{rec.id}: {e}")
             continue
@@ -314,8 +318,6 @@ def encode_split(records: list, data: Mapping[str, Any], tokenizer, prompter, na
         )
         if problem:
             if strict:
-                from kullm.data.records import DataError
-
                 raise DataError(f"{name}: the masking invariant fails for id {rid}: {problem}")
             bad.append(f"{rid}: {problem}")
             continue

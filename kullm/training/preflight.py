@@ -1,4 +1,5 @@
-"""The run plan, checked before anything loads: world size, gradient accumulation, strategy, impossible combinations."""
+"""Preflight, before anything loads: the run plan (world size, gradient accumulation, strategy) and the impossible
+combinations it refuses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training callbacks: generated samples at each validation."""
+"""Generated samples: a training callback that answers validation prompts at each validation."""
 
 from __future__ import annotations
 
