@@ -1,9 +1,12 @@
-"""The config tree every entry point reads: its folder, kullm's resolvers, composing configs in code, and the
-check of the values users type (``validate``)."""
+"""The config tree every entry point reads: its folder, kullm's resolvers, composing configs in code, the YAML's
+values for a partial node (``defaults``: defaults live in conf/ only), and the check of the values users type
+(``validate``, over the tables each stage declares beside the code that consumes the keys)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import importlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,103 +47,92 @@ class ConfigError(KullmError, ValueError):
     """A config value or combination that cannot work, named with its key."""
 
 
-# The knobs users type most, with their types (a tuple of strings: the allowed values).
-SCHEMA: dict[str, Any] = {
-    "seed": int,
-    "batch_size": int,
-    "micro_batch_size": int,
-    "num_workers": int,
-    "pad_to_multiple_of": int,
-    "gradient_checkpointing": bool,
-    "sampler": ("random", "length_grouped", "sequential"),
-    "data.cutoff_len": int,
-    "data.val_set_size": float,  # a count of rows (an integer) or a fraction of them (a float below 1)
-    "data.train_on_inputs": bool,
-    "data.add_eos": bool,
-    "data.policy": ("skip", "strict"),
-    "data.source": ("auto", "files", "hub"),
-    "data.seed": int,
-    "data.packing": bool,
-    "data.batching": ("rows", "tokens"),
-    "data.verify": bool,
-    "data.format": ("auto", "instruction", "messages", "sharegpt"),
-    "data.train_on": ("all_assistant", "last", "all"),
-    "data.chat_template": ("template", "tokenizer"),
-    "optim.lr": float,
-    "optim.weight_decay": float,
-    "optim.warmup_ratio": float,
-    "optim.min_lr_ratio": float,
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "lora.r": int,
-    "lora.lora_alpha": float,
-    "lora.lora_dropout": float,
-    "quant.mode": ("none", "int8", "nf4", "fp4"),
-    "logger.name": ("wandb", "csv", "none"),
-    "loss.head_only": bool,
-    "loss.impl": ("auto", "torch", "liger", "cce"),
-    "val_every_n_steps": int,
-    "trainer.max_epochs": int,
-    "trainer.max_steps": int,
-    "generation.batch_size": int,
-    "generation.num_beams": int,
-    "generation.max_length": int,
-    "generation.max_new_tokens": int,
-    "judge.concurrency": int,
-    "judge.max_retries": int,
-    "judge.timeout": float,
-    "limit": int,
-    "max_parse_retries": int,
-    "generation.top_p": float,
-    "bootstrap.samples": int,
-    "bootstrap.confidence": float,
-    "optim.warmup_steps": int,
-    "callbacks.checkpoint.every_n_train_steps": int,
-    "callbacks.checkpoint.save_top_k": int,
-    "callbacks.samples.num": int,
-}
-# Lower bounds of numeric knobs (a value below makes a run hang, do nothing, or crash later).
-MINIMUM: dict[str, float] = {
-    "batch_size": 1,
-    "micro_batch_size": 1,
-    "num_workers": 0,
-    "data.cutoff_len": 2,
-    "data.val_set_size": 0,
-    "lora.r": 1,
-    "trainer.max_epochs": -1,
-    "trainer.max_steps": -1,
-    "generation.batch_size": 1,
-    "generation.num_beams": 1,
-    "generation.max_length": 1,
-    "generation.max_new_tokens": 1,
-    "judge.concurrency": 1,
-    "judge.max_retries": 0,
-    "judge.timeout": 0.001,
-    "limit": 1,
-    "max_parse_retries": 0,
-    "bootstrap.samples": 1,
-    "optim.warmup_steps": 0,
-    "callbacks.checkpoint.every_n_train_steps": 1,
-    "callbacks.checkpoint.save_top_k": -1,
-    "callbacks.samples.num": 0,
-}
-# Knobs whose values lie in an interval ("[" / "]": the edge is allowed, "(" / ")": it is not).
-RANGE: dict[str, str] = {
-    "optim.lr": "[0, inf)",
-    "optim.warmup_ratio": "[0, 1]",
-    "optim.min_lr_ratio": "[0, 1]",
-    "lora.lora_dropout": "[0, 1)",
-    "generation.top_p": "(0, 1]",
-    "bootstrap.confidence": "(0, 1)",
-}
-# Values refused although in range: a limit of 0 optimizer steps or epochs trains nothing (-1: no limit).
-EXCLUDED: dict[str, float] = {"trainer.max_steps": 0, "trainer.max_epochs": 0}
-# Nodes instantiated with a ``_target_``: their keys must be arguments of the target.
-TARGET_NODES = ("trainer", "lora", "optim.optimizer", "strategy.impl")
+def defaults(where: str, given: Mapping[str, Any] | None = None) -> DictConfig:
+    """One config node as ``conf/`` gives it, with the keys of ``given`` over it.
+
+    ``where`` names a group option, ``"judge/openai"`` (with the options its defaults list names, as Hydra composes
+    it), or a node of a top-level config, ``"train.loss"``. For code called from Python with a partial node (a judge
+    built from a small dict, a module built in a test): the keys it leaves out take the YAML's values, never a second
+    default in code. Each key given replaces the YAML's whole (an ``optimizer`` given is the optimizer); a composed
+    node is resolved first.
+    """
+    if isinstance(given, DictConfig):
+        given = OmegaConf.to_container(given, resolve=True)
+    return OmegaConf.create({**OmegaConf.to_container(_yaml_node(where)), **dict(given or {})})
+
+
+@functools.cache
+def _yaml_node(where: str) -> DictConfig:
+    if "/" not in where:  # "train.loss": a node of conf/train.yaml
+        name, _, key = where.partition(".")
+        node = OmegaConf.select(OmegaConf.load(CONF_DIR / f"{name}.yaml"), key)
+        if not isinstance(node, DictConfig):
+            raise KeyError(f"conf/{name}.yaml has no node {key!r}")
+        return node
+    group, option = where.rsplit("/", 1)
+    own = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    entries = list(own.pop("defaults", None) or [])
+    parts = []
+    for entry in entries if "_self_" in entries else [*entries, "_self_"]:
+        if entry == "_self_":
+            parts.append(own)
+        elif isinstance(entry, str):  # a sibling option it extends
+            parts.append(_yaml_node(f"{group}/{entry}"))
+        else:
+            raise ValueError(f"conf/{where}.yaml: defaults entry {entry!r} is not an option of {group}/")
+    return OmegaConf.merge(*parts)
+
+
+# The knobs users type most are declared beside the code that consumes them, in modules light to import (no torch):
+# each may hold SCHEMA (a type, or a tuple of the allowed values), MINIMUM (lower bounds of numbers: below, a run
+# hangs, does nothing or crashes later), RANGE (intervals: "[" / "]" the edge is allowed, "(" / ")" it is not),
+# EXCLUDED (values refused although in range), TARGET_NODES (nodes instantiated with a ``_target_``: their keys must
+# be arguments of it) and check_config(cfg) (a rule over a value's form). They are named here, not imported: the
+# stages sit above config.
+SCHEMA_MODULES = (
+    "kullm.modeling",
+    "kullm.data.records",
+    "kullm.data.sft",
+    "kullm.data.sft_chat",
+    "kullm.data.preprocess",
+    "kullm.training.schema",
+    "kullm.inference.generator",
+    "kullm.evaluation.judges",
+    "kullm.evaluation.pipeline",
+)
+_TABLES = ("SCHEMA", "MINIMUM", "RANGE", "EXCLUDED")
+
+
+@functools.cache
+def _collected() -> dict[str, Any]:
+    """Every stage's tables, merged (a key declared twice is an error)."""
+    found: dict[str, Any] = {name: {} for name in _TABLES} | {"TARGET_NODES": (), "checks": ()}
+    for name in SCHEMA_MODULES:
+        module = importlib.import_module(name)
+        for table in _TABLES:
+            mine = getattr(module, table, {})
+            if twice := found[table].keys() & mine.keys():
+                raise RuntimeError(f"{name}.{table} declares {sorted(twice)} again")
+            found[table] |= mine
+        found["TARGET_NODES"] += tuple(getattr(module, "TARGET_NODES", ()))
+        if hasattr(module, "check_config"):
+            found["checks"] += (module.check_config,)
+    return found
+
+
+def __getattr__(name: str) -> Any:
+    """``SCHEMA``, ``MINIMUM``, ``RANGE``, ``EXCLUDED`` and ``TARGET_NODES``: the stages' tables, collected on first
+    use."""
+    if name in (*_TABLES, "TARGET_NODES"):
+        return _collected()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Check types of the known knobs and the keys of ``_target_`` nodes; raise :class:`ConfigError` naming the key."""
-    for key, want in SCHEMA.items():
+    tables = _collected()
+    minimum, interval, excluded = tables["MINIMUM"], tables["RANGE"], tables["EXCLUDED"]
+    for key, want in tables["SCHEMA"].items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
@@ -149,16 +141,15 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}={value!r}: must be one of {', '.join(want)}{nearest(str(value), want)}")
         elif not _is_type(value, want):
             raise ConfigError(f"{key}={value!r}: expected {want.__name__}, got {type(value).__name__}")
-        elif key in MINIMUM and not value >= MINIMUM[key]:  # NaN too
-            raise ConfigError(f"{key}={value!r}: must be at least {MINIMUM[key]:g}")
-        elif key in RANGE and not _in_range(value, RANGE[key]):
-            raise ConfigError(f"{key}={value!r}: must lie in {RANGE[key]}")
-        elif EXCLUDED.get(key) == value:
+        elif key in minimum and not value >= minimum[key]:  # NaN too
+            raise ConfigError(f"{key}={value!r}: must be at least {minimum[key]:g}")
+        elif key in interval and not _in_range(value, interval[key]):
+            raise ConfigError(f"{key}={value!r}: must lie in {interval[key]}")
+        elif excluded.get(key) == value:
             raise ConfigError(f"{key}={value!r}: trains nothing; give a positive number, or -1 for no limit")
-    held_out = OmegaConf.select(cfg, "data.val_set_size", default=None)
-    if isinstance(held_out, float) and held_out >= 1:
-        raise ConfigError(f"data.val_set_size={held_out!r}: a fraction must lie below 1; a count of rows is an integer")
-    for path in TARGET_NODES:
+    for check in tables["checks"]:
+        check(cfg)
+    for path in tables["TARGET_NODES"]:
         node = OmegaConf.select(cfg, path, default=None)
         if isinstance(node, DictConfig) and "_target_" in node:
             _check_target_keys(path, node)

@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> Path | str | None:
         print(f"responses: {path}")
         return path
     generator = Generator.from_config(cfg)
-    seed_everything(cfg.generation.get("seed"))
+    seed_everything(cfg.generation.seed)
     if cfg.prompt is not None or cfg.input is not None:  # KULLM's own example: an empty instruction, text as input
         answer = generator.generate([(str(cfg.prompt or ""), str(cfg.input or ""))])[0]
         print(answer)

@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from kullm.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, read_adapter, verify_adapter
-from kullm.config import ConfigError
+from kullm.config import ConfigError, defaults
 from kullm.special_tokens import bos_ids
 from kullm.tiny import TINY, build_tiny
 
 log = logging.getLogger(__name__)
+
+QUANT_MODES = ("none", "int8", "nf4", "fp4")
+# The model, LoRA and quantization knobs users type most (kullm.config.validate collects this table).
+SCHEMA: dict[str, Any] = {
+    "gradient_checkpointing": bool,
+    "lora.r": int,
+    "lora.lora_alpha": float,
+    "lora.lora_dropout": float,
+    "quant.mode": QUANT_MODES,
+}
+MINIMUM: dict[str, float] = {"lora.r": 1}
+RANGE: dict[str, str] = {"lora.lora_dropout": "[0, 1)"}
+TARGET_NODES = ("lora",)  # instantiated with its _target_ (peft.LoraConfig): its keys must be arguments of it
 
 
 def resolve_path(name_or_path: str, shape: Mapping[str, Any] | None = None) -> str:
@@ -28,21 +41,19 @@ def resolve_path(name_or_path: str, shape: Mapping[str, Any] | None = None) -> s
 
 
 def load_tokenizer(cfg: Mapping[str, Any]):
-    """The tokenizer of a ``model=`` config node, with EOS and pad set explicitly and right padding for training."""
+    """The tokenizer of a ``model=`` config node, with EOS and pad set explicitly and right padding for training (the
+    keys a partial node leaves out are ``conf/model/tiny.yaml``'s, the base of every model preset)."""
     from transformers import AutoTokenizer
 
-    path = resolve_path(cfg.get("tokenizer") or cfg["name_or_path"], cfg.get("tiny_shape"))
-    tok = AutoTokenizer.from_pretrained(
-        path,
-        revision=cfg.get("revision"),
-        trust_remote_code=bool(cfg.get("trust_remote_code", False)),
-    )
-    added = [str(t) for t in cfg.get("added_tokens") or []]
+    cfg = defaults("model/tiny", cfg)
+    path = resolve_path(cfg.tokenizer or cfg.name_or_path, cfg.tiny_shape)
+    tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=bool(cfg.trust_remote_code))
+    added = [str(t) for t in cfg.added_tokens or []]
     if added:  # before EOS/pad: a preset may make an added token its EOS (a chat marker on a base model)
         new = tok.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
         log.info("model.added_tokens: %d of %d new to the tokenizer (%d tokens now)", new, len(added), len(tok))
     for key in ("eos_token", "pad_token"):
-        token = cfg.get(key)
+        token = cfg[key]
         if not token:
             continue  # null: the tokenizer's own
         if token not in tok.get_vocab():
@@ -70,27 +81,30 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 def quantization_config(quant: Mapping[str, Any] | None):
-    """A ``BitsAndBytesConfig`` for a ``quant=`` node (``None`` for ``quant=none``), checked before weights load."""
-    if not quant or quant.get("mode", "none") == "none":
+    """A ``BitsAndBytesConfig`` for a ``quant=`` node (``None`` for ``quant=none``), checked before weights load (the
+    keys a partial node leaves out are ``conf/quant/int8.yaml``'s, or ``nf4.yaml``'s for 4-bit modes)."""
+    if not quant or quant["mode"] == "none":
         return None
     import importlib.util
 
     import torch
 
     mode = quant["mode"]
-    if mode not in ("int8", "nf4", "fp4"):
+    if mode not in QUANT_MODES[1:]:
         raise ValueError(f"quant.mode must be none, int8, nf4 or fp4, got {mode!r}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(f"quant={mode} needs bitsandbytes: pip install 'kullm[quant]' (or quant=none)")
     from transformers import BitsAndBytesConfig
 
     if mode == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(quant.get("llm_int8_threshold", 6.0)))
+        int8 = defaults("quant/int8", quant)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(int8.llm_int8_threshold))
+    four_bit = defaults("quant/nf4", quant)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=mode,
-        bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-        bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype", "bfloat16")),
+        bnb_4bit_use_double_quant=bool(four_bit.double_quant),
+        bnb_4bit_compute_dtype=getattr(torch, four_bit.compute_dtype),
     )
 
 
@@ -98,37 +112,39 @@ def load_model(cfg: Mapping[str, Any], quant: Mapping[str, Any] | None = None, d
     """The base causal LM of a ``model=`` node: from the hub or a local folder, or (``shape_only``) random weights.
 
     ``shape_only`` builds the architecture from ``cfg.shape`` (or the checkpoint's config.json) without loading
-    weights, for benchmarks on hardware that lacks the checkpoint.
+    weights, for benchmarks on hardware that lacks the checkpoint. The keys a partial node leaves out are
+    ``conf/model/tiny.yaml``'s.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig
 
     qc = quantization_config(quant)  # errors about quantization come before any weights load
-    dtype = getattr(torch, cfg.get("dtype") or "float32")
+    cfg = defaults("model/tiny", cfg)
+    dtype = getattr(torch, cfg.dtype or "float32")
     # null: transformers picks per architecture (sdpa where it is exact, eager for soft-capped Gemma-2 attention)
-    common = {"dtype": dtype, "attn_implementation": cfg.get("attn_implementation")}
-    if cfg.get("shape_only"):
-        if cfg.get("shape"):
-            shape = dict(cfg["shape"])
+    common = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.shape_only:
+        if cfg.shape:
+            shape = dict(cfg.shape)
             kind = shape.pop("model_type", "gpt_neox")
             config = GPTNeoXConfig(**shape) if kind == "gpt_neox" else AutoConfig.for_model(kind, **shape)
         else:
-            path = resolve_path(cfg["name_or_path"], cfg.get("tiny_shape"))
-            config = AutoConfig.from_pretrained(path, revision=cfg.get("revision"))
+            path = resolve_path(cfg.name_or_path, cfg.tiny_shape)
+            config = AutoConfig.from_pretrained(path, revision=cfg.revision)
         if qc is not None:
             raise ValueError("shape_only builds random weights in memory: it cannot be combined with quant")
         model = AutoModelForCausalLM.from_config(config, **common)
     else:
-        path = resolve_path(cfg["name_or_path"], cfg.get("tiny_shape"))
+        path = resolve_path(cfg.name_or_path, cfg.tiny_shape)
         if common["attn_implementation"] is None:
-            kind = AutoConfig.from_pretrained(path, revision=cfg.get("revision")).model_type
+            kind = AutoConfig.from_pretrained(path, revision=cfg.revision).model_type
             common["attn_implementation"] = ATTN_IMPLEMENTATION.get(kind)
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            revision=cfg.get("revision"),
+            revision=cfg.revision,
             quantization_config=qc,
             device_map=device_map,
-            trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+            trust_remote_code=bool(cfg.trust_remote_code),
             **common,
         )
     if qc is not None and getattr(qc, "load_in_4bit", False):
@@ -162,26 +178,26 @@ def load_adapter(
     from transformers import AutoTokenizer
 
     spec = read_adapter(folder)
-    model_cfg = dict(spec.model)
-    if model_cfg.get("trust_remote_code") and not trust_remote_code:
+    saved = dict(spec.model)  # the folder's own model node (an older kullm's may lack keys: load_model fills them)
+    if saved.get("trust_remote_code") and not trust_remote_code:
         raise AdapterError(
             f"{spec.path / CONFIG_FILE}: asks to run the base model's own Python code (model.trust_remote_code: "
-            f"true, base {model_cfg.get('name_or_path')!r}); kullm never takes that from a shared folder: pass "
+            f"true, base {saved.get('name_or_path')!r}); kullm never takes that from a shared folder: pass "
             "trust_remote_code=true on your command line only if you trust that model's code"
         )
-    model_cfg["trust_remote_code"] = bool(trust_remote_code)
+    saved["trust_remote_code"] = bool(trust_remote_code)
     if dtype:
-        model_cfg["dtype"] = dtype
-    model_cfg["shape_only"] = False
+        saved["dtype"] = dtype
+    saved["shape_only"] = False
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path), trust_remote_code=bool(trust_remote_code))
-    base = load_model(model_cfg, quant=quant, device_map=device_map)
+    base = load_model(saved, quant=quant, device_map=device_map)
     fit_vocabulary(base, tokenizer)  # tokens added in training (model.added_tokens): the trained embedding shape
     try:
         model = PeftModel.from_pretrained(base, str(spec.path), use_safetensors=True)
     except RuntimeError as e:  # PEFT's "size mismatch" (other errors, e.g. out of memory, are not the adapter's)
         if "size mismatch" not in str(e):
             raise
-        raise AdapterError(shape_mismatch(spec.path / WEIGHTS_FILE, str(e), model_cfg.get("name_or_path"))) from None
+        raise AdapterError(shape_mismatch(spec.path / WEIGHTS_FILE, str(e), saved.get("name_or_path"))) from None
     model.eval()
     return model, tokenizer, spec.prompter
 
@@ -232,6 +248,7 @@ def build_trainable_model(
     from hydra.utils import instantiate
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    model_cfg = defaults("model/tiny", model_cfg)
     full = full_finetuning(lora_cfg)
     if full and quantization_config(quant) is not None:
         mode = quant["mode"]
@@ -253,7 +270,7 @@ def build_trainable_model(
         if not full:
             model.enable_input_require_grads()
     if full:
-        dtype = str(model_cfg.get("dtype") or "float32")
+        dtype = str(model_cfg.dtype or "float32")
         if dtype != "float32":
             log.warning("lora=none with model.dtype=%s: AdamW updates %s weights directly (no fp32 master copy); "
                         "model.dtype=float32 with trainer.precision=bf16-mixed trains in fp32", dtype, dtype)
@@ -261,7 +278,7 @@ def build_trainable_model(
         return model
     config = lora_cfg if isinstance(lora_cfg, LoraConfig) else instantiate(lora_cfg)
     config.target_modules = lora_targets(config.target_modules, model.config.model_type)
-    if model_cfg.get("added_tokens"):
+    if model_cfg.added_tokens:
         embed, head = embedding_names(model)
         config.modules_to_save = sorted({*(config.modules_to_save or []), embed, *([head] if head else [])})
         config.ensure_weight_tying = tied_embeddings(model)

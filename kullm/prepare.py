@@ -34,7 +34,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     from kullm.templates import Prompter
 
     validate(cfg)
-    check_source(cfg.data.path, cfg.data.get("source", "auto"), cfg.data.get("missing_hint"))
+    check_source(cfg.data.path, cfg.data.source, cfg.data.missing_hint)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)

@@ -38,7 +38,7 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
     from kullm.training.samples import GenerationSamples
 
     cc = cfg.callbacks.checkpoint
-    monitor = cc.get("monitor") if has_val else None
+    monitor = cc.monitor if has_val else None
     callbacks: list[L.Callback] = [
         AdapterCheckpoint(
             dirpath=str(out / "checkpoints"),
@@ -46,21 +46,21 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
             filename="step{step:06d}-val_loss_{val/loss:.4f}" if monitor == "val/loss" else "step{step:06d}",
             auto_insert_metric_name=False,
             monitor=monitor,
-            mode=cc.get("mode", "min"),
+            mode=cc.mode,
             save_top_k=int(cc.save_top_k) if monitor else 1,
-            save_last=bool(cc.get("save_last", True)),
-            every_n_train_steps=cc.get("every_n_train_steps"),
+            save_last=bool(cc.save_last),
+            every_n_train_steps=cc.every_n_train_steps,
             tokenizer=tokenizer,
             prompter=prompter,
             config=cfg,
         )
     ]
-    samples = cfg.callbacks.get("samples") or {}
-    if has_val and int(samples.get("num", 0)) > 0:
-        callbacks.append(GenerationSamples(tokenizer, out, int(samples.num), int(samples.get("max_new_tokens", 64))))
-    if cfg.callbacks.get("early_stopping") and has_val:
+    samples = cfg.callbacks.samples
+    if has_val and samples is not None and int(samples.num) > 0:  # callbacks.samples=null: off, as num=0
+        callbacks.append(GenerationSamples(tokenizer, out, int(samples.num), int(samples.max_new_tokens)))
+    if cfg.callbacks.early_stopping and has_val:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", **cfg.callbacks.early_stopping))
-    if cfg.trainer.get("enable_progress_bar", True):
+    if cfg.trainer.enable_progress_bar:
         callbacks.append(RunProgressBar())
     return callbacks
 
@@ -94,18 +94,18 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     mirror_to_run_log()  # kullm's and Lightning's lines in the run's log file too
     validate(cfg)
     check_combination(cfg)
-    check_source(cfg.data.path, cfg.data.get("source", "auto"), cfg.data.get("missing_hint"))
+    check_source(cfg.data.path, cfg.data.source, cfg.data.missing_hint)
     world = world_size(cfg.trainer)
     accumulate = accumulation(int(cfg.batch_size), int(cfg.micro_batch_size), world)
-    has_val = cfg.data.get("val_set_size", 0) > 0  # a count or a fraction
+    has_val = cfg.data.val_set_size > 0  # a count or a fraction
     trainer_kwargs = validation_schedule(cfg, accumulate) if has_val else {"limit_val_batches": 0}
     final = final_adapter_choice(cfg, has_val)
-    ckpt_path = cfg.get("ckpt_path")
-    if not ckpt_path and cfg.get("auto_resume", True) and own_last_checkpoint(cfg.output_dir):
+    ckpt_path = cfg.ckpt_path
+    if not ckpt_path and cfg.auto_resume and own_last_checkpoint(cfg.output_dir):
         ckpt_path = own_last_checkpoint(cfg.output_dir)  # an earlier attempt of this run (preempted, requeued)
         rank_zero_info(f"kullm-train: resuming from this run folder's last checkpoint, {ckpt_path}")
     if ckpt_path:
-        ckpt_path = resolve_resume(ckpt_path, cfg, bool(cfg.get("allow_resume_changes", False)))
+        ckpt_path = resolve_resume(ckpt_path, cfg, bool(cfg.allow_resume_changes))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -127,10 +127,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         cfg.lora,
         cfg.quant,
         gradient_checkpointing=bool(cfg.gradient_checkpointing),
-        init_adapter=cfg.get("init_adapter"),
+        init_adapter=cfg.init_adapter,
         tokenizer=tokenizer,
     )
-    module = KullmLitModule(model, optim=cfg.optim, loss=cfg.get("loss"))
+    module = KullmLitModule(model, optim=cfg.optim, loss=cfg.loss)
     loggers = build_loggers(cfg, out, model)
     stopper = GracefulStop()
     record = RunRecord(out)
@@ -199,10 +199,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
 
 def final_adapter_choice(cfg: DictConfig, has_val: bool) -> str:
     """``callbacks.checkpoint.final``: ``last`` (the weights at the end) or ``best`` (by the monitored metric)."""
-    final = str(cfg.callbacks.checkpoint.get("final") or "last")
+    final = str(cfg.callbacks.checkpoint.final or "last")
     if final not in ("last", "best"):
         raise ConfigError(f"callbacks.checkpoint.final={final!r}: must be last or best")
-    if final == "best" and not (has_val and cfg.callbacks.checkpoint.get("monitor")):
+    if final == "best" and not (has_val and cfg.callbacks.checkpoint.monitor):
         raise ConfigError("callbacks.checkpoint.final=best needs a validation set and callbacks.checkpoint.monitor")
     return final
 
@@ -238,7 +238,7 @@ def _job(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except Interrupted as e:
-        again = f" (or run the same command again: run_name={cfg.run_name})" if cfg.get("run_name") else ""
+        again = f" (or run the same command again: run_name={cfg.run_name})" if cfg.run_name else ""
         print(f"kullm-train: {e}; resume with ckpt_path={e.last}{again}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
     val = result["metrics"].get("val/loss")

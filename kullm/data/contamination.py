@@ -37,9 +37,9 @@ def check_overlap(data: Mapping[str, Any], overlap: Sequence[str]) -> None:
     if not overlap:
         return
     msg = (
-        f"{len(overlap)} training row(s) share an instruction or id with the evaluation set {data.get('eval_set')} "
+        f"{len(overlap)} training row(s) share an instruction or id with the evaluation set {data['eval_set']} "
         f"(e.g. {', '.join(map(repr, overlap[:3]))}): a model trained on them is scored on its own training data"
     )
-    if not data.get("allow_eval_overlap", False):
+    if not data["allow_eval_overlap"]:
         raise DataError(f"{msg}; remove them, or set data.allow_eval_overlap=true to train anyway")
     log.warning("CONTAMINATION: %s (data.allow_eval_overlap=true)", msg)

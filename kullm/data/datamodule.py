@@ -64,9 +64,9 @@ class KullmDataModule(L.LightningDataModule):
             rank_zero_info(
                 f"kullm-train: {len(self.processed.dataset['train'])} training and "
                 f"{len(self.processed.dataset['validation'])} validation examples "
-                f"(data.val_set_size={self.data.get('val_set_size', 0)})"
+                f"(data.val_set_size={self.data['val_set_size']})"
             )
-            if self.data.get("packing"):
+            if self.data["packing"]:
                 from kullm.data.packing import pack_dataset
 
                 self.packed, stats = pack_dataset(
@@ -89,8 +89,8 @@ class KullmDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        if self.data.get("batching", "rows") == "tokens":
-            budget = self.data.get("token_budget") or self.micro_batch_size * int(self.data["cutoff_len"])
+        if self.data["batching"] == "tokens":
+            budget = self.data["token_budget"] or self.micro_batch_size * int(self.data["cutoff_len"])
             self.train_sampler = TokenBudgetBatchSampler(
                 self.train_set["length"], int(budget), seed=self.seed, num_replicas=world, rank=rank
             )

@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from kullm.atomic import write_folder
 from kullm.cache import cache_root
+from kullm.config import ConfigError
 from kullm.data import sft, sft_chat
 from kullm.data.contamination import check_overlap, eval_overlap
 from kullm.data.records import ReadOptions, Record, read_records, write_rejects
@@ -32,6 +35,19 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: mask-invariant violations dropped; 2: colliding ids renamed, exact duplicates dropped
 CHECKSUMS = "checksums.json"  # size and sha256 of every other file of a cache entry, written last
 MAX_HELD_OUT = 0.2  # a larger share of the records held out for validation is warned about
+# The knobs of the validation split users type most (kullm.config.validate collects this table and check_config).
+SCHEMA: dict[str, Any] = {
+    "data.val_set_size": float,  # a count of rows (an integer) or a fraction of them (a float below 1)
+    "data.seed": int,
+}
+MINIMUM: dict[str, float] = {"data.val_set_size": 0}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """``data.val_set_size``: a fraction lies below 1 (a count of rows is an integer)."""
+    held_out = OmegaConf.select(cfg, "data.val_set_size", default=None)
+    if isinstance(held_out, float) and held_out >= 1:
+        raise ConfigError(f"data.val_set_size={held_out!r}: a fraction must lie below 1; a count of rows is an integer")
 
 
 @dataclass
@@ -55,7 +71,7 @@ def preprocess(
     import datasets
 
     key = cache_key(data, tokenizer, prompter)
-    root = Path(cache_dir or data.get("cache_dir") or cache_root() / "processed").expanduser()
+    root = Path(cache_dir or data.cache_dir or cache_root() / "processed").expanduser()
     target = root / key
     if target.is_dir() and _intact(target):
         stats = json.loads((target / "stats.json").read_text(encoding="utf-8"))
@@ -75,7 +91,7 @@ def preprocess(
         raise DataError(f"{data['path']}: no usable record ({report.n_rejected} rejected: {dict(report.rejected)})")
     overlap = eval_overlap(records, _eval_set(data))
     check_overlap(data, overlap)
-    train_recs, val_recs = split_records(records, data.get("val_set_size", 0), int(data.get("seed", 42)))
+    train_recs, val_recs = split_records(records, data.val_set_size, int(data.seed))
     _warn_held_out(data, {"train": len(train_recs), "validation": len(val_recs)})
 
     splits = {}
@@ -120,11 +136,11 @@ def _read(data: Mapping[str, Any]):
 
 
 def _chat(data: Mapping[str, Any], records: list[Record]) -> bool:
-    return data.get("chat_template") == "tokenizer" or any(r.turns for r in records)
+    return data["chat_template"] == "tokenizer" or any(r.turns for r in records)
 
 
 def _eval_set(data: Mapping[str, Any]) -> str | None:
-    path = data.get("eval_set")
+    path = data["eval_set"]
     return str(path) if path and Path(str(path)).expanduser().is_file() else None
 
 
@@ -182,7 +198,7 @@ def _warn_held_out(data: Mapping[str, Any], split: Mapping[str, int]) -> None:
         log.warning(
             "data.val_set_size=%s holds out %d of %d records (%.0f%%) for validation, leaving %d to train on: "
             "give a smaller count or a fraction (e.g. data.val_set_size=0.05)",
-            data.get("val_set_size"),
+            data["val_set_size"],
             split["validation"],
             total,
             100 * split["validation"] / total,
@@ -244,7 +260,7 @@ def cache_key(data: Mapping[str, Any], tokenizer, prompter: Prompter) -> str:
 def source_fingerprint(data: Mapping[str, Any]) -> str:
     """Hash of the data's bytes (local files) or the hub dataset's own fingerprint."""
     path = Path(str(data["path"])).expanduser()
-    if data.get("source", "auto") != "hub" and path.exists():
+    if data["source"] != "hub" and path.exists():
         files = data_files(path)
         h = hashlib.sha256()
         for f in files:
@@ -256,7 +272,7 @@ def source_fingerprint(data: Mapping[str, Any]) -> str:
     import datasets
 
     try:
-        ds = datasets.load_dataset(str(data["path"]), split=data.get("split", "train"), revision=data.get("revision"))
+        ds = datasets.load_dataset(str(data["path"]), split=data["split"], revision=data["revision"])
     except Exception as e:
         raise DataError(
             f"{data['path']}: not a local file or folder, and it could not be loaded as a hub dataset "
@@ -268,14 +284,14 @@ def source_fingerprint(data: Mapping[str, Any]) -> str:
 def _settings(data: Mapping[str, Any], prompter: Prompter) -> dict[str, Any]:
     return {
         "fields": asdict(ReadOptions.training(data).fields),
-        "policy": data.get("policy", "skip"),
-        "split": data.get("split", "train"),
-        "revision": data.get("revision"),
+        "policy": data["policy"],
+        "split": data["split"],
+        "revision": data["revision"],
         "template": asdict(prompter),
         "cutoff_len": int(data["cutoff_len"]),
-        "train_on_inputs": bool(data.get("train_on_inputs", False)),
-        "add_eos": bool(data.get("add_eos", True)),
-        "val_set_size": data.get("val_set_size", 0),
-        "seed": int(data.get("seed", 42)),
-        "drop_duplicates": bool(data.get("drop_duplicates", True)),
+        "train_on_inputs": bool(data["train_on_inputs"]),
+        "add_eos": bool(data["add_eos"]),
+        "val_set_size": data["val_set_size"],
+        "seed": int(data["seed"]),
+        "drop_duplicates": bool(data["drop_duplicates"]),
     }

@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from kullm.data.conversations import FORMATS, Turn, detect_format, parse_turns, split_reference, unencodable
-from kullm.data.sources import BOM, DataError, Reject, SourceReport, read_rows
+from kullm.data.sources import BOM, SOURCES, DataError, Reject, SourceReport, read_rows
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("skip", "strict")
+# The knobs of reading data users type most (kullm.config.validate collects this table).
+SCHEMA: dict[str, Any] = {"data.policy": POLICIES, "data.source": SOURCES, "data.format": FORMATS}
 
 
 @dataclass(frozen=True)
@@ -121,16 +123,16 @@ class ReadOptions:
 
     @classmethod
     def training(cls, data: Mapping[str, Any]) -> ReadOptions:
-        """Training data, as a ``data=`` config node describes it; exact duplicate rows dropped (on by default)."""
+        """Training data, as a (composed) ``data=`` config node describes it."""
         return cls(
-            fields=Fields(**{k: v for k, v in dict(data.get("fields") or {}).items() if v}),
-            policy=data.get("policy", "skip"),
-            source=data.get("source", "auto"),
-            split=data.get("split", "train"),
-            revision=data.get("revision"),
-            format=data.get("format") or "auto",
-            roles=dict(data.get("roles") or {}),
-            drop_duplicates=bool(data.get("drop_duplicates", True)),
+            fields=Fields(**{k: v for k, v in dict(data["fields"] or {}).items() if v}),
+            policy=data["policy"],
+            source=data["source"],
+            split=data["split"],
+            revision=data["revision"],
+            format=data["format"] or "auto",
+            roles=dict(data["roles"] or {}),
+            drop_duplicates=bool(data["drop_duplicates"]),
         )
 
     @classmethod

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
 
+from kullm.config import defaults
 from kullm.data.records import Record
 from kullm.data.sources import DataError
 from kullm.special_tokens import bos_ids, with_bos
@@ -32,6 +33,15 @@ COLUMNS = ["id", "input_ids", "labels", "attention_mask", "length", "prompt_len"
 # Text beyond cutoff_len × this many characters cannot reach the first cutoff_len tokens (no real tokenizer has
 # tokens that long), so it is cut before tokenizing: a 50 MB row costs kilobytes, not gigabytes.
 MAX_CHARS_PER_TOKEN = 128
+# The knobs of encoding and padding examples users type most (kullm.config.validate collects this table).
+SCHEMA: dict[str, Any] = {
+    "data.cutoff_len": int,
+    "data.train_on_inputs": bool,
+    "data.add_eos": bool,
+    "data.verify": bool,
+    "pad_to_multiple_of": int,
+}
+MINIMUM: dict[str, float] = {"data.cutoff_len": 2}
 
 
 def encode_batch(
@@ -200,17 +210,19 @@ def encode_split(records: list[Record], data: Mapping[str, Any], tokenizer, prom
     """Template, tokenize, mask and verify one split of flat records: ``(dataset, counts, violations)``.
 
     ``ENCODE_CHUNK`` rows per batched tokenizer call (in ``data.num_proc`` processes for large splits), straight
-    into Arrow columns; prompt-only rows and invariant violations are dropped and counted.
+    into Arrow columns; prompt-only rows and invariant violations are dropped and counted. The keys a partial ``data``
+    leaves out are ``conf/data/sample.yaml``'s.
     """
     import datasets
     import pyarrow as pa
 
-    cutoff = int(data["cutoff_len"])
+    data = defaults("data/sample", data)
+    cutoff = int(data.cutoff_len)
     settings = {
         "cutoff_len": cutoff,
-        "train_on_inputs": bool(data.get("train_on_inputs", False)),
-        "add_eos": bool(data.get("add_eos", True)),
-        "verify": bool(data.get("verify", True)),
+        "train_on_inputs": bool(data.train_on_inputs),
+        "add_eos": bool(data.add_eos),
+        "verify": bool(data.verify),
     }
     if not records:
         zero = {"records": 0, "kept": 0, "truncated": 0, "dropped_prompt_too_long": 0, "dropped_invariant": 0}
@@ -218,7 +230,7 @@ def encode_split(records: list[Record], data: Mapping[str, Any], tokenizer, prom
     ids = [r.id for r in records]
     prompts = [prompter.render(r.instruction, r.input) for r in records]
     outputs = [r.output for r in records]
-    num_proc = int(data.get("num_proc") or 1)
+    num_proc = int(data.num_proc or 1)
     if num_proc > 1 and len(records) >= 1000 * num_proc:  # below that, process start-up costs more than it saves
         raw = datasets.Dataset.from_dict({"id": ids, "prompt": prompts, "output": outputs})
         table = raw.map(
@@ -244,7 +256,7 @@ def encode_split(records: list[Record], data: Mapping[str, Any], tokenizer, prom
     keep, violation = table.column("keep").to_pylist(), table.column("violation").to_pylist()
     truncated = sum(t and k for t, k in zip(table.column("truncated").to_pylist(), keep, strict=True))
     bad = [f"{i}: {v}" for i, v, k in zip(ids, violation, keep, strict=True) if v and k]
-    if bad and data.get("policy", "skip") == "strict":
+    if bad and data.policy == "strict":
         raise DataError(f"{name}: the masking invariant fails for id {bad[0]} ({len(bad)} example(s) in all)")
     kept = _with_mask(table.filter(pa.array([k and not v for k, v in zip(keep, violation, strict=True)])))
     counts = {

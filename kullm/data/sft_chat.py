@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kullm.config import defaults
 from kullm.data.conversations import ASSISTANT, USER, Turn, as_messages
 from kullm.data.sft import COLUMNS, IGNORE_INDEX, MAX_CHARS_PER_TOKEN
 from kullm.data.sources import DataError
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 TRAIN_ON = ("all_assistant", "last", "all")
 RENDERERS = ("template", "tokenizer")
+# The knobs of encoding conversations users type most (kullm.config.validate collects this table).
+SCHEMA: dict[str, Any] = {"data.train_on": TRAIN_ON, "data.chat_template": RENDERERS}
 
 
 class Unrenderable(KullmError, ValueError):
@@ -245,12 +248,12 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 
 def chat_settings(data: Mapping[str, Any], tokenizer) -> dict[str, Any]:
-    """The settings that change how conversations are encoded (for the cache key)."""
-    renderer = data.get("chat_template") or "template"
+    """The settings that change how conversations are encoded (for the cache key), from a composed ``data`` node."""
+    renderer = data["chat_template"] or "template"
     return {
-        "format": data.get("format") or "auto",
-        "roles": dict(data.get("roles") or {}),
-        "train_on": data.get("train_on") or "all_assistant",
+        "format": data["format"] or "auto",
+        "roles": dict(data["roles"] or {}),
+        "train_on": data["train_on"] or "all_assistant",
         "chat_template": renderer,
         "tokenizer_chat_template": getattr(tokenizer, "chat_template", None) if renderer == "tokenizer" else None,
     }
@@ -261,21 +264,22 @@ def encode_split(records: list, data: Mapping[str, Any], tokenizer, prompter, na
 
     Same contract as the flat path (:func:`kullm.data.sft.encode_split`): ``(dataset, counts, violations)``; an
     example the template cannot render or whose masks break the invariant is dropped and named (``policy=strict``:
-    the first stops the run).
+    the first stops the run). The keys a partial ``data`` leaves out are ``conf/data/sample.yaml``'s.
     """
     import datasets
 
-    cutoff = int(data["cutoff_len"])
-    train_on = data.get("train_on") or "all_assistant"
+    data = defaults("data/sample", data)
+    cutoff = int(data.cutoff_len)
+    train_on = data.train_on or "all_assistant"
     if train_on not in TRAIN_ON:
         raise ValueError(f"data.train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
-    if data.get("train_on_inputs"):
+    if data.train_on_inputs:
         train_on = "all"
-    renderer = data.get("chat_template") or "template"
+    renderer = data.chat_template or "template"
     if renderer not in RENDERERS:
         raise ValueError(f"data.chat_template must be one of {', '.join(RENDERERS)}, got {renderer!r}")
-    verify = bool(data.get("verify", True))
-    strict = data.get("policy", "skip") == "strict"
+    verify = bool(data.verify)
+    strict = data.policy == "strict"
 
     rendered, ids, bad = [], [], []
     for rec in records:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BOM = "\ufeff"
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SOURCES = ("auto", "files", "hub")  # data.source: a local path if it exists, else the hub | local only | hub only
 SAVED_DATASET = ("dataset_dict.json", "state.json")  # a folder holding either is a ``save_to_disk`` dataset
 
 

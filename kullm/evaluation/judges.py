@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from kullm.config import defaults
 from kullm.data.conversations import unencodable
 from kullm.errors import KullmError
 from kullm.evaluation.geval import Criterion, JudgePrompt, TokenLogprobs, softmax_over, weighted_mean
@@ -34,6 +35,10 @@ from kullm.untrusted import render_chat
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+# The judge.* knobs users type most (kullm.config.validate collects this table): how many requests in flight, how
+# many retries, and the deadline of one request.
+SCHEMA: dict[str, Any] = {"judge.concurrency": int, "judge.max_retries": int, "judge.timeout": float}
+MINIMUM: dict[str, float] = {"judge.concurrency": 1, "judge.max_retries": 0, "judge.timeout": 0.001}
 
 
 class JudgeError(KullmError, RuntimeError):
@@ -66,7 +71,7 @@ class Judge(Protocol):
 
 def build_judge(cfg: Mapping[str, Any], prompt: JudgePrompt) -> Judge:
     """The judge of a ``judge=`` config node."""
-    kind = cfg.get("name")
+    kind = cfg["name"]
     if kind == "openai":
         return OpenAIJudge(cfg)
     if kind == "hf":
@@ -84,33 +89,37 @@ class _Retry(Exception):
 
 
 class OpenAIJudge:
-    """An OpenAI-compatible chat-completions judge (temperature 0; optional ``top_logprobs``)."""
+    """An OpenAI-compatible chat-completions judge (temperature 0; optional ``top_logprobs``).
+
+    ``cfg`` is a ``judge=openai`` node; the keys a partial one leaves out are ``conf/judge/openai.yaml``'s.
+    """
 
     name = "openai"
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
-        self.model = str(cfg["model"])
-        self.url = completions_url(str(cfg["base_url"]))
+        cfg = defaults("judge/openai", cfg)
+        self.model = str(cfg.model)
+        self.url = completions_url(str(cfg.base_url))
         self.shown_url = scrub_urls(self.url)  # what messages name: no user info, no secret query value
-        self.timeout = float(cfg.get("timeout", 60.0))  # a deadline for the whole request, not per read
-        self.max_bytes = int(cfg.get("max_response_bytes", 4 << 20))
-        concurrency = int(cfg.get("concurrency", 8))
+        self.timeout = float(cfg.timeout)  # a deadline for the whole request, not per read
+        self.max_bytes = int(cfg.max_response_bytes)
+        concurrency = int(cfg.concurrency)
         if concurrency < 1 or self.timeout <= 0:
             raise ValueError(f"judge.concurrency ({concurrency}) and judge.timeout ({self.timeout}) must be positive")
-        self.max_retries = int(cfg.get("max_retries", 6))
-        self.backoff_base = float(cfg.get("backoff_base", 1.0))
-        self.backoff_max = float(cfg.get("backoff_max", 60.0))
-        self.retry_after_max = float(cfg.get("retry_after_max", 120.0))
+        self.max_retries = int(cfg.max_retries)
+        self.backoff_base = float(cfg.backoff_base)
+        self.backoff_max = float(cfg.backoff_max)
+        self.retry_after_max = float(cfg.retry_after_max)
         self.body: dict[str, Any] = {
             "model": self.model,
-            "temperature": float(cfg.get("temperature", 0.0)),
-            "max_tokens": int(cfg.get("max_tokens", 512)),
-            **dict(cfg.get("extra_body") or {}),
+            "temperature": float(cfg.temperature),
+            "max_tokens": int(cfg.max_tokens),
+            **dict(cfg.extra_body or {}),
         }
-        if cfg.get("logprobs"):
-            self.body |= {"logprobs": True, "top_logprobs": int(cfg.get("top_logprobs", 20))}
+        if cfg.logprobs:
+            self.body |= {"logprobs": True, "top_logprobs": int(cfg.top_logprobs)}
         headers = {"Content-Type": "application/json"}
-        env = cfg.get("api_key_env") or "OPENAI_API_KEY"
+        env = cfg.api_key_env or "OPENAI_API_KEY"
         key = os.environ.get(env)
         self._secret = key or None
         if key:
@@ -234,11 +243,12 @@ class HFJudge:
     def __init__(self, cfg: Mapping[str, Any], criteria: Sequence[Criterion]) -> None:
         from kullm.modeling import load_model, load_tokenizer
 
-        model_cfg = dict(cfg["model"])
+        cfg = defaults("judge/hf", cfg)
+        model_cfg = dict(cfg.model)
         self.model = str(model_cfg["name_or_path"])
         self.criteria = list(criteria)
         self.tokenizer = load_tokenizer(model_cfg)
-        self.lm = load_model(model_cfg).to(cfg.get("device") or "cpu").eval()
+        self.lm = load_model(model_cfg).to(cfg.device or "cpu").eval()
         self._lock = asyncio.Lock()
 
     async def reply(self, messages: list[dict[str, str]]) -> Reply:

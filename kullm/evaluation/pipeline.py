@@ -38,6 +38,16 @@ from kullm.resumable import AppendLog, read_done
 
 log = logging.getLogger(__name__)
 
+# The kullm-eval knobs users type most (kullm.config.validate collects this table; judge.* sit with the judges).
+SCHEMA: dict[str, Any] = {
+    "limit": int,
+    "max_parse_retries": int,
+    "bootstrap.samples": int,
+    "bootstrap.confidence": float,
+}
+MINIMUM: dict[str, float] = {"limit": 1, "max_parse_retries": 0, "bootstrap.samples": 1}
+RANGE: dict[str, str] = {"bootstrap.confidence": "(0, 1)"}
+
 GENERIC_STEMS = {"responses", "generations", "outputs", "output", "adapter"}
 
 
@@ -58,13 +68,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     prompt = JudgePrompt.from_config(cfg.judge_prompt)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(name, Path(path), out_dir, cfg.get("limit")) for name, path in resolve_runs(cfg, out_dir).items()]
-    references = load_references(cfg.get("references"))
+    runs = [load_run(name, Path(path), out_dir, cfg.limit) for name, path in resolve_runs(cfg, out_dir).items()]
+    references = load_references(cfg.references)
     for run in runs:
-        check_references(run, references, float(cfg.get("reference_threshold", 0.5)))
+        check_references(run, references, float(cfg.reference_threshold))
     asyncio.run(judge_runs(cfg, prompt, runs))
 
-    bs = cfg.get("bootstrap") or {}
+    bs = cfg.bootstrap
     identity = judge_identity(cfg.judge)
     stats = []
     for run in runs:
@@ -75,13 +85,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             js,
             prompt.criteria,
             len(run.records),
-            int(bs.get("samples", 2000)),
-            float(bs.get("confidence", 0.95)),
-            int(bs.get("seed", 0)),
+            int(bs.samples),
+            float(bs.confidence),
+            int(bs.seed),
         )
         st.notes = run.notes + _outcome_notes(st, js, run)
         stats.append(st)
-    reference = cfg.get("reference") or (runs[0].name if len(runs) > 1 else None)
+    reference = cfg.reference or (runs[0].name if len(runs) > 1 else None)
     set_relative(stats, reference)
     judge_name, judge_model = judge_identity(cfg.judge)
     header = f"judge: {judge_name} / {judge_model} · prompt: {prompt.name} ({prompt.hash()})"
@@ -89,8 +99,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     summary = _summary(stats, runs, paths, prompt, judge_identity(cfg.judge))
     with rewrite(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
-    if (cfg.get("wandb") or {}).get("enabled"):
-        log_wandb(stats, prompt.criteria, paths["png"], {**cfg.wandb, "config": redact(cfg)})
+    if cfg.wandb.enabled:
+        log_wandb(stats, prompt.criteria, paths["png"], cfg.wandb, redact(cfg))
     log.info("report: %s\n%s", paths["md"], paths["md"].read_text(encoding="utf-8"))
     return summary
 
@@ -100,7 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def resolve_runs(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
     """Run name -> responses file, from ``responses=`` (path, list or mapping) or ``adapter=`` (generate first)."""
-    responses, adapter = cfg.get("responses"), cfg.get("adapter")
+    responses, adapter = cfg.responses, cfg.adapter
     if (responses is None) == (adapter is None):
         raise ValueError("give exactly one of responses=<jsonl | [jsonl, ...] | {name: jsonl}> or adapter=<folder>")
     if adapter is not None:
@@ -145,11 +155,11 @@ def generate_responses(cfg: DictConfig, adapter: Path, out_dir: Path) -> Path:
         f"input_file={cfg.eval_set}",
         f"output_file={partial}",
         f"++output_dir={out_dir}",
-        f"trust_remote_code={bool(cfg.get('trust_remote_code', False))}",
+        f"trust_remote_code={bool(cfg.trust_remote_code)}",
     ]
-    extra = list(cfg.get("generate_overrides") or [])
+    extra = list(cfg.generate_overrides or [])
     gen_cfg = _compose_generate([*overrides, *extra])
-    if cfg.get("generation") is not None:  # kullm-eval's own generation=greedy generation.max_new_tokens=32 …
+    if cfg.generation is not None:  # kullm-eval's own generation=greedy generation.max_new_tokens=32 …
         changed = _changed(gen_cfg.generation, _compose_generate(overrides).generation) if extra else {}
         gen_cfg.generation = OmegaConf.merge(cfg.generation, changed)  # … with generate_overrides applied last
     written = Path(generate_file(gen_cfg))
@@ -244,10 +254,10 @@ def check_references(run: Run, refs: Mapping[str, str], threshold: float) -> Non
 
 def judge_identity(judge_cfg: Mapping[str, Any]) -> tuple[str, str]:
     """``(judge name, model)`` as the judgments record them, known from the config without building the judge."""
-    name = str(judge_cfg.get("name"))
-    model = judge_cfg.get("model")
+    name = str(judge_cfg["name"])
+    model = judge_cfg["model"]
     if isinstance(model, Mapping):  # the hf judge: a model node
-        model = model.get("name_or_path")
+        model = model["name_or_path"]
     return name, str(model)
 
 
@@ -307,7 +317,7 @@ async def judge_runs(cfg: DictConfig, prompt: JudgePrompt, runs: Sequence[Run]) 
     judge = build_judge(cfg.judge, prompt)
     try:
         for run, done in todo:
-            await judge_run(judge, prompt, run, done, int(cfg.get("max_parse_retries", 2)), bool(cfg.get("progress")))
+            await judge_run(judge, prompt, run, done, int(cfg.max_parse_retries), bool(cfg.progress))
     finally:
         await judge.aclose()
 

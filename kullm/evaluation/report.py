@@ -256,18 +256,21 @@ def _ascii(name: str) -> str:
     return name if name.isascii() else name.encode("ascii", "replace").decode()
 
 
-def log_wandb(runs: Sequence[RunStats], criteria: Sequence[Criterion], png: Path, cfg: Mapping[str, Any]) -> None:
-    """Log the CSV rows as a W&B table and the chart as an image (W&B's offline/disabled modes apply)."""
+def log_wandb(
+    runs: Sequence[RunStats], criteria: Sequence[Criterion], png: Path, wandb_cfg: Mapping[str, Any], config: Any
+) -> None:
+    """Log the CSV rows as a W&B table and the chart as an image (W&B's offline/disabled modes apply); ``wandb_cfg``
+    is kullm-eval's ``wandb`` node, ``config`` the (redacted) config the run records."""
     import wandb
 
     from kullm.wandb_mode import wandb_mode
 
     run = wandb.init(
-        project=cfg.get("project") or "kullm",
+        project=wandb_cfg["project"] or "kullm",
         # resolved here, as for training (WANDB_MODE, else online with a key, else offline): left to W&B, a process
         # that already ran W&B keeps the mode its first run read from the environment
-        mode=cfg.get("mode") or wandb_mode("auto"),
-        config=cfg.get("config"),
+        mode=wandb_cfg["mode"] or wandb_mode("auto"),
+        config=config,
         job_type="eval",
         dir=str(png.parent),
     )

@@ -90,7 +90,7 @@ def run_file(
     n_done = len(records) - len(todo)
     log.info("%s: %d records, %d already in %s, %d to go", input_file, len(records), n_done, output_file, len(todo))
     bar = tqdm(total=len(records), initial=n_done, unit="rec", disable=not progress)
-    window = max(int(batch_size or generator.settings.get("batch_size") or 1), 1) * WINDOW_BATCHES
+    window = max(int(batch_size or generator.settings["batch_size"] or 1), 1) * WINDOW_BATCHES
     with AppendLog(output_file) as out:
         for start in range(0, len(todo), window):  # input order between windows, length order inside each
             part = todo[start : start + window]
@@ -140,7 +140,7 @@ def generate_file(cfg: DictConfig) -> Path:
     output = Path(cfg.output_file or Path(cfg.output_dir) / "responses.jsonl")
     check_source(cfg.input_file, "files")  # before the model loads
     generator = Generator.from_config(cfg)
-    seed_everything(cfg.generation.get("seed"))
-    fields = OmegaConf.to_container(cfg.fields, resolve=True) if cfg.get("fields") else None
-    roles = OmegaConf.to_container(cfg.roles, resolve=True) if cfg.get("roles") else None
-    return run_file(generator, cfg.input_file, output, fields=fields, policy=cfg.get("policy") or "skip", roles=roles)
+    seed_everything(cfg.generation.seed)
+    fields = OmegaConf.to_container(cfg.fields, resolve=True) if cfg.fields else None
+    roles = OmegaConf.to_container(cfg.roles, resolve=True) if cfg.roles else None
+    return run_file(generator, cfg.input_file, output, fields=fields, policy=cfg.policy or "skip", roles=roles)

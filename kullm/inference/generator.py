@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kullm.config import defaults
 from kullm.data.conversations import as_messages, split_reference
 from kullm.data.records import Record
 from kullm.inference.batching import left_pad
@@ -32,6 +33,22 @@ log = logging.getLogger(__name__)
 Item = Record | Mapping[str, Any] | tuple[str, str] | str
 Messages = list[dict[str, str]]  # a conversation: [{"role": "user" | "assistant" | "system", "content": ...}, ...]
 BatchCallback = Callable[[list[int], list[str]], None]
+
+# The generation.* knobs users type most (kullm.config.validate collects this table).
+SCHEMA: dict[str, Any] = {
+    "generation.batch_size": int,
+    "generation.num_beams": int,
+    "generation.max_length": int,
+    "generation.max_new_tokens": int,
+    "generation.top_p": float,
+}
+MINIMUM: dict[str, float] = {
+    "generation.batch_size": 1,
+    "generation.num_beams": 1,
+    "generation.max_length": 1,
+    "generation.max_new_tokens": 1,
+}
+RANGE: dict[str, str] = {"generation.top_p": "(0, 1]"}
 
 
 class Generator:
@@ -57,7 +74,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.prompter = prompter
         self.chat_only = chat_only
-        self.settings = dict(settings)
+        # a generation= node; the keys a partial one leaves out are conf/generation/default.yaml's
+        self.settings = OmegaConf.to_container(defaults("generation/default", settings), resolve=True)
         self.label = label
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.bos = bos_ids(tokenizer)
@@ -107,9 +125,9 @@ class Generator:
 
     def budget(self, prompt_len: int) -> int:
         """New tokens allowed for a prompt: ``max_new_tokens``, else ``max_length`` minus the prompt's own length."""
-        if self.settings.get("max_new_tokens"):
+        if self.settings["max_new_tokens"]:
             return int(self.settings["max_new_tokens"])
-        return max(int(self.settings.get("max_length") or 512) - prompt_len, 0)
+        return max(int(self.settings["max_length"] or 512) - prompt_len, 0)
 
     def generate(
         self, items: Sequence[Item], batch_size: int | None = None, on_batch: BatchCallback | None = None
@@ -117,10 +135,10 @@ class Generator:
         """Answers to ``items`` in input order; ``on_batch(indices, answers)`` is called as each batch finishes."""
         prompts = [self.render(x) for x in items]
         ids = [self.encode(p) for p in prompts]
-        size = int(batch_size or self.settings.get("batch_size") or 1)
+        size = int(batch_size or self.settings["batch_size"] or 1)
         if size < 1:
             raise ValueError(f"generation.batch_size={size}: must be at least 1")
-        if (self.config.num_beams or 1) > 1 and not self.settings.get("batch_beams"):
+        if (self.config.num_beams or 1) > 1 and not self.settings["batch_beams"]:
             # a beam-search batch runs to its longest budget and its beams compete over it, so answers differ from
             # one prompt at a time: beams go one prompt at a time unless generation.batch_beams=true
             size = 1
@@ -240,18 +258,18 @@ def generation_config(model, settings: Mapping[str, Any], eos_ids: list[int], pa
 
     base = getattr(model, "generation_config", None)
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
-    sample = bool(settings.get("do_sample"))
+    sample = bool(settings["do_sample"])
     config.update(
         do_sample=sample,
-        num_beams=int(settings.get("num_beams") or 1),
-        repetition_penalty=float(settings.get("repetition_penalty") or 1.0),
-        no_repeat_ngram_size=int(settings.get("no_repeat_ngram_size") or 0),
+        num_beams=int(settings["num_beams"] or 1),
+        repetition_penalty=float(settings["repetition_penalty"] or 1.0),
+        no_repeat_ngram_size=int(settings["no_repeat_ngram_size"] or 0),
         eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
         pad_token_id=pad_id,
     )
     # temperature/top_p/top_k only mean something when sampling; set otherwise they only trigger warnings
     for key in ("temperature", "top_p", "top_k"):
-        setattr(config, key, settings.get(key) if sample else None)
+        setattr(config, key, settings[key] if sample else None)
     return config
 
 

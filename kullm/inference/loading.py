@@ -33,8 +33,8 @@ def load_for_generation(cfg: DictConfig):
     if cfg.adapter and cfg.base:
         raise ValueError("give adapter=<folder> or base=<checkpoint>, not both (an adapter names its own base)")
     device = resolve_device(cfg.device)
-    quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.get("quant") else None
-    quantized = bool(quant) and quant.get("mode", "none") != "none"
+    quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.quant else None
+    quantized = bool(quant) and quant["mode"] != "none"
     device_map = cfg.device_map or ({"": device} if quantized else None)
     if cfg.adapter:
         model, tokenizer, prompter = load_adapter(
@@ -42,7 +42,7 @@ def load_for_generation(cfg: DictConfig):
             dtype=cfg.dtype,
             quant=quant,
             device_map=device_map,
-            trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+            trust_remote_code=bool(cfg.trust_remote_code),
         )
         label = str(Path(cfg.adapter).expanduser().resolve())
     else:

@@ -41,7 +41,7 @@ def merge(cfg: DictConfig) -> Path:
         raise ValueError(f"dtype must be one of {sorted(cfg.tolerances)}, got {dtype!r}")
     tolerance = float(cfg.tolerance if cfg.tolerance is not None else cfg.tolerances[dtype])
     model, tokenizer, prompter = load_adapter(
-        cfg.adapter, dtype=dtype, device_map=cfg.device_map, trust_remote_code=bool(cfg.get("trust_remote_code", False))
+        cfg.adapter, dtype=dtype, device_map=cfg.device_map, trust_remote_code=bool(cfg.trust_remote_code)
     )
     prompts = [prompter.render(p) for p in cfg.check_prompts]
     bos = bos_ids(tokenizer)  # compared on prompts as training and generation make them

@@ -31,14 +31,14 @@ def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
         return []
     loggers: list = [MetricsCSV(out)]  # W&B's files are not plain text: the curve is kept as CSV beside them
     if lc.name == "wandb":
-        mode = wandb_mode(lc.get("mode", "auto"))
+        mode = wandb_mode(lc.mode)
         name, group = run_label(cfg)
         logger = WandbLogger(
             project=lc.project,
-            entity=lc.get("entity"),
-            name=lc.get("run_name") or name,
-            group=lc.get("group") or group,
-            tags=list(lc.get("tags") or []),
+            entity=lc.entity,
+            name=lc.run_name or name,
+            group=lc.group or group,
+            tags=list(lc.tags or []),
             save_dir=str(out),
             offline=mode == "offline",
             mode=mode,
@@ -48,8 +48,8 @@ def build_loggers(cfg: DictConfig, out: Path, model=None) -> list:
         # Lightning always passes anonymous=None to wandb.init, which W&B (0.31) answers with a deprecation
         # warning whatever the value: the setting does nothing, so it is not passed at all
         logger._wandb_init.pop("anonymous", None)
-        if lc.get("watch") and model is not None:
-            logger.watch(model, log=lc.watch, log_freq=int(lc.get("watch_log_freq", 100)))
+        if lc.watch and model is not None:
+            logger.watch(model, log=lc.watch, log_freq=int(lc.watch_log_freq))
         loggers.insert(0, logger)  # the trainer's main logger
     elif lc.name != "csv":
         raise ConfigError(f"logger.name must be wandb, csv or none, got {lc.name!r}")
@@ -148,9 +148,9 @@ def run_label(cfg: DictConfig) -> tuple[str | None, str | None]:
     except ImportError:
         hc = None
     if hc is None:
-        return cfg.get("run_name"), None
+        return cfg.run_name, None
     parts = [o for o in redact_args(list(hc.overrides.task)) if not o.startswith(_NOT_IN_NAME)]
-    name = cfg.get("run_name") or " ".join([hc.runtime.choices.get("experiment") or "train", *parts])[:128]
+    name = cfg.run_name or " ".join([hc.runtime.choices.get("experiment") or "train", *parts])[:128]
     group = Path(str(hc.sweep.dir)).name if hc.mode == RunMode.MULTIRUN else None
     return name, group
 

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from kullm.config import ConfigError
 from kullm.data.sft import IGNORE_INDEX
 from kullm.training.attention import VARLEN_IMPLEMENTATIONS, packed_model_inputs
+from kullm.training.schema import LOSS_IMPLS
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -206,7 +207,6 @@ def fused_linear_cross_entropy(
         return total
 
 
-LOSS_IMPLS = ("auto", "torch", "liger", "cce")
 _IMPL_PACKAGES = {"liger": ("liger_kernel", "liger-kernel"), "cce": ("cut_cross_entropy", "cut-cross-entropy")}
 
 

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 
 from kullm.adapter import clean_name
+from kullm.config import defaults
 from kullm.training.checkpointing import Diverged
 from kullm.training.fsdp import LoraFSDPStrategy
 from kullm.training.loss import check_loss_impl, lm_loss
@@ -29,13 +30,17 @@ log = logging.getLogger(__name__)
 
 
 class KullmLitModule(L.LightningModule):
-    """Train a PEFT model; log loss, lr, grad norm, tokens and tokens/s per step, val loss/perplexity per validation."""
+    """Train a PEFT model; log loss, lr, grad norm, tokens and tokens/s per step, val loss/perplexity per validation.
+
+    ``optim`` and ``loss`` are the ``optim=`` and ``loss`` nodes; the keys a partial one leaves out are
+    ``conf/optim/adamw.yaml``'s and ``conf/train.yaml``'s.
+    """
 
     def __init__(self, model, *, optim: Mapping[str, Any], loss: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
-        self.optim_cfg = dict(optim)
-        self.loss_cfg = {"head_only": True, "chunk_size": 4096, "impl": "auto", **dict(loss or {})}
+        self.optim_cfg = defaults("optim/adamw", optim)
+        self.loss_cfg = defaults("train.loss", loss)
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.trained_tokens = 0
         # loss sum, trained tokens, non-pad tokens: accumulated on the device, read once per optimizer step
@@ -52,12 +57,12 @@ class KullmLitModule(L.LightningModule):
 
     def _loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self._loss_impl is None:
-            self._loss_impl = check_loss_impl(str(self.loss_cfg["impl"]), self.device.type)
+            self._loss_impl = check_loss_impl(str(self.loss_cfg.impl), self.device.type)
         return lm_loss(
             self.model,
             batch,
-            head_only=bool(self.loss_cfg["head_only"]),
-            chunk_size=int(self.loss_cfg["chunk_size"]),
+            head_only=bool(self.loss_cfg.head_only),
+            chunk_size=int(self.loss_cfg.chunk_size),
             impl=self._loss_impl,
         )
 
@@ -174,7 +179,7 @@ class KullmLitModule(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameter: check lora.target_modules against the model's layer names")
-        optimizer = instantiate(self.optim_cfg["optimizer"])(params)
+        optimizer = instantiate(self.optim_cfg.optimizer)(params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_schedule())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -186,9 +191,9 @@ class KullmLitModule(L.LightningModule):
         replay the interrupted epoch from its start. The factor at step 0 (asked when the scheduler is made) needs no
         total: 0 with a warmup, 1 without. A plain function: ``LambdaLR`` keeps it out of checkpoints.
         """
-        cfg = self.optim_cfg
-        schedule, floor = cfg.get("schedule", "cosine"), float(cfg.get("min_lr_ratio", 0.0))
-        ratio, steps = float(cfg.get("warmup_ratio", 0.0)), cfg.get("warmup_steps")
+        optim = self.optim_cfg
+        schedule, floor = optim.schedule, float(optim.min_lr_ratio)
+        ratio, steps = float(optim.warmup_ratio), optim.warmup_steps
         resolved: dict[str, int] = {}
 
         def factor(step: int) -> float:

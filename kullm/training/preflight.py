@@ -15,14 +15,14 @@ from kullm.training.loss import check_loss_impl
 
 def world_size(trainer_cfg: DictConfig) -> int:
     """Processes that will train: devices per node × nodes (``auto`` counts visible GPUs, else 1)."""
-    devices, accel = trainer_cfg.get("devices", 1), str(trainer_cfg.get("accelerator", "auto"))
+    devices, accel = trainer_cfg.devices, str(trainer_cfg.accelerator)
     if isinstance(devices, (list, ListConfig)):
         n = len(devices)
     elif str(devices) in ("auto", "-1"):
         n = torch.cuda.device_count() if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
     else:
         n = int(devices)
-    return max(1, n) * int(trainer_cfg.get("num_nodes", 1))
+    return max(1, n) * int(trainer_cfg.num_nodes)
 
 
 def accumulation(batch_size: int, micro_batch_size: int, world: int) -> int:
@@ -43,8 +43,8 @@ def validation_schedule(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
     Lightning counts ``val_check_interval`` in micro-batches: N optimizer steps are ``N × accumulate`` of them, so a
     validation (and the checkpoint it triggers) never falls inside a gradient-accumulation window.
     """
-    every = cfg.get("val_every_n_steps")
-    lightning_interval = cfg.trainer.get("val_check_interval")
+    every = cfg.val_every_n_steps
+    lightning_interval = cfg.trainer.val_check_interval
     if every is not None:
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ConfigError(f"val_every_n_steps={every!r}: must be a positive number of optimizer steps (or null)")
@@ -67,17 +67,17 @@ def validation_schedule(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
 
 def check_combination(cfg: DictConfig) -> None:
     """Refuse, before anything loads, what cannot run: GPU-only strategies on CPU, sharding a quantized base."""
-    strategy, quant = cfg.strategy, cfg.quant.get("mode", "none")
-    accel = str(cfg.trainer.get("accelerator", "auto"))
+    strategy, quant = cfg.strategy, cfg.quant.mode
+    accel = str(cfg.trainer.accelerator)
     has_gpu = torch.cuda.is_available()
     if accel in ("gpu", "cuda") and not has_gpu:
         raise ConfigError(f"trainer.accelerator={accel} but this machine has no CUDA GPU: use trainer=cpu")
-    if strategy.get("gpu_only") and (accel == "cpu" or not has_gpu):
+    if strategy.gpu_only and (accel == "cpu" or not has_gpu):
         raise ConfigError(
             f"strategy={strategy.name} runs only on CUDA GPUs (Lightning refuses it on CPU); "
             "use strategy=ddp (or auto) here"
         )
-    precision, dtype = str(cfg.trainer.get("precision", "32-true")), str(cfg.model.get("dtype") or "float32")
+    precision, dtype = str(cfg.trainer.precision), str(cfg.model.dtype or "float32")
     autocast = {"16-mixed": "float16", "bf16-mixed": "bfloat16"}.get(precision)
     if autocast and dtype in ("float16", "bfloat16") and dtype != autocast:
         raise ConfigError(
@@ -85,10 +85,10 @@ def check_combination(cfg: DictConfig) -> None:
             f"forward and keeps the copies for backward (+25 GB on 12.8b): use model.dtype={autocast} or "
             f"trainer.precision={'bf16-mixed' if dtype == 'bfloat16' else '16-mixed'}"
         )
-    loss = cfg.get("loss") or {}
-    if loss.get("head_only", True):
-        check_loss_impl(str(loss.get("impl", "auto")), accel)
-    if strategy.get("shards_params") and quant != "none":
+    loss = cfg.loss
+    if loss.head_only:
+        check_loss_impl(str(loss.impl), accel)
+    if strategy.shards_params and quant != "none":
         raise ConfigError(
             f"strategy={strategy.name} shards the base weights, which bitsandbytes {quant} weights cannot be; "
             "use quant=none (bf16 base) or strategy=ddp / deepspeed_zero2"
