@@ -1,4 +1,5 @@
-"""Test-wide settings: no hub, no network, no W&B upload; caches in a per-session temp folder.
+"""Test-wide settings: no hub, no network, no W&B upload; caches in a per-session temp folder. And the fixtures
+several test modules share (the helpers they share are in ``helpers.py``).
 
 Set at import time, before any test module imports ``datasets`` or ``transformers`` (both read their offline
 flags when first imported).
@@ -7,6 +8,9 @@ flags when first imported).
 import os
 import shutil
 import tempfile
+from pathlib import Path
+
+import pytest
 
 _ROOT = tempfile.mkdtemp(prefix="kullm-tests-")
 _OWNER = os.getpid()  # a forked child (a mutmut mutant) shares the folder with its siblings: only the owner deletes it
@@ -30,3 +34,12 @@ os.environ.pop("WANDB_API_KEY", None)
 def pytest_sessionfinish(session, exitstatus):
     if os.getpid() == _OWNER:
         shutil.rmtree(_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter on a random tiny model (``helpers.make_adapter``), made once per session. Tests only read it;
+    a test that changes an adapter changes a copy of it."""
+    from helpers import make_adapter  # not at the top: the settings above must come before torch and transformers
+
+    return make_adapter(tmp_path_factory.mktemp("adapter") / "adapter")
