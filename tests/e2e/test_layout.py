@@ -212,7 +212,8 @@ def test_the_test_import_rule_catches_each_spelling(tmp_path):
 def test_an_installed_wheel_finds_its_config_tree(tmp_path):
     """A non-editable install, run from outside the checkout, composes the seed preset from the packaged conf/."""
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "build", "gpu_wheels", "*.egg-info",
+                                                              "__pycache__"))
     wheels, site = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], check=True)

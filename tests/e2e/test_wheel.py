@@ -21,8 +21,8 @@ def test_the_checkout_reads_its_data_folder():
 @pytest.mark.timeout(300)
 def test_kullm_prepare_from_an_installed_wheel_reads_the_bundled_sample(tmp_path):
     src, wheels, site, work = tmp_path / "src", tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "build", "*.egg-info", "__pycache__",
-                                                             "kullm-v1", "kullm-v2", "raw"))  # fmt: skip
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "build", "gpu_wheels", "*.egg-info",
+                                                             "__pycache__", "kullm-v1", "kullm-v2", "raw"))  # fmt: skip
     downloaded = src / "data" / "eval" / "user_oriented_instructions_eval.jsonl"  # as download_data.py leaves it
     downloaded.parent.mkdir(exist_ok=True)
     downloaded.touch()

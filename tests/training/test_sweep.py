@@ -200,7 +200,8 @@ def test_the_optuna_search_runs_from_another_folder_after_an_editable_install(tm
 def test_the_optuna_search_runs_from_an_installed_wheel(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     src, wheels, site = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "build", "gpu_wheels", "*.egg-info",
+                                                              "__pycache__"))
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], check=True,
                    timeout=300)  # fmt: skip
@@ -210,7 +211,7 @@ def test_the_optuna_search_runs_from_an_installed_wheel(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}  # the wheel's kullm and plugin come first, as in a venv
-    args = [*one_trial(tmp_path / "cache"), f"data.path={src}/data/sample"]  # a wheel carries no data/sample
+    args = one_trial(tmp_path / "cache")  # the wheel's own data/sample (kullm/assets/data)
     res = subprocess.run([str(site / "bin" / "kullm-train"), *args], cwd=work, env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert_one_trial_done(work, res)
