@@ -2,6 +2,7 @@
 start (and fails on a broken override), a step past its limit is killed with its children, the carried wheels become
 the right offline installs, and the summary's targets are computed from the steps' results."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -12,9 +13,9 @@ import pytest
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import gpu_check  # noqa: E402
-
-import gpu_wheels  # noqa: E402
+# by name: a git-ignored gpu_wheels/ folder at the top of a checkout would make ruff sort a plain import differently
+gpu_check = importlib.import_module("gpu_check")
+gpu_wheels = importlib.import_module("gpu_wheels")
 
 
 def dry_run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
