@@ -18,6 +18,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from kullm.atomic import rewrite
+from kullm.cli import JobFailed
+from kullm.redaction import scrub, secret_values
 from kullm.training.result import RESULT_FILE, read_result, write_result
 
 SUMMARY_COLUMNS = (
@@ -108,9 +110,7 @@ def _rank() -> int:
 
 
 def _one_line(error: Any, config: DictConfig, overrides: list[str]) -> str:
-    from kullm.redaction import scrub, secret_values
-
-    text = str(error) if type(error).__name__ == "JobFailed" else f"{type(error).__name__}: {error}"
+    text = str(error) if isinstance(error, JobFailed) else f"{type(error).__name__}: {error}"
     text = " ".join(text.split())
     return scrub(text, secret_values(config, overrides))[:500]
 
