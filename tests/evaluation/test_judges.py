@@ -93,11 +93,11 @@ def test_retry_after_header_forms():
 
 
 def test_slow_response_times_out_and_is_retried():
-    with ChatServer(faults=script({"K": ["slow"]}), slow_s=3.0) as s:
+    with ChatServer(faults=script({"K": ["slow"]}), slow_s=6.0) as s:
         t = time.monotonic()
-        r = ask(judge_cfg(s.url, timeout=0.3))
+        r = ask(judge_cfg(s.url, timeout=1.0))  # wide of an honest reply on a loaded box
         elapsed = time.monotonic() - t
-    assert r.attempts == 2 and s.counts["K"] == 2 and elapsed < 1.5
+    assert r.attempts == 2 and s.counts["K"] == 2 and elapsed < 4.0  # not the 6 s the slow reply would take
 
 
 def test_retries_are_bounded():
