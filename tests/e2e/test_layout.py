@@ -24,8 +24,8 @@ TEST_FOLDERS = {"base", "data", "training", "inference", "evaluation", "e2e", "s
 # tier is caught by test_no_import_cycle_anywhere)
 BASE_TIERS = [
     # files, configs, prompts and tokens: no kullm import beyond this tier
-    {"atomic", "cache", "chat_template", "cli", "config", "console", "errors", "redaction", "resumable", "runlock",
-     "special_tokens", "templates", "untrusted", "wandb_mode"},
+    {"atomic", "cache", "chat_template", "cli", "config", "console", "errors", "language", "redaction", "resumable",
+     "runlock", "special_tokens", "templates", "untrusted", "wandb_mode"},
     {"adapter", "tiny"},  # the folders kullm writes for a model: an adapter or model folder, the tiny model's
     {"modeling"},  # loading models (hub, local, tiny, an adapter on its base) and wrapping them for training
 ]  # fmt: skip
