@@ -99,7 +99,9 @@ def save_adapter(
     """
 
     def write(tmp: Path) -> None:
-        kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}
+        kwargs: dict[str, Any] = {"state_dict": dict(state_dict)} if state_dict is not None else {}
+        if len(getattr(model, "peft_config", {})) > 1:  # a frozen reference adapter beside the trained one stays out
+            kwargs["selected_adapters"] = [model.active_adapter]
         model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
         # PEFT picks the adapter's weights by walking the module tree; under FSDP that tree's names carry wrapper
         # segments, so a sharded strategy passes the weights under those names and they are renamed here

@@ -95,10 +95,15 @@ SCHEMA_MODULES = (
     "kullm.data.sft",
     "kullm.data.sft_chat",
     "kullm.data.preprocess",
+    "kullm.data.preference",
     "kullm.training.schema",
     "kullm.inference.generator",
     "kullm.evaluation.judges",
     "kullm.evaluation.pipeline",
+    "kullm.evaluation.harness",
+    "kullm.translation.backends",
+    "kullm.translation.quality",
+    "kullm.translation.pipeline",
 )
 _TABLES = ("SCHEMA", "MINIMUM", "RANGE", "EXCLUDED")
 

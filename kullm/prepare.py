@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Run the data pipeline for ``cfg`` and write its outputs; return the stats."""
     from kullm.chat_template import served_prompter, serving
+    from kullm.data.pairs import stats_view
+    from kullm.data.preference import check_layout
     from kullm.data.preprocess import preprocess, save_processed
     from kullm.data.records import open_private
     from kullm.data.sources import check_source
@@ -35,6 +37,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
 
     validate(cfg)
     check_source(cfg.data.path, cfg.data.source, cfg.data.missing_hint)
+    check_layout(cfg.data)  # preference rows that cannot serve data.kind: one line, before the tokenizer loads
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
@@ -43,7 +46,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     stats = dict(processed.stats)
     stats["cache"] = {"dir": str(processed.cache_dir), "hit": processed.cache_hit}
     stats["tokens"] = {
-        name: token_stats(ds, int(cfg.micro_batch_size), int(cfg.pad_to_multiple_of), int(cfg.data.seed))
+        name: token_stats(stats_view(ds), int(cfg.micro_batch_size), int(cfg.pad_to_multiple_of), int(cfg.data.seed))
         for name, ds in processed.dataset.items()
     }
     save_processed(processed.dataset, out / "dataset")

@@ -60,6 +60,21 @@ def build_callbacks(cfg: DictConfig, out: Path, tokenizer, prompter, has_val: bo
         callbacks.append(GenerationSamples(tokenizer, out, int(samples.num), int(samples.max_new_tokens)))
     if cfg.callbacks.early_stopping and has_val:
         callbacks.append(EarlyStopping(monitor="val/loss", mode="min", **cfg.callbacks.early_stopping))
+    if cfg.callbacks.bench:  # kullm-bench on the trained model: bench/<task> (an unknown task fails here, before fit)
+        from kullm.evaluation.bench_callback import BenchCallback
+
+        callbacks.append(
+            BenchCallback(
+                str(cfg.callbacks.bench),
+                out,
+                tokenizer,
+                prompter,
+                every_n_validations=int(cfg.callbacks.bench_every or 0),
+                limit=cfg.callbacks.bench_limit,
+                overrides=list(cfg.callbacks.bench_overrides or []),
+                base=str(cfg.model.name_or_path),
+            )
+        )
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RunProgressBar())
     return callbacks
@@ -73,6 +88,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     from lightning.pytorch.utilities import rank_zero_info
 
     from kullm.data.datamodule import KullmDataModule
+    from kullm.data.preference import check_layout
     from kullm.data.sources import check_source
     from kullm.modeling import build_trainable_model, full_finetuning, load_tokenizer
     from kullm.templates import Prompter
@@ -95,6 +111,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     validate(cfg)
     check_combination(cfg)
     check_source(cfg.data.path, cfg.data.source, cfg.data.missing_hint)
+    cfg.data.kind = cfg.objective.data  # the objective decides what the rows are (data.kind is kullm-prepare's)
+    check_layout(cfg.data)  # preference rows that cannot serve data.kind: one line, before any model loads
     world = world_size(cfg.trainer)
     accumulate = accumulation(int(cfg.batch_size), int(cfg.micro_batch_size), world)
     has_val = cfg.data.val_set_size > 0  # a count or a fraction
@@ -130,7 +148,21 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
         init_adapter=cfg.init_adapter,
         tokenizer=tokenizer,
     )
-    module = KullmLitModule(model, optim=cfg.optim, loss=cfg.loss)
+    from kullm.training.preference import PrecomputedReference, make_reference
+
+    reference = make_reference(model, cfg.objective, init_adapter=cfg.init_adapter)
+    module = KullmLitModule(model, optim=cfg.optim, loss=cfg.loss, objective=cfg.objective, reference=reference)
+    if reference is not None and reference.kind == "precomputed":
+        extra_callbacks = [
+            PrecomputedReference(
+                model_cfg=cfg.model,
+                init_adapter=cfg.init_adapter,
+                micro_batch_size=int(cfg.micro_batch_size),
+                chunk_size=int(cfg.loss.chunk_size),
+                head_only=bool(cfg.loss.head_only),
+            ),
+            *extra_callbacks,
+        ]
     loggers = build_loggers(cfg, out, model)
     stopper = GracefulStop()
     record = RunRecord(out)
@@ -231,7 +263,8 @@ def _count(model) -> tuple[int, int]:
 
 
 def _job(cfg: DictConfig) -> float | None:
-    """One ``kullm-train`` job: :func:`train`, returning ``val/loss`` for a sweeper (``None`` without one). A run
+    """One ``kullm-train`` job: :func:`train`, returning ``sweep_metric`` (``val/loss``) for a sweeper (``None``
+    without one). A run
     stopped by a signal exits with ``128 + signum`` after saying how to resume it."""
     from kullm.training.preemption import Interrupted
 
@@ -241,7 +274,7 @@ def _job(cfg: DictConfig) -> float | None:
         again = f" (or run the same command again: run_name={cfg.run_name})" if cfg.run_name else ""
         print(f"kullm-train: {e}; resume with ckpt_path={e.last}{again}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
-    val = result["metrics"].get("val/loss")
+    val = result["metrics"].get(str(cfg.sweep_metric))  # val/loss, or bench/<task> with callbacks.bench
     return None if val is None or math.isnan(val) else val
 
 

@@ -12,6 +12,23 @@ Two targets, both written as UTF-8 JSONL (one object a line, ``ensure_ascii=Fals
   checked against its sha256 and written byte for byte to ``<out>/eval/user_oriented_instructions_eval.jsonl``.
   ``KULLM_EVAL_URL`` fetches the same file from a mirror (the checksum still applies).
 
+* ``gpt4all``, ``dolly``, ``vicuna``: KULLM v2's English sources, for ``kullm-translate recipe=kullm-v2`` (fetched only
+  when named with ``--only``): ``nomic-ai/gpt4all_prompt_generations``, ``databricks/databricks-dolly-15k`` (their
+  train splits) and ``anon8231489123/ShareGPT_Vicuna_unfiltered``'s ``ShareGPT_V3_unfiltered_cleaned_split_no_
+  imsorry.json`` (a JSON array, written as JSONL), to ``<out>/kullm-v2-sources/<name>.jsonl``. Each is pinned like
+  KULLM v2, by ``<out>/kullm-v2-sources/<name>.lock.json`` (hub commit, sha256 and row count of the written file),
+  which the first fetch writes: commit the locks to pin everyone.
+
+* ``logickor``, ``komt_bench``, ``k2_eval``: the questions, reference answers and judge prompts of kullm-bench's
+  judge suites (fetched only when named with ``--only``), from instructkr/LogicKor and LG-AI-EXAONE/KoMT-Bench at
+  pinned commits (sha256-checked) and the hub dataset HAERAE-HUB/K2-Eval at a pinned revision (its sha256 recorded
+  in ``<out>/k2_eval.lock.json`` by the first fetch), written byte for byte under ``<out>/<name>/``.
+
+* ``ko-ultrafeedback``: Korean preference pairs (UltraFeedback binarized, machine-translated) for ``objective=dpo``
+  and its relatives (fetched only when named with ``--only``): hub dataset ``maywell/ko_Ultrafeedback_binarized``,
+  its train split, to ``<out>/ko-ultrafeedback/ko-ultrafeedback.jsonl``; pinned like KULLM v2 by
+  ``<out>/ko-ultrafeedback.lock.json`` (hub commit, sha256, rows), which the first fetch writes: commit it.
+
 KULLM v1 (GPT4ALL in Korean) is not public: the repo's ``data/kullm-v1.jsonl`` is the *English* evaluation set
 (the same 252 ``user_oriented_task_*`` instructions), so there is nothing to fetch, and training on that file
 would contaminate the evaluation.
@@ -30,6 +47,7 @@ On a network or hub error the script prints one line saying what failed and exit
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +68,68 @@ EVAL_URL_ENV = "KULLM_EVAL_URL"
 EVAL_SHA256_ENV = "KULLM_EVAL_SHA256"  # another expected checksum (a corrected copy of the set, or tests)
 EVAL_FILE = Path("eval") / "user_oriented_instructions_eval.jsonl"
 TARGETS = ("kullm-v2", "eval")
+# Korean preference pairs for objective=dpo and its relatives (fetched only when named with --only): name -> hub
+# dataset (its train split); pinned like KULLM v2 by <out>/<name>.lock.json, which the first fetch writes
+PREFERENCE_SETS = {"ko-ultrafeedback": "maywell/ko_Ultrafeedback_binarized"}
+# KULLM v2's English sources (kullm-translate recipe=kullm-v2): name -> (hub dataset, a file in it, or None for the
+# dataset's train split); pinned by <out>/kullm-v2-sources/<name>.lock.json, written by the first fetch
+KULLM_V2_SOURCES = {
+    "gpt4all": ("nomic-ai/gpt4all_prompt_generations", None),
+    "dolly": ("databricks/databricks-dolly-15k", None),
+    "vicuna": ("anon8231489123/ShareGPT_Vicuna_unfiltered", "ShareGPT_V3_unfiltered_cleaned_split_no_imsorry.json"),
+}
+SOURCES_DIR = Path("kullm-v2-sources")
+# The judge suites of kullm-bench (fetched only when named with --only): name -> [(url, sha256, path under <out>)].
+# The GitHub files are pinned by commit and sha256; K2-Eval's CSV by hub revision, its sha256 (unknown offline) is
+# recorded in <out>/<name>.lock.json by the first fetch and checked by every later one: commit the lock.
+LOGICKOR_COMMIT = "11c3a84f93d176754f1ce197a8f00961cffa9de2"  # instructkr/LogicKor (read-only since Oct 2024)
+KOMT_COMMIT = "56d4f3af437543dce39f08aecfb818abed81210d"  # LG-AI-EXAONE/KoMT-Bench
+K2_EVAL_REVISION = "046c76e2ae723bbaf683cbafe72b69674bf7f19d"  # HAERAE-HUB/K2-Eval (hub dataset)
+_LOGICKOR = f"https://raw.githubusercontent.com/instructkr/LogicKor/{LOGICKOR_COMMIT}"
+_KOMT = f"https://raw.githubusercontent.com/LG-AI-EXAONE/KoMT-Bench/{KOMT_COMMIT}/FastChat/fastchat/llm_judge/data"
+BENCH_FILES: dict[str, list[tuple[str, str | None, Path]]] = {
+    "logickor": [
+        (
+            f"{_LOGICKOR}/questions.jsonl",
+            "83440ad0424fa9e9a92206dc6cb5a3d9e2f7c3074ad4ac8425c3e1d8af11782c",
+            Path("logickor/questions.jsonl"),
+        ),
+        (
+            f"{_LOGICKOR}/templates.py",
+            "e27beaf59de2ce323531b7993989becceccb7ff38f8b767286a4fcbb9f6c25c7",
+            Path("logickor/templates.py"),
+        ),  # the judge's system prompts and (below) how its user message is built: read with ast, never run
+        (
+            f"{_LOGICKOR}/evaluator.py",
+            "4032eb3bf71ab8004d2862173a1fff3d52f41c44a82c87bfad2317ab92b058d0",
+            Path("logickor/evaluator.py"),
+        ),
+    ],
+    "komt_bench": [
+        (
+            f"{_KOMT}/mt_bench/question_ko.jsonl",
+            "b5738f10e6eeca5b83c4568a1152acd79a04517f6c03e698dcdb6ef3889652fa",
+            Path("komt_bench/question_ko.jsonl"),
+        ),
+        (
+            f"{_KOMT}/judge_prompts_ko.jsonl",
+            "32d1e94b1b3877c68bed2254ef33e05b496999896b1cb3887613e0ba5d755fa5",
+            Path("komt_bench/judge_prompts_ko.jsonl"),
+        ),
+        (
+            f"{_KOMT}/mt_bench/reference_answer_ko/gpt-4.jsonl",
+            "2c949fa6640e10e77f315793f6ae0de2b7f89cd9b5b6d97df19697ad10fa3347",
+            Path("komt_bench/reference_answer_ko.jsonl"),
+        ),
+    ],
+    "k2_eval": [
+        (
+            f"https://huggingface.co/datasets/HAERAE-HUB/K2-Eval/resolve/{K2_EVAL_REVISION}/data/k2-eval-knowledge.csv",
+            None,
+            Path("k2_eval/k2-eval-knowledge.csv"),
+        ),
+    ],
+}
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
@@ -124,26 +204,41 @@ def check_pinned(path: Path, lock: dict) -> None:
 def fetch_kullm_v2(path: Path, lock_path: Path) -> int:
     """Load ``nlpai-lab/kullm-v2`` (train split) at the pinned (or current) hub commit, write it to ``path`` and
     check or record its pin in ``lock_path``; return rows written."""
+    return fetch_hub(KULLM_V2_REPO, path, lock_path)
+
+
+def fetch_source(repo: str, lock_path: Path, filename: str | None, path: Path) -> int:
+    """:func:`fetch_hub` with the path last (what ``main``'s table calls)."""
+    return fetch_hub(repo, path, lock_path, filename)
+
+
+def fetch_hub(repo: str, path: Path, lock_path: Path, filename: str | None = None) -> int:
+    """Load hub dataset ``repo`` (its train split, or the JSON array ``filename`` in it) at the pinned (or current)
+    commit, write it to ``path`` as JSONL and check or record its pin in ``lock_path``; return rows written."""
     try:
         import datasets
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, hf_hub_download
     except ImportError as e:
-        raise FetchError(f"could not fetch {KULLM_V2_REPO} ({_one_line(e)}): pip install datasets") from None
+        raise FetchError(f"could not fetch {repo} ({_one_line(e)}): pip install datasets") from None
     lock = read_lock(lock_path)
     try:
-        revision = lock["revision"] if lock else HfApi().dataset_info(KULLM_V2_REPO).sha
-        ds = datasets.load_dataset(KULLM_V2_REPO, split="train", revision=revision)
+        revision = lock["revision"] if lock else HfApi().dataset_info(repo).sha
+        if filename is None:
+            ds = datasets.load_dataset(repo, split="train", revision=revision)
+        else:
+            local = hf_hub_download(repo, filename, repo_type="dataset", revision=revision)
+            ds = json.loads(Path(local).read_text(encoding="utf-8"))
     except Exception as e:  # the hub raises many types: connection, offline mode, missing repo
-        raise FetchError(f"could not fetch {KULLM_V2_REPO} ({_one_line(e)}): {_hub_hint()}") from None
+        raise FetchError(f"could not fetch {repo} ({_one_line(e)}): {_hub_hint()}") from None
     staged = path.with_name(f".{path.name}.staged")  # replaces ``path`` only once it passed the check
     n = write_jsonl_atomic(staged, (json.dumps(row, ensure_ascii=False, default=str) for row in ds))
     if lock:
         check_pinned(staged, lock)
     os.replace(staged, path)
     if not lock:
-        lock = {"repo": KULLM_V2_REPO, "revision": revision, "sha256": sha256_of(path), "rows": n}
+        lock = {"repo": repo, "revision": revision, "sha256": sha256_of(path), "rows": n}
         lock_path.write_text(json.dumps(lock, indent=2) + "\n", encoding="utf-8")
-        print(f"{PROG}: pinned {KULLM_V2_REPO} at {revision} in {lock_path} (commit it to pin the set for everyone)")
+        print(f"{PROG}: pinned {repo} at {revision} in {lock_path} (commit it to pin the set for everyone)")
     return n
 
 
@@ -179,6 +274,40 @@ def fetch_eval(path: Path, timeout: float) -> int:
     return len(rows)
 
 
+def fetch_pinned_files(files: list[tuple[str, str | None, Path]], out: Path, lock_path: Path, timeout: float) -> int:
+    """Download each ``(url, sha256, path)``, check its sha256 (a ``None`` one against ``lock_path``, which the first
+    fetch writes) and write its bytes unchanged under ``out``; nothing is written unless every file checks out.
+    Returns the first file's line count."""
+    lock = json.loads(lock_path.read_text(encoding="utf-8")) if lock_path.exists() else {}
+    bodies = []
+    for url, want, rel in files:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                body = resp.read()
+        except Exception as e:  # URLError, HTTPError, timeouts, connection resets, bad URLs
+            raise FetchError(f"could not fetch {url} ({_one_line(e)}): are you online?") from None
+        got = hashlib.sha256(body).hexdigest()
+        want = want or lock.get(str(rel))
+        if want and got != want:
+            raise FetchError(f"{url}: sha256 {got[:16]}… is not the pinned {want[:16]}… (another version?)")
+        lock.setdefault(str(rel), got)
+        bodies.append((out / rel, body))
+    for path, body in bodies:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    if any(want is None for _, want, _ in files) and not lock_path.exists():
+        lock_path.write_text(json.dumps(lock, indent=2) + "\n", encoding="utf-8")
+        print(f"{PROG}: pinned the sha256 of {', '.join(str(r) for _, w, r in files if w is None)} in {lock_path}")
+    return bodies[0][1].count(b"\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -188,8 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=TARGETS,
-        help="fetch only this target; repeatable (default: all of them)",
+        choices=(*TARGETS, *KULLM_V2_SOURCES, *BENCH_FILES, *PREFERENCE_SETS),
+        help=f"fetch only this target; repeatable (default: {', '.join(TARGETS)})",
     )
     parser.add_argument("--force", action="store_true", help="fetch again even if the file exists")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait on the network (default: 60)")
@@ -202,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         "kullm-v2": (args.out / KULLM_V2_FILE, lambda p: fetch_kullm_v2(p, args.out / KULLM_V2_LOCK)),
         "eval": (args.out / EVAL_FILE, lambda p: fetch_eval(p, args.timeout)),
     }
+    for name, (repo, filename) in KULLM_V2_SOURCES.items():
+        lock = args.out / SOURCES_DIR / f"{name}.lock.json"
+        jobs[name] = (args.out / SOURCES_DIR / f"{name}.jsonl", functools.partial(fetch_source, repo, lock, filename))
+    for name, repo in PREFERENCE_SETS.items():
+        lock = args.out / f"{name}.lock.json"
+        jobs[name] = (args.out / name / f"{name}.jsonl", lambda p, repo=repo, lock=lock: fetch_hub(repo, p, lock))
+    for name, files in BENCH_FILES.items():  # skipped once the last file of the target is there
+        fetch = functools.partial(fetch_pinned_files, files, args.out, args.out / f"{name}.lock.json", args.timeout)
+        jobs[name] = (args.out / files[-1][2], lambda p, fetch=fetch: fetch())
     failed = 0
     for name in dict.fromkeys(args.only or TARGETS):  # keep order, drop repeats
         path, fetch = jobs[name]

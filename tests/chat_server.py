@@ -15,6 +15,10 @@ plan ``faults(key, n)`` picks what the n-th request for that key gets:
 ``outofrange``  a valid reply scoring 이해 가능성 as 7
 ``drop``        the connection closed without any response
 ``401``         unauthorised
+``length``      a valid reply cut at max_tokens (``finish_reason: "length"``)
+
+``reply=`` (a function of the key) makes the reply text something else than scores: a translation, for the
+OpenAI-compatible translation backend (``tests/deepl_server.py`` ``fake_korean``).
 
 The server runs in a daemon thread on a random free port and stops itself after ``lifetime`` seconds.
 """
@@ -89,12 +93,15 @@ def reply_text(scores: dict[str, float], reason: bool = True) -> str:
 class ChatServer:
     """``with ChatServer(faults=...) as s: ... s.url ...``; ``s.counts[key]`` is the requests seen per key."""
 
+    handler: type[BaseHTTPRequestHandler]  # set below: _Handler (a subclass may answer another protocol)
+
     def __init__(
         self,
         faults: Callable[[str, int], str] | None = None,
         scores: Callable[[str], dict[str, float]] = default_scores,
         probs: Callable[[str, str, int], dict[str, float]] = default_probs,
         key: Callable[[list[dict]], str] = response_key,
+        reply: Callable[[str], str] | None = None,
         retry_after: str = "0",
         slow_s: float = 2.0,
         delay_s: float = 0.0,
@@ -102,6 +109,7 @@ class ChatServer:
     ) -> None:
         self.faults = faults or (lambda key, n: "ok")
         self.scores, self.probs, self.key = scores, probs, key
+        self.reply = reply  # key -> the reply text (e.g. a translation), instead of scores in the result format
         self.retry_after, self.slow_s, self.delay_s, self.lifetime = retry_after, slow_s, delay_s, lifetime
         self.counts: Counter[str] = Counter()
         self.served: Counter[str] = Counter()  # fault kind -> requests answered that way
@@ -126,7 +134,7 @@ class ChatServer:
         self.stop()
 
     def start(self) -> None:
-        handler = type("Handler", (_Handler,), {"owner": self})
+        handler = type("Handler", (self.handler,), {"owner": self})
         self._httpd = _Server(("127.0.0.1", 0), handler)
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         timer = threading.Timer(self.lifetime, self.stop)
@@ -154,7 +162,10 @@ class ChatServer:
         if kind == "outofrange":
             scores = {**scores, CRITERIA[0][0]: 7}
         text = "I cannot evaluate this response." if kind == "garbage" else reply_text(scores)
-        choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        if self.reply is not None and kind != "garbage":
+            text = self.reply(key)
+        finish = "length" if kind == "length" else "stop"  # length: the reply cut at max_tokens
+        choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         if body.get("logprobs") and kind != "garbage":
             choice["logprobs"] = {"content": self._logprobs(key, scores, int(body.get("top_logprobs") or 5))}
         return {"id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"), "choices": [choice]}
@@ -274,3 +285,6 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client gave up (timeout): nothing to answer
         if cut is not None:
             self.close_connection = True
+
+
+ChatServer.handler = _Handler

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from kullm.data.pairs import collator, columns
 from kullm.data.preprocess import Processed, preprocess
 from kullm.data.sampling import EpochSampler, TokenBudgetBatchSampler, make_sampler
-from kullm.data.sft import Collator
 from kullm.templates import Prompter
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class KullmDataModule(L.LightningDataModule):
         self.data, self.tokenizer, self.prompter = data, tokenizer, prompter
         self.micro_batch_size, self.sampler_kind = micro_batch_size, sampler
         self.num_workers, self.seed = num_workers, seed
-        self.collator = Collator(pad_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        # preference rows (data.kind=pairs|kto) batch chosen and rejected (or KTO's mismatched rows) together
+        self.collator = collator(data["kind"], tokenizer.pad_token_id, pad_to_multiple_of, int(data["cutoff_len"]))
         self.processed: Processed | None = None
         self.prepared: Processed | None = None
         self.packed = None
@@ -119,7 +120,8 @@ class KullmDataModule(L.LightningDataModule):
         return self._loader(self.val_set, sampler)
 
     def _loader(self, ds, sampler: EpochSampler | None = None, batch_sampler=None) -> DataLoader:
-        ds = ds.select_columns([c for c in ("input_ids", "labels", "position_ids") if c in ds.column_names])
+        wanted = ("input_ids", "labels", "position_ids") if self.data["kind"] == "sft" else columns(self.data["kind"])
+        ds = ds.select_columns([c for c in wanted if c in ds.column_names and c != "id"])
         batching = (
             {"batch_sampler": batch_sampler}
             if batch_sampler is not None

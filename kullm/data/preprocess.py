@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from kullm.atomic import write_folder
 from kullm.cache import cache_root
 from kullm.config import ConfigError
-from kullm.data import sft, sft_chat
+from kullm.data import pairs, sft, sft_chat
 from kullm.data.contamination import check_overlap, eval_overlap
+from kullm.data.preference import KTO, PAIRS, read_preference
 from kullm.data.records import ReadOptions, Record, read_records, write_rejects
 from kullm.data.sft import COLUMNS
 from kullm.data.sources import DataError, data_files
@@ -97,8 +98,9 @@ def preprocess(
     splits = {}
     counts: dict[str, dict[str, int]] = {}
     violations: list[str] = []
-    # conversations (and anything rendered by the tokenizer's own chat template) take the per-turn path
-    encode = sft_chat.encode_split if _chat(data, records) else sft.encode_split
+    # conversations (and anything rendered by the tokenizer's own chat template) take the per-turn path;
+    # preference rows (data.kind=pairs|kto) theirs
+    encode = _encoder(data, records)
     for name, recs in (("train", train_recs), ("validation", val_recs)):
         ds, c, bad = encode(recs, data, tokenizer, prompter, name)
         splits[name], counts[name] = ds, c
@@ -132,7 +134,18 @@ def preprocess(
 
 
 def _read(data: Mapping[str, Any]):
+    if data["kind"] in (PAIRS, KTO):
+        return read_preference(data)
     return read_records(data["path"], ReadOptions.training(data))
+
+
+def _encoder(data: Mapping[str, Any], records: list):
+    """The function that encodes a split: preference rows', conversations' or flat rows'."""
+    if data["kind"] == PAIRS:
+        return pairs.encode_pairs
+    if data["kind"] == KTO:
+        return pairs.encode_kto
+    return sft_chat.encode_split if _chat(data, records) else sft.encode_split
 
 
 def _chat(data: Mapping[str, Any], records: list[Record]) -> bool:
@@ -150,7 +163,7 @@ def save_processed(dsd, path: str | Path) -> None:
 
     full = datasets.DatasetDict({k: v for k, v in dsd.items() if len(v)})
     full.save_to_disk(str(path))
-    empty = [k for k, v in dsd.items() if not len(v)]
+    empty = {k: v.column_names for k, v in dsd.items() if not len(v)}  # an empty split keeps its columns
     (Path(path) / "empty_splits.json").write_text(json.dumps(empty))
 
 
@@ -161,8 +174,9 @@ def load_processed(path: str | Path):
     path = Path(path)
     dsd = datasets.load_from_disk(str(path)) if (path / "dataset_dict.json").exists() else datasets.DatasetDict()
     marker = path / "empty_splits.json"
-    for name in json.loads(marker.read_text()) if marker.exists() else []:
-        dsd[name] = datasets.Dataset.from_dict({c: [] for c in COLUMNS})
+    empty = json.loads(marker.read_text()) if marker.exists() else []
+    for name in empty:  # a list of names (older caches: SFT columns), or each name with its columns
+        dsd[name] = datasets.Dataset.from_dict({c: [] for c in (empty[name] if isinstance(empty, dict) else COLUMNS)})
     return dsd
 
 
@@ -294,4 +308,6 @@ def _settings(data: Mapping[str, Any], prompter: Prompter) -> dict[str, Any]:
         "val_set_size": data["val_set_size"],
         "seed": int(data["seed"]),
         "drop_duplicates": bool(data["drop_duplicates"]),
+        "kind": data["kind"],
+        "kto_from_pairs": bool(data["kto_from_pairs"]),
     }

@@ -76,6 +76,11 @@ class Fields:
     instances: str = "instances"
     messages: str = "messages"  # OpenAI layout: a list of {role, content}
     conversations: str = "conversations"  # ShareGPT layout: a list of {from, value}
+    prompt: str = "prompt"  # preference rows (kullm.data.preference): the prompt, a text or turns
+    chosen: str = "chosen"  # the preferred answer (a text, or a conversation ending with it)
+    rejected: str = "rejected"  # the other answer
+    completion: str = "completion"  # KTO rows: one answer
+    label: str = "label"  # KTO rows: whether the answer is desirable
 
 
 def _fields(fields: Fields | Mapping[str, str] | None) -> Fields:

@@ -18,9 +18,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -88,6 +88,119 @@ class _Retry(Exception):
         self.reason, self.wait = reason, wait
 
 
+T = TypeVar("T")
+
+
+class JsonClient:
+    """POSTs JSON to one URL: the HTTP machinery of :class:`OpenAIJudge`, shared with ``kullm.translation``.
+
+    A whole-request deadline (``cfg.timeout``), at most ``cfg.concurrency`` requests in flight, retries with backoff
+    and jitter on 429, 5xx, timeouts, connection errors and broken bodies honouring ``Retry-After``, a body size
+    limit; ``secret`` (the key's value) is scrubbed from every message. Errors are ``error`` (a :class:`JudgeError`
+    or a class taking the same arguments); ``what`` names the config node in messages (``judge``, ``backend``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cfg: Mapping[str, Any],
+        headers: Mapping[str, str],
+        secret: str | None,
+        env: str,
+        error: type[Exception] = JudgeError,
+        what: str = "judge",
+    ) -> None:
+        self.url, self.shown_url = url, scrub_urls(url)  # what messages name: no user info, no secret query value
+        self.timeout = float(cfg["timeout"])  # a deadline for the whole request, not per read
+        self.max_bytes = int(cfg["max_response_bytes"])
+        concurrency = int(cfg["concurrency"])
+        if concurrency < 1 or self.timeout <= 0:
+            raise ValueError(f"{what}.concurrency ({concurrency}) and {what}.timeout ({self.timeout}) must be positive")
+        self.max_retries = int(cfg["max_retries"])
+        self.backoff_base = float(cfg["backoff_base"])
+        self.backoff_max = float(cfg["backoff_max"])
+        self.retry_after_max = float(cfg["retry_after_max"])
+        self.error, self.what, self._env, self._secret = error, what, env, secret or None
+        self._sem = asyncio.Semaphore(concurrency)
+        self._client = httpx.AsyncClient(
+            headers={"Content-Type": "application/json", **headers}, timeout=httpx.Timeout(self.timeout)
+        )
+
+    async def call(
+        self,
+        body: Mapping[str, Any],
+        parse: Callable[[str], T],
+        refuse: Callable[[int, str], Exception | None] | None = None,
+    ) -> tuple[T, int]:
+        """POST ``body``; ``parse(text)`` of a 2xx reply (its ValueError/KeyError/... is a broken body, retried) and
+        the attempts made. ``refuse(status, text)`` may return an error to raise as it is for a status (DeepL's 456).
+        Raises ``self.error`` when out of retries or on an error retrying cannot fix."""
+        last = ""
+        for attempt in range(1, self.max_retries + 2):
+            try:
+                async with self._sem:
+                    return await self._post(body, parse, refuse), attempt
+            except _Retry as r:
+                last = r.reason
+                if attempt > self.max_retries:
+                    break
+                wait = self._backoff(attempt) if r.wait is None else min(r.wait, self.retry_after_max)
+                log.debug("attempt %d failed (%s); retrying in %.2fs", attempt, r.reason, wait)
+                await asyncio.sleep(wait)
+            except Exception as e:
+                if isinstance(e, self.error):
+                    e.attempts = attempt  # type: ignore[attr-defined]
+                raise
+        raise self.error(f"gave up after {self.max_retries + 1} attempts; last error: {last}", self.max_retries + 1)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the API key and URL credentials replaced: a server that echoes the Authorization header or
+        the URL must not get them into logs, results or reports."""
+        return scrub_urls(text.replace(self._secret, "<redacted>") if self._secret else text)
+
+    async def _post(
+        self, body: Mapping[str, Any], parse: Callable[[str], T], refuse: Callable[[int, str], Exception | None] | None
+    ) -> T:
+        try:
+            status, headers, raw = await asyncio.wait_for(self._request(body), self.timeout)
+        # a server that trickles its reply hits the deadline
+        except (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException) as e:
+            raise _Retry(f"no complete reply within {self.timeout}s ({type(e).__name__})") from None
+        except httpx.TransportError as e:  # connection refused/reset, incomplete (truncated) bodies
+            raise _Retry(self.scrub(f"{type(e).__name__}: {e}")) from None
+        text_body = self.scrub(raw.decode("utf-8", errors="replace"))
+        if refuse is not None and (err := refuse(status, text_body)) is not None:
+            raise err
+        if status in RETRY_STATUS or status >= 500:
+            raise _Retry(f"HTTP {status}", retry_after(headers.get("retry-after")))
+        if status in (401, 403):
+            raise self.error(f"HTTP {status} from {self.shown_url}: check ${self._env}", fatal=True)
+        if status >= 400:
+            raise self.error(f"HTTP {status} from {self.shown_url}: {text_body[:300]}", fatal=status == 404)
+        try:
+            return parse(text_body)
+        # RecursionError: a body nested too deeply to decode (e.g. 200,000 '[')
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
+            raise _Retry(f"invalid response body ({type(e).__name__}: {e}): {text_body[:80]!r}") from None
+
+    async def _request(self, body: Mapping[str, Any]) -> tuple[int, httpx.Headers, bytes]:
+        """POST and read the body, refusing one larger than ``max_response_bytes``."""
+        async with self._client.stream("POST", self.url, json=body) as r:
+            chunks, size = [], 0
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise _Retry(f"response body over {self.what}.max_response_bytes={self.max_bytes}")
+                chunks.append(chunk)
+            return r.status_code, r.headers, b"".join(chunks)
+
+
 class OpenAIJudge:
     """An OpenAI-compatible chat-completions judge (temperature 0; optional ``top_logprobs``).
 
@@ -99,17 +212,6 @@ class OpenAIJudge:
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         cfg = defaults("judge/openai", cfg)
         self.model = str(cfg.model)
-        self.url = completions_url(str(cfg.base_url))
-        self.shown_url = scrub_urls(self.url)  # what messages name: no user info, no secret query value
-        self.timeout = float(cfg.timeout)  # a deadline for the whole request, not per read
-        self.max_bytes = int(cfg.max_response_bytes)
-        concurrency = int(cfg.concurrency)
-        if concurrency < 1 or self.timeout <= 0:
-            raise ValueError(f"judge.concurrency ({concurrency}) and judge.timeout ({self.timeout}) must be positive")
-        self.max_retries = int(cfg.max_retries)
-        self.backoff_base = float(cfg.backoff_base)
-        self.backoff_max = float(cfg.backoff_max)
-        self.retry_after_max = float(cfg.retry_after_max)
         self.body: dict[str, Any] = {
             "model": self.model,
             "temperature": float(cfg.temperature),
@@ -118,87 +220,34 @@ class OpenAIJudge:
         }
         if cfg.logprobs:
             self.body |= {"logprobs": True, "top_logprobs": int(cfg.top_logprobs)}
-        headers = {"Content-Type": "application/json"}
         env = cfg.api_key_env or "OPENAI_API_KEY"
         key = os.environ.get(env)
-        self._secret = key or None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        else:
+        if not key:
             log.warning("$%s is not set: sending requests without an API key (fine for a local server)", env)
-        self._env = env
-        self._sem = asyncio.Semaphore(concurrency)
-        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self.timeout))
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = JsonClient(completions_url(str(cfg.base_url)), cfg, headers, key, env)
+        self.url, self.shown_url, self.timeout = self.http.url, self.http.shown_url, self.http.timeout
 
     async def reply(self, messages: list[dict[str, str]]) -> Reply:
         """POST the messages, retrying transient failures; raise :class:`JudgeError` when out of retries."""
-        last = ""
-        for attempt in range(1, self.max_retries + 2):
-            try:
-                async with self._sem:
-                    text, tokens = await self._post(messages)
-                return Reply(text, attempts=attempt, tokens=tokens)
-            except _Retry as r:
-                last = r.reason
-                if attempt > self.max_retries:
-                    break
-                wait = self._backoff(attempt) if r.wait is None else min(r.wait, self.retry_after_max)
-                log.debug("attempt %d failed (%s); retrying in %.2fs", attempt, r.reason, wait)
-                await asyncio.sleep(wait)
-            except JudgeError as e:
-                e.attempts = attempt
-                raise
-        raise JudgeError(f"gave up after {self.max_retries + 1} attempts; last error: {last}", self.max_retries + 1)
+        (text, tokens), attempts = await self.http.call({**self.body, "messages": messages}, self._parse)
+        return Reply(text, attempts=attempts, tokens=tokens)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-
-    def _backoff(self, attempt: int) -> float:
-        return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        await self.http.aclose()
 
     def scrub(self, text: str) -> str:
-        """``text`` with the API key and URL credentials replaced: a server that echoes the Authorization header or
-        the URL must not get them into logs, judgments or the report."""
-        return scrub_urls(text.replace(self._secret, "<redacted>") if self._secret else text)
+        """``text`` with the API key and URL credentials replaced (see :meth:`JsonClient.scrub`)."""
+        return self.http.scrub(text)
 
-    async def _post(self, messages: list[dict[str, str]]) -> tuple[str, TokenLogprobs | None]:
-        try:
-            status, headers, body = await asyncio.wait_for(self._request(messages), self.timeout)
-        # a server that trickles its reply hits the deadline
-        except (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException) as e:
-            raise _Retry(f"no complete reply within {self.timeout}s ({type(e).__name__})") from None
-        except httpx.TransportError as e:  # connection refused/reset, incomplete (truncated) bodies
-            raise _Retry(self.scrub(f"{type(e).__name__}: {e}")) from None
-        text_body = self.scrub(body.decode("utf-8", errors="replace"))
-        if status in RETRY_STATUS or status >= 500:
-            raise _Retry(f"HTTP {status}", retry_after(headers.get("retry-after")))
-        if status in (401, 403):
-            raise JudgeError(f"HTTP {status} from {self.shown_url}: check ${self._env}", fatal=True)
-        if status >= 400:
-            raise JudgeError(f"HTTP {status} from {self.shown_url}: {text_body[:300]}", fatal=status == 404)
-        try:
-            choice = json.loads(text_body)["choices"][0]
-            text = choice["message"]["content"]
-            if not isinstance(text, str):
-                raise TypeError(f"content is {type(text).__name__}")
-            if (why := unencodable(text)) is not None:
-                raise ValueError(f"content holds {why}")
-            tokens = _tokens(choice.get("logprobs"))
-        # RecursionError: a body nested too deeply to decode (e.g. 200,000 '[')
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
-            raise _Retry(f"invalid response body ({type(e).__name__}: {e}): {text_body[:80]!r}") from None
-        return self.scrub(text), tokens
-
-    async def _request(self, messages: list[dict[str, str]]) -> tuple[int, httpx.Headers, bytes]:
-        """POST and read the body, refusing one larger than ``max_response_bytes``."""
-        async with self._client.stream("POST", self.url, json={**self.body, "messages": messages}) as r:
-            chunks, size = [], 0
-            async for chunk in r.aiter_bytes():
-                size += len(chunk)
-                if size > self.max_bytes:
-                    raise _Retry(f"response body over judge.max_response_bytes={self.max_bytes}")
-                chunks.append(chunk)
-            return r.status_code, r.headers, b"".join(chunks)
+    def _parse(self, text_body: str) -> tuple[str, TokenLogprobs | None]:
+        choice = json.loads(text_body)["choices"][0]
+        text = choice["message"]["content"]
+        if not isinstance(text, str):
+            raise TypeError(f"content is {type(text).__name__}")
+        if (why := unencodable(text)) is not None:
+            raise ValueError(f"content holds {why}")
+        return self.scrub(text), _tokens(choice.get("logprobs"))
 
 
 def completions_url(base: str) -> str:

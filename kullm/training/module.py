@@ -25,6 +25,7 @@ from kullm.config import defaults
 from kullm.training.checkpointing import Diverged
 from kullm.training.fsdp import LoraFSDPStrategy
 from kullm.training.loss import check_loss_impl, lm_loss
+from kullm.training.preference import PreferenceObjective, Reference, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,29 @@ class KullmLitModule(L.LightningModule):
     """Train a PEFT model; log loss, lr, grad norm, tokens and tokens/s per step, val loss/perplexity per validation.
 
     ``optim`` and ``loss`` are the ``optim=`` and ``loss`` nodes; the keys a partial one leaves out are
-    ``conf/optim/adamw.yaml``'s and ``conf/train.yaml``'s.
+    ``conf/optim/adamw.yaml``'s and ``conf/train.yaml``'s. ``objective`` (the ``objective=`` node; none: SFT)
+    picks a preference loss (:mod:`kullm.training.preference`): then the loss is summed over pairs (KTO: examples)
+    and divided by those of the whole optimizer step, against ``reference`` when the objective needs one, and the
+    rewards and log-probs are logged beside it (``train/…``, ``val/…``).
     """
 
-    def __init__(self, model, *, optim: Mapping[str, Any], loss: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        optim: Mapping[str, Any],
+        loss: Mapping[str, Any] | None = None,
+        objective: Mapping[str, Any] | None = None,
+        reference: Reference | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.optim_cfg = defaults("optim/adamw", optim)
         self.loss_cfg = defaults("train.loss", loss)
+        self.preference = PreferenceObjective(objective) if objective and objective["name"] != "sft" else None
+        if self.preference is not None and self.preference.needs_reference and reference is None:
+            raise ValueError(f"objective={self.preference.name} trains against a reference: pass reference=")
+        self.reference = reference
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.trained_tokens = 0
         # loss sum, trained tokens, non-pad tokens: accumulated on the device, read once per optimizer step
@@ -66,10 +82,40 @@ class KullmLitModule(L.LightningModule):
             impl=self._loss_impl,
         )
 
-    def _accumulate(self, buffer: torch.Tensor | None, *values: torch.Tensor) -> torch.Tensor:
-        """``buffer + values`` in float64 on the module's device (no host round trip)."""
+    def _accumulate(self, buffer: torch.Tensor | None, *values: torch.Tensor, extra: torch.Tensor | None = None):
+        """``buffer + values (+ extra, a 1-d tensor)`` in float64 on the module's device (no host round trip)."""
         row = torch.stack([torch.as_tensor(v).detach().to(self.device, torch.float64) for v in values])
+        if extra is not None:
+            row = torch.cat([row, extra.detach().to(self.device, torch.float64)])
         return row if buffer is None else buffer.to(self.device) + row
+
+    def _width(self, base: int) -> int:
+        """A window's length: ``base`` sums, plus the preference objective's metric sums."""
+        return base + (len(self.preference.keys) if self.preference is not None else 0)
+
+    def _preference_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss summed over pairs/examples, their number, metric sums)``: the reference first (no gradient, eval
+        mode), then the policy's log-probs of every row in one forward (pairs: chosen rows, then rejected; KTO: the
+        examples, then their mismatched rows for the KL estimate)."""
+        objective = self.preference
+        head = {"chunk_size": int(self.loss_cfg.chunk_size), "head_only": bool(self.loss_cfg.head_only)}
+        ref = self.reference.logps(self.model, batch, **head) if objective.needs_reference else None
+        sums, counts = sequence_logps(self.model, batch, **head)
+        kl = None
+        if objective.name == "kto":
+            half = sums.shape[0] // 2
+            kl = self._kl_estimate(sums[half:].detach() - ref[half:])
+            sums, counts, ref = sums[:half], counts[:half], ref[:half]
+        loss_sum, stats = objective.loss(sums, counts, ref, batch, kl)
+        return loss_sum, torch.tensor(objective.units(batch)), stats
+
+    def _kl_estimate(self, log_ratios: torch.Tensor) -> torch.Tensor:
+        """KTO's KL estimate (before clamping): the mean policy − reference log-ratio of the mismatched rows, over
+        all ranks."""
+        total = torch.stack([log_ratios.double().sum(), torch.tensor(float(log_ratios.numel()), dtype=torch.float64)])
+        if self.trainer is not None and self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum")
+        return (total[0] / total[1].clamp(min=1.0)).float().to(log_ratios.device)
 
     @property
     def _engine_scales_grads(self) -> bool:
@@ -77,12 +123,16 @@ class KullmLitModule(L.LightningModule):
         return type(self.trainer.strategy).__name__.startswith("DeepSpeed")
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n = self._loss(batch)
+        stats = None
+        if self.preference is not None:
+            loss_sum, n, stats = self._preference_loss(batch)
+        else:
+            loss_sum, n = self._loss(batch)
         tokens = batch.get("n_tokens")
         if tokens is None:
             mask = batch["attention_mask"]
             tokens = mask.sum() if mask.dim() == 2 else torch.tensor(batch["input_ids"].numel())
-        self._window = self._accumulate(self._window, loss_sum, n, tokens)
+        self._window = self._accumulate(self._window, loss_sum, n, tokens, extra=stats)
         if self._engine_scales_grads:
             # Lightning divides by the accumulation and DeepSpeed's engine.backward divides again (scale_wrt_gas):
             # undo Lightning's, so the loss is scaled once and clipping acts on the true gradient norm
@@ -98,7 +148,9 @@ class KullmLitModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self._at_step_boundary():  # no collective, no log line per micro-batch: the window keeps adding up
             return
-        window = self._window if self._window is not None else torch.zeros(3, dtype=torch.float64, device=self.device)
+        window = self._window
+        if window is None:
+            window = torch.zeros(self._width(3), dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             window = self.trainer.strategy.reduce(window, reduce_op="sum")
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
@@ -110,23 +162,26 @@ class KullmLitModule(L.LightningModule):
         if self._sharded_grads and self.trainer.world_size > 1:  # each rank holds a disjoint shard of the gradient
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         # the one host read of the optimizer step: what the loggers print
-        loss_sum, trained, tokens, grad_norm = torch.cat([window, norm[None]]).tolist()
+        values = torch.cat([window, norm[None]]).tolist()
+        (loss_sum, trained, tokens), extra, grad_norm = values[:3], values[3:-1], values[-1]
         self._check_finite(loss_sum / max(trained, 1.0), grad_norm)
         now = time.perf_counter()
         elapsed, self._clock = now - self._clock, now
-        self.trained_tokens += int(trained)
-        self.log_dict(
-            {
-                "train/loss": loss_sum / max(trained, 1.0),
-                "train/grad_norm": grad_norm,
-                "train/tokens_per_s": tokens / max(elapsed, 1e-9),
-                "train/trained_tokens_per_s": trained / max(elapsed, 1e-9),
-                "train/trained_tokens": float(self.trained_tokens),
-                "lr": optimizer.param_groups[0]["lr"],
-            },
-            prog_bar=False,
-            rank_zero_only=True,
-        )
+        logged = {
+            "train/loss": loss_sum / max(trained, 1.0),
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": tokens / max(elapsed, 1e-9),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if self.preference is None:
+            self.trained_tokens += int(trained)
+            logged["train/trained_tokens_per_s"] = trained / max(elapsed, 1e-9)
+            logged["train/trained_tokens"] = float(self.trained_tokens)
+        else:  # ``trained`` counts pairs (KTO: examples)
+            logged["train/examples_per_s"] = trained / max(elapsed, 1e-9)
+            metrics = self.preference.metrics(dict(zip(self.preference.keys, extra, strict=True)), trained)
+            logged |= {f"train/{k}": v for k, v in metrics.items()}
+        self.log_dict(logged, prog_bar=False, rank_zero_only=True)
         self.log("loss", loss_sum / max(trained, 1.0), prog_bar=True, logger=False, rank_zero_only=True)
         self._window = None
 
@@ -155,20 +210,31 @@ class KullmLitModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        if self.preference is not None:
+            loss_sum, n, stats = self._preference_loss(batch)
+            self._val = self._accumulate(self._val, loss_sum, n, extra=stats)
+            return
         loss_sum, n = self._loss(batch)
         self._val = self._accumulate(self._val, loss_sum, n)
 
     def on_validation_epoch_end(self) -> None:
-        total = self._val if self._val is not None else torch.zeros(2, dtype=torch.float64, device=self.device)
+        total = self._val
+        if total is None:
+            total = torch.zeros(self._width(2), dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        loss_sum, n = total.tolist()
+        (loss_sum, n), extra = total.tolist()[:2], total.tolist()[2:]
         self._val = None
         if n == 0:
             return
         val_loss = loss_sum / n
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", math.exp(min(val_loss, 50.0)), sync_dist=False)
+        if self.preference is None:
+            self.log("val/ppl", math.exp(min(val_loss, 50.0)), sync_dist=False)
+            return
+        metrics = self.preference.metrics(dict(zip(self.preference.keys, extra, strict=True)), n)
+        for key, value in metrics.items():
+            self.log(f"val/{key}", value, prog_bar=key == "rewards/accuracy", sync_dist=False)
 
     # --- optimisation -----------------------------------------------------------------------------------------
 
@@ -241,6 +307,8 @@ class KullmLitModule(L.LightningModule):
         # from_pretrained returns a model in eval mode: train mode makes dropout and gradient checkpointing (which HF
         # layers apply only while training) act, as HF's Trainer does; validation switches back and forth itself
         self.model.train()
+        if self.reference is not None:  # a frozen copy (lora=none, objective.ref_copy) sits outside the module tree
+            self.reference.to(self.device)
 
     def on_train_start(self) -> None:
         # Lightning resumes mid-epoch without calling on_train_epoch_start: restore the RNG here (the batch order

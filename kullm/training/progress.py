@@ -41,6 +41,8 @@ class RunProgressBar(TQDMProgressBar):
         for key, name, fmt in (
             ("train/loss", "loss", "{:.4f}"),
             ("val/loss", "val_loss", "{:.4f}"),
+            ("val/rewards/accuracy", "val_acc", "{:.3f}"),  # preference objectives (objective=dpo, …)
+            ("train/rewards/margin", "margin", "{:.3f}"),
             ("lr", "lr", "{:.2e}"),
             ("train/tokens_per_s", "tok/s", "{:,.0f}"),
         ):

@@ -19,6 +19,7 @@ import lightning as L
 from kullm.atomic import rewrite
 
 RESULT_FILE = "result.json"
+REWARD_KEYS = ("accuracy", "margin")  # recorded when the objective logs val/rewards/<key> (objective=dpo, …)
 
 
 class RunRecord(L.Callback):
@@ -27,6 +28,7 @@ class RunRecord(L.Callback):
     def __init__(self, output_dir: str | Path) -> None:
         self.path = Path(output_dir) / RESULT_FILE
         self.val_losses: list[float] = []
+        self.val_rewards: list[dict[str, float]] = []  # preference objectives: val/rewards/{accuracy,margin}
         self.tokens_per_s: list[float] = []
         self._step = -1
         self._start = time.monotonic()
@@ -42,6 +44,9 @@ class RunRecord(L.Callback):
         value = _scalar(trainer.callback_metrics.get("val/loss"))
         if not trainer.sanity_checking and value is not None:
             self.val_losses.append(value)
+            rewards = {k: _scalar(trainer.callback_metrics.get(f"val/rewards/{k}")) for k in REWARD_KEYS}
+            if any(v is not None for v in rewards.values()):
+                self.val_rewards.append(rewards)
 
     def write(self, trainer: L.Trainer, status: str, adapter: str | Path | None = None) -> dict[str, Any]:
         """Write ``result.json`` (rank zero) and return it."""
@@ -57,6 +62,13 @@ class RunRecord(L.Callback):
             "wall_s": round(time.monotonic() - self._start, 1),
             "pid": os.getpid(),
         }
+        for key in REWARD_KEYS if self.val_rewards else ():
+            seen = [r[key] for r in self.val_rewards if r[key] is not None]
+            record[f"val_rewards_{key}"] = self.val_rewards[-1][key]
+            record[f"best_val_rewards_{key}"] = max(seen) if seen else None
+        bench = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if k.startswith("bench/")}
+        if bench:  # callbacks.bench: kullm-bench's main metric per task
+            record["bench"] = bench
         if trainer.is_global_zero:
             write_result(self.path.parent, {**read_result(self.path.parent), **record})
         return record

@@ -26,6 +26,7 @@ def run_identity(cfg) -> dict[str, Any]:
         "lora.lora_dropout": lora.get("lora_dropout"),
         "lora.target_modules": _targets(lora.get("target_modules")),
         "init_adapter": c.get("init_adapter"),
+        "objective": c.get("objective"),  # the loss and its knobs (objective=dpo, beta, …)
         "data.path": data.get("path"),
         "data.cutoff_len": data.get("cutoff_len"),
         "data.train_on_inputs": data.get("train_on_inputs"),

@@ -56,7 +56,8 @@ class GenerationSamples(L.Callback):
 
     @torch.no_grad()
     def _sample(self, pl_module: L.LightningModule, example: dict) -> tuple[str, str, str]:
-        ids, labels, n_prompt = example["input_ids"], example["labels"], example["prompt_len"]
+        side = "chosen_" if "chosen_input_ids" in example else ""  # a preference pair: the chosen answer as reference
+        ids, labels, n_prompt = example[f"{side}input_ids"], example[f"{side}labels"], example["prompt_len"]
         n_prompt = min(n_prompt, len(ids))
         tok = self.tokenizer
         prompt_ids = torch.tensor([ids[:n_prompt]], device=pl_module.device)

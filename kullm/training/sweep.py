@@ -28,8 +28,10 @@ SUMMARY_COLUMNS = (
     "status",
     "val_loss",
     "best_val_loss",
+    "val_rewards_accuracy",
     "steps",
     "tokens_per_s",
+    "bench",
     "overrides",
     "adapter",
     "error",
@@ -96,6 +98,13 @@ def summary_line(md_path: Path, rows: list[dict[str, Any]]) -> str:
     return line
 
 
+def bench_cell(bench: Any) -> str | None:
+    """A job's ``bench/<task>`` metrics in one cell: ``bench/kobest_boolq=0.5200 bench/purity=1.0000``."""
+    if not isinstance(bench, dict) or not bench:
+        return None
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in bench.items())
+
+
 def _job_folder(config: DictConfig) -> Path | None:
     out = config.get("output_dir") if isinstance(config, DictConfig) else None
     return Path(str(out)) if out else None
@@ -131,8 +140,10 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "status": record.get("status") or "no result (killed?)",
                 "val_loss": record.get("val_loss"),
                 "best_val_loss": record.get("best_val_loss"),
+                "val_rewards_accuracy": record.get("val_rewards_accuracy"),  # preference objectives only
                 "steps": record.get("steps"),
                 "tokens_per_s": record.get("tokens_per_s"),
+                "bench": bench_cell(record.get("bench")),  # callbacks.bench: kullm-bench's bench/<task> metrics
                 "overrides": overrides,
                 "adapter": record.get("adapter"),
                 "error": record.get("error"),
@@ -211,15 +222,22 @@ def _markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
     best = rows[0]
     if best["status"] == "finished" and best.get("val_loss") is not None:
         lines += [f"Best: job {best['job']} (`{best['overrides']}`), val/loss {best['val_loss']:.4f}.", ""]
+    rewards = any(r.get("val_rewards_accuracy") is not None for r in rows)  # a preference sweep: its accuracy too
     lines += [
-        "| rank | job | status | val/loss | best val/loss | steps | tokens/s | overrides | adapter |",
-        "|---:|---:|---|---:|---:|---:|---:|---|---|",
-    ]
+        "| rank | job | status | val/loss | best val/loss |" + (" val/rewards/accuracy |" if rewards else "")
+        + " steps | tokens/s | overrides | adapter |",
+        "|---:|---:|---|---:|---:|" + ("---:|" if rewards else "") + "---:|---:|---|---|",
+    ]  # fmt: skip
     for r in rows:
+        accuracy = f" {cell(r.get('val_rewards_accuracy'))} |" if rewards else ""
         lines.append(
-            f"| {r['rank']} | {cell(r['job'])} | {r['status']} | {cell(r['val_loss'])} | {cell(r['best_val_loss'])} "
-            f"| {cell(r['steps'])} | {cell(r['tokens_per_s'], 0)} | {cell(r['overrides'])} | {cell(r['adapter'])} |"
+            f"| {r['rank']} | {cell(r['job'])} | {r['status']} | {cell(r['val_loss'])} | {cell(r['best_val_loss'])} |"
+            f"{accuracy} {cell(r['steps'])} | {cell(r['tokens_per_s'], 0)} | {cell(r['overrides'])} "
+            f"| {cell(r['adapter'])} |"
         )
+    if any(r.get("bench") for r in rows):
+        lines += ["", "## Benchmarks (callbacks.bench)", "", "| rank | job | bench |", "|---:|---:|---|"]
+        lines += [f"| {r['rank']} | {cell(r['job'])} | {cell(r.get('bench'))} |" for r in rows]
     failed = [r for r in rows if r.get("error")]
     if failed:
         lines += ["", "## Failed jobs", ""]

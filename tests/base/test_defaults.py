@@ -49,6 +49,8 @@ RECEIVERS: dict[str, dict[str, tuple[str, ...]]] = {
     "kullm/data/sft.py": {"data": ANY_DATA},
     "kullm/data/sft_chat.py": {"data": ANY_DATA},
     "kullm/data/preprocess.py": {"data": ANY_DATA},
+    "kullm/data/preference.py": {"data": ANY_DATA},
+    "kullm/data/pairs.py": {"data": ANY_DATA},
     "kullm/data/contamination.py": {"data": ANY_DATA},
     "kullm/data/datamodule.py": {"self.data": ("train.data",)},
     "kullm/training/module.py": {
@@ -75,6 +77,13 @@ RECEIVERS: dict[str, dict[str, tuple[str, ...]]] = {
         "build_judge:cfg": ("eval.judge",),
         "OpenAIJudge.__init__:cfg": ("judge/openai",),
         "HFJudge.__init__:cfg": ("judge/hf",),
+        "JsonClient.__init__:cfg": ("judge/openai", "backend/deepl", "backend/openai"),
+    },
+    "kullm/translation/backends.py": {
+        "build_backend:cfg": ("backend/deepl", "backend/openai"),
+        "_Paced._setup:cfg": ("backend/deepl", "backend/openai"),
+        "DeepLBackend.__init__:cfg": ("backend/deepl",),
+        "OpenAIBackend.__init__:cfg": ("backend/openai",),
     },
     "kullm/evaluation/pipeline.py": {
         "cfg": ("eval",),
@@ -99,6 +108,16 @@ NOT_CONFIG: dict[tuple[str, str], str] = {
     ("kullm/training/module.py", "checkpoint"): "checkpoint",
     ("kullm/training/module.py", "state"): "checkpoint",
     ("kullm/training/sweep.py", "record"): "result",  # a job's result.json
+    ("kullm/evaluation/bench_report.py", "old"): "result",  # a results.json kullm-bench wrote before
+    ("kullm/evaluation/bench_report.py", "d"): "result",  # a results.json
+    ("kullm/evaluation/bench_report.py", "m"): "result",  # its model record
+    ("kullm/evaluation/bench_report.py", "r"): "result",  # one benchmark's result
+    ("kullm/evaluation/bench_report.py", "meta"): "result",  # and its meta
+    ("kullm/evaluation/bench_report.py", "settings"): "result",  # the settings an lm-eval task ran with
+    ("kullm/evaluation/harness.py", "out"): "result",  # lm-eval's simple_evaluate output
+    ("kullm/evaluation/harness.py", "entry"): "suite entry",  # conf/suite/*.yaml: keys optional by kind
+    ("kullm/translation/recipes.py", "obj"): "row",  # a source row of a recipe (GPT4ALL, Dolly, ShareGPT)
+    ("kullm/translation/recipes.py", "t"): "row",  # one ShareGPT turn
 }
 GLOBAL = ("experiment", "hparams_search")  # presets that may set any key (# @package _global_), composed alone
 DICT_METHODS = {"get", "items", "keys", "values", "pop", "copy", "setdefault", "update", "__contains__"}

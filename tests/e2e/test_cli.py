@@ -13,7 +13,7 @@ from console_scripts import one_line_error, run_script
 from kullm import __version__
 
 CLIS = {"train": "kullm-train", "prepare": "kullm-prepare", "generate": "kullm-generate", "merge": "kullm-merge",
-        "evaluate": "kullm-eval"}  # fmt: skip
+        "evaluate": "kullm-eval", "translate": "kullm-translate"}  # fmt: skip
 
 
 def cli(module: str, *args: str, tmp_path, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -37,6 +37,7 @@ TYPOS = {
     "kullm-generate": (["prompt=안녕 하세요", "generation.max_new_tokenz=4"], "generation.max_new_tokens"),
     "kullm-merge": (["adapter=a", "out=b", "tolerence=0.1"], "tolerance"),  # adapter and out are required (???)
     "kullm-eval": (["judge=openai", "judge.timout=2"], "judge.timeout"),
+    "kullm-translate": (["data.path=x.jsonl", "qc.min_chrs=5"], "qc.min_chars"),
 }
 HEAVY = ("torch", "lightning", "transformers", "datasets", "peft")
 # runs an installed console script's entry point in this process, then lists the heavy packages it imported

@@ -15,11 +15,11 @@ from kullm.config import CONF_DIR, ROOT
 PACKAGE = ROOT / "kullm"
 TESTS = ROOT / "tests"
 # lower stages first: a module may import its own stage or a lower one, never a higher one
-STAGES = ["base", "data", "training", "inference", "evaluation", "cli"]
-CLIS = {"prepare", "train", "generate", "merge", "evaluate"}
+STAGES = ["base", "data", "training", "inference", "evaluation", "translation", "cli"]
+CLIS = {"prepare", "train", "generate", "merge", "evaluate", "bench", "translate"}
 # tests/ mirrors the package: a folder per stage, base/ for the flat base modules, e2e/ for the CLIs as users run
 # them and the tree itself, scripts/ for scripts/ and benchmarks/; shared helpers and fixtures sit at the top
-TEST_FOLDERS = {"base", "data", "training", "inference", "evaluation", "e2e", "scripts"}
+TEST_FOLDERS = {"base", "data", "training", "inference", "evaluation", "translation", "e2e", "scripts"}
 # the flat base modules in tiers, lower first: a base module may import its own tier or a lower one (a cycle inside a
 # tier is caught by test_no_import_cycle_anywhere)
 BASE_TIERS = [

@@ -28,6 +28,8 @@ CONFIG = {
     "kullm-generate": "generate",
     "kullm-merge": "merge",
     "kullm-eval": "eval",
+    "kullm-translate": "translate",
+    "kullm-bench": "bench",
 }
 # Placeholders a reader fills in, each replaced by a sample value of the right kind before the command is composed.
 # Order matters: longer placeholders first. A placeholder missing here fails the test that meets it.
