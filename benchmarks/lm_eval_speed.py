@@ -169,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kullm-lm-eval-speed-") as tmp:
         cases = measure(args, model, Path(tmp))
     command = "python -m benchmarks.lm_eval_speed" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
-    write_report(args.out, args, section(args, cases, command, time.monotonic() - start), "lm_eval")
+    text = section(args, cases, command, time.monotonic() - start)
+    if "<!-- bench:" in (args.out.read_text(encoding="utf-8") if args.out.exists() else ""):
+        write_report(args.out, args, text, "lm_eval")  # beside the other sections, replacing its previous one
+    else:  # a file of its own (write_report would head it with the training benchmark's header)
+        args.out.write_text(text, encoding="utf-8")
     print(f"bench: wrote the lm_eval section of {args.out}")
 
 

@@ -603,7 +603,8 @@ class ChatHFJudge:
 
 def build_suite_judge(suite: Suite, judge_cfg: DictConfig, task_cfg: DictConfig) -> Judge:
     if judge_cfg.name == "hf" and not isinstance(suite, GEval):
-        return ChatHFJudge(judge_cfg, OmegaConf.to_container(task_cfg.judge_generation, resolve=True))
+        settings = OmegaConf.merge(defaults("generation/greedy"), task_cfg.judge_generation)  # greedy, as temperature 0
+        return ChatHFJudge(judge_cfg, OmegaConf.to_container(settings, resolve=True))
     prompt = suite.geval if isinstance(suite, GEval) else None
     return build_judge(judge_cfg, prompt)  # the G-Eval hf judge scores its criteria exactly (kullm.evaluation.judges)
 

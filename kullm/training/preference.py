@@ -96,18 +96,19 @@ class FusedLinearLogProbs(torch.autograd.Function):
         return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None, None
 
 
+def _picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[row, target]`` per row, without the full log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
 def _chunk_logps(head, hidden, targets, scale: float, cap: float | None) -> torch.Tensor:
     logits = head(hidden).float()
     if scale != 1.0:
         logits = logits * scale
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
-    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-
-
-def _linear_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-    logits = F.linear(h, weight, bias).float()
-    return logits.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return _picked(logits, targets)
 
 
 def token_logps(
@@ -127,9 +128,9 @@ def token_logps(
     if not head_only:
         logits = model(**model_inputs(model, batch)).logits
         positions = positions.to(logits.device)
-        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float()
+        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
         targets = labels.to(logits.device).reshape(-1).index_select(0, positions + 1)
-        return flat.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(flat, dim=-1), positions // width
+        return _picked(flat, targets), positions // width
     body, head = causal_lm_parts(model)
     hidden = body(**model_inputs(model, batch)).last_hidden_state
     positions = positions.to(hidden.device)
@@ -151,7 +152,8 @@ def token_logps(
                 return FusedLinearLogProbs.apply(h, weight, bias, t, size, compute), rows
             w, b = weight.to(compute), bias.to(compute) if bias is not None else None
             parts = [
-                _linear_logps(h[s : s + size].to(compute), w, b, t[s : s + size]) for s in range(0, h.shape[0], size)
+                _picked(F.linear(h[s : s + size].to(compute), w, b), t[s : s + size])
+                for s in range(0, h.shape[0], size)
             ]
             return torch.cat(parts), rows
     parts = []

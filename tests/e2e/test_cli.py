@@ -13,7 +13,7 @@ from console_scripts import one_line_error, run_script
 from kullm import __version__
 
 CLIS = {"train": "kullm-train", "prepare": "kullm-prepare", "generate": "kullm-generate", "merge": "kullm-merge",
-        "evaluate": "kullm-eval", "translate": "kullm-translate"}  # fmt: skip
+        "evaluate": "kullm-eval", "translate": "kullm-translate", "bench": "kullm-bench"}  # fmt: skip
 
 
 def cli(module: str, *args: str, tmp_path, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -38,6 +38,7 @@ TYPOS = {
     "kullm-merge": (["adapter=a", "out=b", "tolerence=0.1"], "tolerance"),  # adapter and out are required (???)
     "kullm-eval": (["judge=openai", "judge.timout=2"], "judge.timeout"),
     "kullm-translate": (["data.path=x.jsonl", "qc.min_chrs=5"], "qc.min_chars"),
+    "kullm-bench": (["suite=ko_quick", "batch_sise=4"], "batch_size"),
 }
 HEAVY = ("torch", "lightning", "transformers", "datasets", "peft")
 # runs an installed console script's entry point in this process, then lists the heavy packages it imported

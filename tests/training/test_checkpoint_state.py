@@ -124,6 +124,7 @@ IDENTITY_VARIANTS = {
     "lora.lora_dropout": "lora.lora_dropout=0.2",
     "lora.target_modules": "lora.target_modules=[query_key_value]",
     "init_adapter": "init_adapter=/some/adapter",
+    "objective": "objective=orpo",
     "data.path": "data.path=/some/other.jsonl",
     "data.cutoff_len": "data.cutoff_len=128",
     "data.train_on_inputs": "data.train_on_inputs=true",

@@ -488,3 +488,38 @@ def test_the_dpo_adapter_merges_and_generates(tmp_path):
     gen = run_script("kullm-generate", f"base={merged}", "prompt=대한민국의 수도는 어디인가요?",
                      "generation=greedy", "generation.max_new_tokens=8", cwd=tmp_path)  # fmt: skip
     assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sft_to_dpo_from_an_adapter_starts_at_log2_against_that_adapter(adapter, tmp_path):
+    """Policy = reference at the first step only if the reference is the SFT adapter (not the bare base): every
+    pair's margin is 0, the loss log 2. Precomputed from the same adapter, the run trains the same weights."""
+    from kullm.train import train
+
+    common = ["objective=dpo", "data=sample_pref", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+              "callbacks.samples.num=0", "callbacks.checkpoint.monitor=null", "sampler=random"]  # fmt: skip
+    live = train(_sft_adapter_cfg(adapter, tmp_path / "live", *common))
+    out = Path(live["output_dir"])
+    assert metric_series(out, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert metric_series(out, "train/rewards/margin")[0] == pytest.approx(0.0, abs=1e-5)
+    assert metric_series(out, "train/loss")[-1] < math.log(2)
+    assert not (Path(live["adapter"]) / REFERENCE_ADAPTER).exists()
+    pre = train(_sft_adapter_cfg(adapter, tmp_path / "pre", *common, "objective.precompute_ref=true"))
+    _assert_same_weights(_adapter_weights(live), _adapter_weights(pre))
+
+
+def test_sweep_summary_shows_the_reward_accuracy_of_preference_jobs(tmp_path):
+    from kullm.training.result import write_result
+    from kullm.training.sweep import summarize, write_summary
+
+    for job, (loss, accuracy) in enumerate([(0.61, 0.75), (0.52, 0.875)]):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- objective=dpo\n- objective.beta={job + 1}\n")
+        write_result(folder, {"status": "finished", "val_loss": loss, "val_rewards_accuracy": accuracy, "job": job})
+    rows = summarize(tmp_path)
+    csv_path, md_path = write_summary(tmp_path, rows)
+    assert [r["val_rewards_accuracy"] for r in rows] == [0.875, 0.75]  # ranked by val/loss, as a search minimises
+    assert "val_rewards_accuracy" in csv_path.read_text().splitlines()[0]
+    table = md_path.read_text()
+    assert "| val/rewards/accuracy |" in table and "| 0.8750 |" in table
