@@ -30,7 +30,8 @@ labels != -100), non-pad tokens (attention mask) and padded slots (tensor size).
 
 Modules: :mod:`benchmarks.seed_recipe` (the seed recipe), :mod:`benchmarks.runners` (workload, TRL and kullm
 variants, the preprocessing bench), :mod:`benchmarks.measure` (meter, memory, FLOP model, one subprocess per run),
-:mod:`benchmarks.report` (the BENCHMARKS.md sections) and ``__main__`` (the command line).
+:mod:`benchmarks.report` (the BENCHMARKS.md sections) and ``__main__`` (the command line); DPO against TRL's
+``DPOTrainer`` is its own command, ``python -m benchmarks.dpo`` (:mod:`benchmarks.dpo`).
 """
 
 from pathlib import Path

@@ -1,27 +1,30 @@
 """DPO speed: kullm's ``objective=dpo`` against TRL's ``DPOTrainer`` on the same pairs, model shape and settings.
 
-    python -m benchmarks.dpo --data data/sample_pref/pairs.jsonl                   # the head-heavy CPU shape
-    python -m benchmarks.dpo --data data/sample_pref/pairs.jsonl --shape body      # hidden 1024 x 8 layers
+    python -m benchmarks.dpo --data data/sample_pref/pairs.jsonl --threads 1                    # head-heavy shape
+    python -m benchmarks.dpo --data data/sample_pref/pairs.jsonl --threads 1 --shape body --steps 4   # 1024 x 8
     python -m benchmarks.dpo --data data/sample_pref/pairs.jsonl --steps 2 --repeats 1 --out /tmp/dpo.md   # a smoke run
 
 ``--data`` names preference pairs (one-string ``prompt``/``chosen``/``rejected`` rows, any file format kullm reads);
 the rows are repeated, each copy's prompt suffixed with its copy number, until every run's steps draw distinct pairs.
 
-Both variants, each in its own subprocess (peak RSS is its own), alternating within each repeat: random-init
-GPT-NeoX of the shape (:data:`benchmarks.runners.SHAPES`), LoRA r=8, alpha=16, dropout 0.05 on ``query_key_value``,
-the reference = the base with the adapter disabled, DPO sigmoid loss with β 0.1 on log-probs summed over completion
-tokens, AdamW lr 3e-4, random order, the same micro-batch of pairs (chosen and rejected in one forward), fp32 on
-CPU (bf16 on a GPU), no gradient checkpointing:
+Every variant in its own subprocess (peak RSS is its own), alternating within each repeat: random-init GPT-NeoX of
+the shape (:data:`benchmarks.runners.SHAPES`), LoRA r=8, alpha=16, dropout 0.05 on ``query_key_value``, the
+reference = the base with the adapter disabled, DPO sigmoid loss with β 0.1 on log-probs summed over completion
+tokens, AdamW lr 3e-4, random order (but ``kullm_dpo_grouped``), the same micro-batch of pairs (chosen and rejected
+in one forward), fp32 on CPU (bf16 on a GPU), no gradient checkpointing:
 
 - ``kullm_dpo``: ``kullm.train.train(cfg)`` with ``objective=dpo`` (the ``kullm-train objective=dpo`` path): the
   pair collator, the fused head-only log-probs (``loss.head_only=true``), the reference forward under
   ``disable_adapter()`` in eval mode.
+- ``kullm_dpo_grouped`` (not run by default): the same with kullm's default ``sampler=length_grouped`` (pairs of
+  similar length in a micro-batch: less padding); TRL's DPO data has no ``input_ids`` for HF's length grouping.
 - ``trl_dpo``: TRL's ``DPOTrainer`` given the PEFT config, the prompt rendered by the same template and the answers
   as completions (TRL appends EOS as kullm appends its end-of-turn token); ``disable_dropout=False`` so the LoRA
   dropout matches; TRL's own fused LM head (its default).
 
-Throughput: trained pairs/s from the end of the first optimizer step to the end of the last. Each run also records
-its first step's loss: with LoRA's B = 0 the policy equals the reference, so both must read log 2.
+Throughput: trained pairs/s from the end of the first optimizer step to the end of the last (``--threads 1`` on a
+shared CPU: more threads than free cores make every step's time erratic). Each run also records its first step's
+loss: with LoRA's B = 0 the policy equals the reference, so both must read log 2.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from benchmarks.measure import Meter, child_env, measured, param_split
 from benchmarks.report import machine
 from benchmarks.runners import SHAPES, kullm_overrides, tokenizer_path
 
-VARIANTS = ("kullm_dpo", "trl_dpo")
+VARIANTS = ("kullm_dpo", "trl_dpo", "kullm_dpo_grouped")
+DEFAULT_VARIANTS = ("kullm_dpo", "trl_dpo")
 BETA = 0.1
 SHAPE_STEPS = {"head": 12, "body": 4}  # optimizer steps per run (the first untimed)
 SECTION = "dpo-{shape}"
+KEYS = ("pairs_s", "pairs_cpu_s", "trained_tok_s", "pad_frac", "peak_rss_mib", "cuda_max_alloc_mib", "first_loss")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="examples:\n" + usage,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", type=Path, nargs="+", metavar="PATH", help="preference pairs (e.g. data/sample_pref/pairs.jsonl)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--data", type=Path, nargs="+", metavar="PATH", help="preference pairs (e.g. data/sample_pref/pairs.jsonl)"
+    )
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--shape", choices=sorted(SHAPES), default="head")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (first untimed); head 12, body 4")
     p.add_argument("--repeats", type=int, default=3)
@@ -67,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cutoff-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per run (torch and OpenMP; default: torch's own)"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -114,11 +124,13 @@ def _pairs_per_s(meter: Meter, pairs: list[int]) -> dict[str, Any]:
     timed = sum(pairs[1 : res["steps"]])  # pairs of the timed steps (after the first)
     res["pairs"] = timed
     res["pairs_s"] = timed / res["seconds"]
+    res["pairs_cpu_s"] = timed / res["cpu_seconds"] if res["cpu_seconds"] > 0 else float("nan")
     return res
 
 
-def run_kullm_dpo(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """``kullm.train.train(cfg)`` with ``objective=dpo``, metered by a Lightning callback."""
+def run_kullm_dpo(args: argparse.Namespace, out_dir: Path, sampler: str = "random") -> dict[str, Any]:
+    """``kullm.train.train(cfg)`` with ``objective=dpo``, metered by a Lightning callback; ``sampler``: ``random``
+    (as TRL's) or ``length_grouped`` (kullm's default)."""
     import lightning as L
 
     from kullm.config import compose
@@ -145,7 +157,7 @@ def run_kullm_dpo(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     args.shape_name = "bench"  # kullm_overrides: the shape from args.shape, model=tiny
     args.model, args.train_on_inputs = "bench", False
     overrides = [o for o in kullm_overrides(args, "kullm_head", out_dir) if not o.startswith("sampler=")]
-    overrides += ["sampler=random", "objective=dpo", f"objective.beta={BETA}", "objective.label_smoothing=0.0"]
+    overrides += [f"sampler={sampler}", "objective=dpo", f"objective.beta={BETA}", "objective.label_smoothing=0.0"]
     cfg = compose("train", overrides)
     clock = Clock()
     result, mem = measured(args.device, lambda: train(cfg, extra_callbacks=[clock]))
@@ -230,8 +242,11 @@ def run_child(args: argparse.Namespace, variant: str, repeat: int, work: Path) -
     result_path = work / f"{variant}-{repeat}.json"
     cmd = [sys.executable, "-m", "benchmarks.dpo", "--child", variant, "--result", str(result_path),
            "--spec", str(work / "spec.json"), "--out-dir", str(work / f"{variant}-{repeat}")]  # fmt: skip
+    env = child_env(work)
+    if args.threads:
+        env.update({k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(work), timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
     if proc.returncode != 0 or not result_path.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
@@ -242,7 +257,7 @@ def run_child(args: argparse.Namespace, variant: str, repeat: int, work: Path) -
     print(
         f"bench: {variant:<10} repeat {repeat}: {res['pairs_s']:6.2f} pairs/s, {res['trained_tok_s']:7.1f} trained "
         f"tok/s, pad {100 * res['pad_frac']:4.1f}%, peak RSS {res['peak_rss_mib']:.0f} MiB, first loss "
-        f"{res['first_loss']:.6f} ({wall:.0f} s, load {load0:.1f}->{load1:.1f})",
+        f"{res['first_loss']:.6f}, {res['pairs_cpu_s']:.2f} pairs/CPU-s ({wall:.0f} s, load {load0:.1f}->{load1:.1f})",
         flush=True,
     )
     return res
@@ -260,7 +275,7 @@ def summarize(results: list[dict[str, Any]], variants: list[str]) -> list[dict[s
             rows.append({"variant": v, "error": err})
             continue
         row: dict[str, Any] = {"variant": v, "n": len(runs), "steps": runs[0]["steps"]}
-        for key in ("pairs_s", "trained_tok_s", "pad_frac", "peak_rss_mib", "cuda_max_alloc_mib", "first_loss"):
+        for key in KEYS:
             vals = [r[key] for r in runs if r.get(key) is not None]
             if vals:
                 row[key] = statistics.median(vals)
@@ -299,26 +314,33 @@ def section(args: argparse.Namespace, rows: list[dict[str, Any]], elapsed: float
         f"{'bf16' if args.device == 'cuda' else 'fp32'}, no gradient checkpointing; the reference = the base with "
         f"the adapter disabled (no second model) in both.",
         f"- Data: {args.rows} pairs ({', '.join(args.data_sources)} repeated, each copy's prompt suffixed with its "
-        f"copy number), template `kullm`, cutoff_len {args.cutoff_len}, random order; {args.batch_size} pairs per "
+        f"copy number), template `kullm`, cutoff_len {args.cutoff_len}, random order "
+        "(`kullm_dpo_grouped`: length-grouped); "
+        f"{args.batch_size} pairs per "
         f"optimizer step = micro-batch {args.micro_batch_size} pairs (chosen and rejected rows in one forward) x "
         f"{args.batch_size // args.micro_batch_size} accumulation; DPO sigmoid, β {BETA}, AdamW lr 3e-4; "
         f"{args.steps} optimizer steps per run (the first untimed), {args.repeats} repeats, variants alternating "
-        "within each repeat, each run in its own process.",
+        "within each repeat, each run in its own process"
+        + (f" with {args.threads} CPU thread(s) (torch, OpenMP)." if args.threads else ", torch's default threads."),
         f"- Versions: {', '.join(f'{p} {version(p)}' for p in ('torch', 'transformers', 'peft', 'lightning', 'trl'))}.",
+        "- Reading it: `kullm_dpo` and `trl_dpo` draw the same pairs in the same order (equal trained tokens per "
+        "pair), so their pairs/s compare directly; `kullm_dpo_grouped` draws other pairs first (compare its trained "
+        "tok/s). Only the total peak RSS compares across variants: kullm's Δ includes building the model, TRL's "
+        "starts after it (and after TRL's imports and tokenization).",
         "",
-        f"| variant | pairs/s | trained tok/s | trained tok per pair | padding | {mem} | pairs/s ÷ trl_dpo "
-        f"| memory ÷ trl_dpo | first-step loss (log 2 = {math.log(2):.6f}) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| variant | pairs/s | pairs per CPU-s | trained tok/s | trained tok per pair | padding | {mem} "
+        f"| pairs/s ÷ trl_dpo | memory ÷ trl_dpo | first-step loss (log 2 = {math.log(2):.6f}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:90]} | | | | | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error'][:90]} | | | | | | | | |")
             continue
         cell = f"{r[mem_key]:.0f}" + (f" ({r['peak_delta_mib']:+.0f})" if args.device != "cuda" else "")
         losses = ", ".join(f"{x:.6f}" for x in r["first_losses"])
         lines.append(
-            f"| {r['variant']} | {r['pairs_s']:.2f} | {r['trained_tok_s']:.0f} | {r['trained_per_pair']:.1f} "
-            f"| {100 * r['pad_frac']:.1f}% | {cell} | {_ratio(r.get('pairs_s_ratio'))} "
+            f"| {r['variant']} | {r['pairs_s']:.2f} | {r['pairs_cpu_s']:.2f} | {r['trained_tok_s']:.0f} "
+            f"| {r['trained_per_pair']:.1f} | {100 * r['pad_frac']:.1f}% | {cell} | {_ratio(r.get('pairs_s_ratio'))} "
             f"| {_ratio(r.get(mem_key + '_ratio'))} | {losses} |"
         )
     kullm = next((r for r in rows if r["variant"] == "kullm_dpo" and "pairs_s_ratio" in r), None)
@@ -326,11 +348,18 @@ def section(args: argparse.Namespace, rows: list[dict[str, Any]], elapsed: float
         speed, memory = kullm["pairs_s_ratio"][1], kullm[mem_key + "_ratio"][1]
         lines += [
             "",
-            "Targets (issue #26), medians of per-repeat ratios:",
+            "Targets (issue #26), `kullm_dpo` (TRL's settings), medians of per-repeat ratios:",
             f"- pairs/s over TRL: {speed:.2f}× (target ≥ 1.5×: "
             f"{'met' if speed >= 1.5 else f'missed by {1.5 - speed:.2f}'})",
             f"- peak memory ÷ TRL: {memory:.2f} (target ≤ 1.0: {'met' if memory <= 1.0 else 'missed'})",
         ]
+        grouped = next((r for r in rows if r["variant"] == "kullm_dpo_grouped" and "pairs_s_ratio" in r), None)
+        if grouped:
+            lines.append(
+                "- with kullm's default length-grouped sampler (`kullm_dpo_grouped`): "
+                f"{grouped['pairs_s_ratio'][1]:.2f}× TRL's pairs/s at {grouped[mem_key + '_ratio'][1]:.2f} of its "
+                "memory"
+            )
     lines.append(f"\n<!-- /bench:{name} -->\n")
     return "\n".join(lines)
 
@@ -384,6 +413,7 @@ def prepare(args: argparse.Namespace, argv: list[str] | None) -> list[str]:
         "cutoff_len": args.cutoff_len,
         "seed": args.seed,
         "device": args.device,
+        "threads": args.threads,
         "checkpoint": "",
     }
     (work / "spec.json").write_text(json.dumps(spec))
@@ -395,8 +425,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         spec = argparse.Namespace(**json.loads(args.spec.read_text()))
         spec.data = Path(spec.data)
-        fn = run_kullm_dpo if args.child == "kullm_dpo" else run_trl_dpo
-        args.result.write_text(json.dumps(fn(spec, args.out_dir)))
+        if getattr(spec, "threads", None):
+            import torch
+
+            torch.set_num_threads(spec.threads)
+        if args.child == "trl_dpo":
+            res = run_trl_dpo(spec, args.out_dir)
+        else:
+            res = run_kullm_dpo(spec, args.out_dir, "length_grouped" if args.child.endswith("_grouped") else "random")
+        args.result.write_text(json.dumps(res))
         return
     variants = prepare(args, argv)
     print(
