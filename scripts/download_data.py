@@ -169,6 +169,19 @@ def write_jsonl_atomic(path: Path, lines: Iterable[str]) -> int:
     return n
 
 
+def write_bytes_atomic(path: Path, body: bytes) -> None:
+    """Write ``body`` to ``path`` unchanged, via a temp file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -262,15 +275,7 @@ def fetch_eval(path: Path, timeout: float) -> int:
     got = hashlib.sha256(body).hexdigest()
     if got != want:
         raise FetchError(f"{url}: sha256 {got[:16]}… is not the pinned {want[:16]}… (another version of the set?)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, body)
     return len(rows)
 
 
@@ -293,15 +298,7 @@ def fetch_pinned_files(files: list[tuple[str, str | None, Path]], out: Path, loc
         lock.setdefault(str(rel), got)
         bodies.append((out / rel, body))
     for path, body in bodies:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(path, body)
     if any(want is None for _, want, _ in files) and not lock_path.exists():
         lock_path.write_text(json.dumps(lock, indent=2) + "\n", encoding="utf-8")
         print(f"{PROG}: pinned the sha256 of {', '.join(str(r) for _, w, r in files if w is None)} in {lock_path}")

@@ -252,24 +252,27 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b'{"choices": [], "pad": "' + b"x" * (8 << 20) + b'"}')
         if kind == "drip":  # headers at once, then the body a byte at a time (a per-read timeout never fires)
             data = json.dumps(s.completion(body, key, kind)).encode()
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                for i in range(len(data)):
-                    if s._stop.wait(0.05):
-                        break
-                    self.wfile.write(data[i : i + 1])
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            self.close_connection = True
-            return
+            return self._drip(data)
         data = json.dumps(s.completion(body, key, kind), ensure_ascii=False).encode()
         if kind == "truncated":
             return self._send(200, data, cut=len(data) // 2)
         return self._send(200, data)
+
+    def _drip(self, data: bytes) -> None:
+        """Headers at once, then the body a byte every 50 ms (a per-read timeout never fires)."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for i in range(len(data)):
+                if self.owner._stop.wait(0.05):
+                    break
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
 
     def _send(self, status: int, data: bytes, extra: dict[str, str] | None = None, cut: int | None = None) -> None:
         try:

@@ -178,20 +178,7 @@ class _DeepLHandler(_Handler):
         reply = {"translations": [{"detected_source_language": "EN", "text": o} for o in out]}
         data = json.dumps(reply, ensure_ascii=False).encode()
         if kind == "drip":
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                for i in range(len(data)):
-                    if s._stop.wait(0.05):
-                        break
-                    self.wfile.write(data[i : i + 1])
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            self.close_connection = True
-            return
+            return self._drip(data)
         return self._send(200, data)
 
 

@@ -215,11 +215,7 @@ def read_preference(
                 prompt, completion, label, flat = parse_kto(row.obj, f, o.roles, csv=csv)
                 rec = KtoRecord(rid, prompt, completion, label, row.source, flat)
         except Reject as bad:
-            reject = replace(bad, source=row.source, raw=row.raw)
-            if o.policy == "strict":
-                raise DataError(f"{reject.source}: {bad.field}: {bad.reason}: {bad.message}") from None
-            report.rejected[bad.reason] += 1
-            report.rejects.append(reject)
+            report.reject(bad, row, o.policy)
             continue
         if o.drop_duplicates and rec.content in contents:
             report.duplicates += 1

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kullm.data.conversations import FORMATS, Turn, detect_format, parse_turns, split_reference, unencodable
-from kullm.data.sources import BOM, SOURCES, DataError, Reject, SourceReport, read_rows
+from kullm.data.sources import BOM, SOURCES, DataError, Reject, Row, SourceReport, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,14 @@ class ReadReport(SourceReport):
     def n_rejected(self) -> int:
         return sum(self.rejected.values())
 
+    def reject(self, bad: Reject, row: Row, policy: str) -> None:
+        """Count and keep a row that cannot be used (``policy=strict``: stop, naming it, instead)."""
+        reject = replace(bad, source=row.source, raw=row.raw)
+        if policy == "strict":
+            raise DataError(f"{reject.source}: {bad.field}: {bad.reason}: {bad.message}") from None
+        self.rejected[bad.reason] += 1
+        self.rejects.append(reject)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "rows": self.rows,
@@ -238,11 +246,7 @@ def read_records(
             if bad.field in row.empty:
                 line = row.raw if len(row.raw) <= 80 else row.raw[:79] + "…"
                 bad = Reject("empty_field", bad.field, f"the {bad.field!r} cell is empty in {line!r}")
-            reject = replace(bad, source=row.source, raw=row.raw)
-            if o.policy == "strict":
-                raise DataError(f"{reject.source}: {bad.field}: {bad.reason}: {bad.message}") from None
-            report.rejected[bad.reason] += 1
-            report.rejects.append(reject)
+            report.reject(bad, row, o.policy)
             continue
         for rec in made:
             content = rec.content
